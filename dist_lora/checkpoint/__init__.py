@@ -1,0 +1,1 @@
+"""Adapter files: PEFT's format (one process) and per-rank sharded checkpoints."""

@@ -1,0 +1,372 @@
+"""LoraConfig and its sub-configs: PEFT's fields, validated, with a PEFT-readable JSON round trip.
+
+The dataclasses mirror ``peft.LoraConfig`` field for field. Validation happens in
+``__post_init__`` and never mutates what the caller passed in beyond normalising containers
+(lists stay lists, sets become sorted lists) so that ``to_dict`` is stable and diffable.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+CONFIG_NAME = "adapter_config.json"
+
+# init_lora_weights values understood by PEFT (besides True / False and "pissa_niter_<N>").
+INIT_METHODS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq")
+_PISSA_NITER = re.compile(r"pissa_niter_(.*)")
+
+# `megatron_core` names a module that is imported to find the parallel layer classes.
+# Importing an arbitrary name from a config file is code execution, so only these are allowed.
+MEGATRON_CORE_ALLOWLIST = ("megatron.core",)
+
+# Features another issue delivers: validated here, refused by get_lora_model until then.
+NOT_YET_SUPPORTED = {
+    "use_dora": "DoRA",
+    "layer_replication": "layer replication",
+}
+NOT_YET_SUPPORTED_INIT = ("eva", "olora", "pissa", "corda", "loftq")
+
+
+class ConfigError(ValueError):
+    """A LoraConfig value is out of range or inconsistent."""
+
+
+@dataclass
+class LoraRuntimeConfig:
+    """Runtime-only settings (never saved), as in PEFT."""
+
+    ephemeral_gpu_offload: bool = False
+
+
+@dataclass
+class LoftQConfig:
+    """LoftQ settings: quantisation bit width and alternating iterations."""
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+    def __post_init__(self) -> None:
+        if self.loftq_bits not in (2, 4, 8):
+            raise ConfigError(f"loftq_bits must be 2, 4 or 8, got {self.loftq_bits!r}.")
+        if not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+            raise ConfigError(f"loftq_iter must be an integer >= 1, got {self.loftq_iter!r}.")
+
+
+@dataclass
+class EvaConfig:
+    """EVA (explained variance adaptation) settings, as in PEFT."""
+
+    rho: float = 2.0
+    tau: float = 0.99
+    use_label_mask: bool = True
+    label_mask_value: int = -100
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.rho >= 1.0:
+            raise ConfigError(f"EvaConfig.rho must be >= 1.0, got {self.rho!r}.")
+        if not 0.0 < self.tau <= 1.0:
+            raise ConfigError(f"EvaConfig.tau must be in (0, 1], got {self.tau!r}.")
+
+
+@dataclass
+class CordaConfig:
+    """CorDA settings, as in PEFT."""
+
+    cache_file: Optional[str] = None
+    covariance_file: Optional[str] = None
+    corda_method: Literal["ipm", "kpm"] = "ipm"
+    verbose: bool = False
+    use_float16_for_covariance: bool = False
+    prune_temporary_fields: bool = True
+
+    def __post_init__(self) -> None:
+        if self.corda_method not in ("ipm", "kpm"):
+            raise ConfigError(f"CordaConfig.corda_method must be 'ipm' or 'kpm', got {self.corda_method!r}.")
+
+
+def _as_list(value: Any) -> Any:
+    """Sets and tuples become sorted/ordered lists; strings and None pass through."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _sub_config(cls: type, value: Any, name: str) -> Any:
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"{name} has unknown keys {sorted(unknown)}.")
+        return cls(**value)
+    raise ConfigError(f"{name} must be a {cls.__name__} or a dict, got {type(value).__name__}.")
+
+
+def megatron_config_to_dict(value: Any) -> Optional[dict]:
+    """A megatron TransformerConfig (or any dataclass) or dict -> a JSON-able plain dict."""
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"megatron_config must be a dict or a megatron TransformerConfig, got {type(value).__name__}."
+        )
+    return {k: v for k, v in value.items() if _is_json_value(v)}
+
+
+def _is_json_value(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return not (isinstance(value, float) and not math.isfinite(value))
+    if isinstance(value, (list, tuple)):
+        return all(_is_json_value(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json_value(v) for k, v in value.items())
+    return False  # callables, dtypes, process groups: runtime objects, not configuration
+
+
+def import_megatron_core(name: str):
+    """Import the megatron core module named in a config, refusing anything off the allowlist."""
+    if name not in MEGATRON_CORE_ALLOWLIST:
+        raise ConfigError(
+            f"megatron_core={name!r} is not an allowed module; allowed: {list(MEGATRON_CORE_ALLOWLIST)}. "
+            "A config file must not be able to import arbitrary code."
+        )
+    return importlib.import_module(name)
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of a LoRA adapter; the fields and meanings are PEFT's ``LoraConfig``.
+
+    scaling = lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslora``.
+    """
+
+    task_type: Optional[str] = None
+    peft_type: Optional[str] = "LORA"
+    auto_mapping: Optional[dict] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    r: int = 8
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    modules_to_save: Optional[list[str]] = None
+    init_lora_weights: Union[bool, str] = True
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    rank_pattern: Optional[dict] = field(default_factory=dict)
+    alpha_pattern: Optional[dict] = field(default_factory=dict)
+    megatron_config: Optional[dict] = None
+    megatron_core: Optional[str] = "megatron.core"
+    loftq_config: Union[LoftQConfig, dict] = field(default_factory=dict)
+    eva_config: Optional[EvaConfig] = None
+    corda_config: Optional[CordaConfig] = None
+    use_dora: bool = False
+    layer_replication: Optional[list[tuple[int, int]]] = None
+    runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
+    lora_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.peft_type not in (None, "LORA"):
+            raise ConfigError(f"peft_type must be 'LORA', got {self.peft_type!r}.")
+        self.peft_type = "LORA"
+        self.target_modules = _as_list(self.target_modules)
+        self.exclude_modules = _as_list(self.exclude_modules)
+        self.modules_to_save = _as_list(self.modules_to_save)
+        self.layers_to_transform = _as_list(self.layers_to_transform)
+        self.layers_pattern = _as_list(self.layers_pattern)
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        self.megatron_config = megatron_config_to_dict(self.megatron_config)
+        if self.loftq_config:
+            self.loftq_config = _sub_config(LoftQConfig, self.loftq_config, "loftq_config")
+        else:
+            self.loftq_config = {}
+        self.eva_config = _sub_config(EvaConfig, self.eva_config, "eva_config")
+        self.corda_config = _sub_config(CordaConfig, self.corda_config, "corda_config")
+        self.runtime_config = _sub_config(LoraRuntimeConfig, self.runtime_config, "runtime_config") or LoraRuntimeConfig()
+        if isinstance(self.layer_replication, (list, tuple)):
+            self.layer_replication = [list(p) if isinstance(p, (list, tuple)) else p for p in self.layer_replication]
+        self._validate()
+
+    def _validate(self) -> None:
+        _check_rank(self.r, "r")
+        for key, rank in self.rank_pattern.items():
+            _check_rank(rank, f"rank_pattern[{key!r}]")
+        for key, alpha in [("lora_alpha", self.lora_alpha)] + [
+            (f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()
+        ]:
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                raise ConfigError(f"{key} must be a finite number, got {alpha!r}.")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) or not (
+            0.0 <= self.lora_dropout < 1.0
+        ):
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
+        check_init_lora_weights(self.init_lora_weights)
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"{name} must be a string (regex) or a list of strings, got {value!r}.")
+        if self.layers_to_transform is not None:
+            layers = self.layers_to_transform
+            layers = layers if isinstance(layers, list) else [layers]
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+                raise ConfigError(f"layers_to_transform must be non-negative integers, got {self.layers_to_transform!r}.")
+            if isinstance(self.target_modules, str):
+                raise ConfigError("layers_to_transform cannot be used when target_modules is a regex string.")
+        if self.layers_pattern is not None:
+            if self.layers_to_transform is None:
+                raise ConfigError("layers_pattern is set but layers_to_transform is not; set both or neither.")
+            if isinstance(self.target_modules, str):
+                raise ConfigError("layers_pattern cannot be used when target_modules is a regex string.")
+        if self.lora_bias and self.use_dora:
+            raise ConfigError("lora_bias=True is not supported together with use_dora=True.")
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ConfigError(  # as PEFT, which would refuse to load such a config
+                f"lora_bias=True is only supported with init_lora_weights=True or False, got {self.init_lora_weights!r}."
+            )
+        if self.megatron_core is not None and self.megatron_core not in MEGATRON_CORE_ALLOWLIST:
+            raise ConfigError(
+                f"megatron_core={self.megatron_core!r} is not an allowed module; allowed: "
+                f"{list(MEGATRON_CORE_ALLOWLIST)}."
+            )
+        if self.init_lora_weights == "loftq" and not self.loftq_config:
+            raise ConfigError("init_lora_weights='loftq' needs loftq_config (a LoftQConfig).")
+        if self.layer_replication is not None:
+            check_layer_replication(self.layer_replication)
+
+    # --- scaling -------------------------------------------------------------------------
+
+    def rank_for(self, module_name: str) -> int:
+        key = match_pattern_key(self.rank_pattern, module_name)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def alpha_for(self, module_name: str) -> float:
+        key = match_pattern_key(self.alpha_pattern, module_name)
+        return self.lora_alpha if key is None else self.alpha_pattern[key]
+
+    # --- serialisation -------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """The JSON-able dict PEFT writes as adapter_config.json (runtime_config removed)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "runtime_config":
+                continue
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            out[f.name] = value
+        return copy.deepcopy(out)  # the caller may modify the dict without changing the config
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoraConfig":
+        """Build from an adapter_config.json dict. Keys PEFT added that LoRA here does not use
+        are accepted when they hold their neutral value, refused otherwise (silently dropping
+        e.g. ``use_qalora: true`` would load a different model)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs, refused = {}, []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif value not in (None, False, {}, [], "") and key not in _HARMLESS_PEFT_KEYS:
+                refused.append(f"{key}={value!r}")
+        if refused:
+            raise ConfigError(
+                f"adapter config uses PEFT features dist_lora does not support: {', '.join(refused)}."
+            )
+        return cls(**kwargs)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        """Write adapter_config.json atomically into ``directory``; return its path."""
+        from .io import atomic_write_text
+
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "LoraConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: is this a PEFT adapter directory?")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}).") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} is not a LoRA adapter config (a JSON {type(data).__name__}, not an object).")
+        if data.get("peft_type") not in ("LORA", None):
+            raise ConfigError(f"{path} is not a LoRA adapter config (peft_type={data.get('peft_type')!r}).")
+        return cls.from_dict(data)
+
+
+# Keys written by newer PEFT versions with no effect on a LoRA model's function.
+_HARMLESS_PEFT_KEYS = {"peft_version", "qalora_group_size", "ensure_weight_tying"}
+
+
+def _check_rank(rank: Any, name: str) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {rank!r}.")
+
+
+def check_init_lora_weights(value: Any) -> None:
+    if isinstance(value, bool) or value in INIT_METHODS:
+        return
+    if isinstance(value, str):
+        match = _PISSA_NITER.fullmatch(value)
+        if match:
+            niter = match.group(1)
+            if not (niter.isascii() and niter.isdigit()):
+                raise ConfigError(
+                    f"init_lora_weights={value!r}: the number of subspace iterations must be a "
+                    "non-negative integer, e.g. 'pissa_niter_16'."
+                )
+            return
+    raise ConfigError(
+        f"init_lora_weights must be True, False, one of {list(INIT_METHODS)} or 'pissa_niter_<N>', got {value!r}."
+    )
+
+
+def check_layer_replication(ranges: Any) -> None:
+    if not isinstance(ranges, list):
+        raise ConfigError(f"layer_replication must be a list of [start, end) pairs, got {ranges!r}.")
+    for pair in ranges:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in pair
+        ):
+            raise ConfigError(f"layer_replication range {pair!r} must be a pair of integers [start, end).")
+        start, end = pair
+        if start < 0 or start >= end:
+            raise ConfigError(f"layer_replication range {list(pair)!r} needs 0 <= start < end.")
+
+
+def match_pattern_key(pattern: dict, module_name: str) -> Optional[str]:
+    """PEFT's rule: key matches name if ``re.match(rf"(.*\\.)?({key})$", name)``; first match wins."""
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None

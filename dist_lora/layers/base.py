@@ -1,0 +1,230 @@
+"""LoraLayer: a frozen base layer plus any number of named adapters.
+
+Subclasses say only how their factors are sharded (``shard_a`` / ``shard_b``) and how the
+r-sized intermediate travels between A and B (``forward``). Initialisation, adapter
+bookkeeping and merging live here and use :mod:`dist_lora.layers.math`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from . import math as lm
+
+
+class LoraLayer(nn.Module):
+    """Base class of every LoRA-wrapped layer.
+
+    Parameters are ``lora_A[adapter]`` ([r, in] or its shard) and ``lora_B[adapter]``
+    ([out, r] or its shard), each an ``nn.Linear`` so that state-dict keys match PEFT's
+    (``<module>.lora_A.<adapter>.weight``).
+    """
+
+    adapter_layer_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = in_features  # global (unsharded) sizes
+        self.out_features = out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.merged_adapters: list[str] = []
+        self._active_adapters: list[str] = []
+        self._disable_adapters = False
+
+    # --- sharding (overridden by parallel layers) -------------------------------------------
+
+    def shard_a(self, a: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the full A [r, in]."""
+        return a
+
+    def shard_b(self, b: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the full B [out, r] (or of B's bias [out])."""
+        return b
+
+    def _tag_parameters(self, adapter_name: str) -> None:
+        """Attach sharding attributes to the new adapter's parameters (parallel layers)."""
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return False
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    # --- adapters ------------------------------------------------------------------------
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: lm.InitKind = True,
+        use_rslora: bool = False,
+        lora_bias: bool = False,
+        seed: int = 0,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        """Add (or re-create) adapter ``adapter_name`` of rank ``r``.
+
+        ``device="meta"`` creates empty parameters (``low_cpu_mem_usage``); they are
+        materialised when a state dict is loaded with ``assign=True``.
+        """
+        if r < 1:
+            raise ValueError(f"r must be >= 1, got {r}.")
+        dtype = self._adapter_dtype()
+        on_meta = device is not None and torch.device(device).type == "meta"
+        if on_meta:
+            a = torch.empty(r, self.in_features, device="meta")
+            b = torch.empty(self.out_features, r, device="meta")
+            bias = torch.empty(self.out_features, device="meta") if lora_bias else None
+        else:
+            a, b, bias = lm.init_lora_factors(r, self.in_features, self.out_features, init_lora_weights, seed, lora_bias)
+        a, b = self.shard_a(a), self.shard_b(b)
+        bias = None if bias is None else self.shard_b(bias)
+        target = "meta" if on_meta else (device or self.base_weight.device)
+        lora_a = nn.Linear(a.shape[1], a.shape[0], bias=False, device="meta")
+        lora_b = nn.Linear(b.shape[1], b.shape[0], bias=lora_bias, device="meta")
+        lora_a.weight = nn.Parameter(a.to(device=target, dtype=dtype))
+        lora_b.weight = nn.Parameter(b.to(device=target, dtype=dtype))
+        if lora_bias:
+            lora_b.bias = nn.Parameter(bias.to(device=target, dtype=dtype))
+        self.lora_A[adapter_name] = lora_a
+        self.lora_B[adapter_name] = lora_b
+        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.use_rslora[adapter_name] = use_rslora
+        self.scaling[adapter_name] = lm.lora_scaling(lora_alpha, r, use_rslora)
+        self._tag_parameters(adapter_name)
+        if adapter_name not in self._active_adapters and not self._active_adapters:
+            self._active_adapters = [adapter_name]
+        self._set_requires_grad()
+
+    def _adapter_dtype(self) -> torch.dtype:
+        """Adapters of a half-precision base are kept in fp32 (PEFT's autocast_adapter_dtype)."""
+        dtype = self.base_weight.dtype
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point else dtype
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into {type(self).__name__}; unmerge it first.")
+        for store in (self.lora_A, self.lora_B, self.lora_dropout):
+            if adapter_name in store:  # nn.ModuleDict.pop takes no default
+                del store[adapter_name]
+        for store in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
+            store.pop(adapter_name, None)
+        self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
+        """Make ``adapter_names`` the active adapters: trainable; all others frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._active_adapters = [n for n in names if n in self.lora_A]
+        self._set_requires_grad()
+
+    def _set_requires_grad(self) -> None:
+        for layer_name in self.adapter_layer_names:
+            for name, module in getattr(self, layer_name).items():
+                module.requires_grad_(name in self._active_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Switch every adapter of this layer on or off (the base output is unchanged).
+
+        Disabling unmerges merged adapters first (as PEFT does), so a disabled layer always
+        computes the base function."""
+        if not enabled and self.merged_adapters:
+            self.unmerge()
+        self._disable_adapters = not enabled
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def _forward_adapters(self) -> list[str]:
+        """Adapters whose output is added in forward: active, present, and not merged."""
+        if self._disable_adapters:
+            return []
+        return [a for a in self._active_adapters if a in self.lora_A and a not in self.merged_adapters]
+
+    # --- merging -------------------------------------------------------------------------
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔW for this rank's base weight shard, in fp32."""
+        return lm.delta_weight(
+            self.lora_A[adapter_name].weight,
+            self.lora_B[adapter_name].weight,
+            self.scaling[adapter_name],
+            self.fan_in_fan_out,
+        )
+
+    def _delta_bias(self, adapter_name: str) -> Optional[torch.Tensor]:
+        bias = self.lora_B[adapter_name].bias
+        return None if bias is None else bias.float() * self.scaling[adapter_name]
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """W += ΔW for each adapter, computed in fp32 and cast back to W's dtype.
+
+        With ``safe_merge`` every result is checked finite before any weight changes.
+        """
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = [n for n in names if n in self.lora_A]
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
+            warnings.warn(f"adapters {already} are already merged; skipping them.")
+        names = [n for n in names if n not in self.merged_adapters]
+        if not names:
+            return
+        weight = self.base_weight
+        new_weight = weight.float() + sum(self.get_delta_weight(n) for n in names)
+        bias = getattr(self.base_layer, "bias", None)
+        deltas = [d for d in (self._delta_bias(n) for n in names) if d is not None]
+        if deltas and bias is None:
+            raise ValueError(f"{type(self).__name__} has lora_bias adapters but its base layer has no bias to merge into.")
+        new_bias = bias.float() + sum(deltas) if deltas else None
+        if safe_merge:
+            bad = not torch.isfinite(new_weight).all() or (new_bias is not None and not torch.isfinite(new_bias).all())
+            if bad:
+                raise ValueError(f"merging adapters {names} gives NaN or Inf weights; nothing was merged.")
+        weight.copy_(new_weight.to(weight.dtype))
+        if new_bias is not None:
+            bias.copy_(new_bias.to(bias.dtype))
+        self.merged_adapters.extend(names)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W -= ΔW for every merged adapter (restores W to fp32 rounding)."""
+        if not self.merged_adapters:
+            return
+        weight = self.base_weight
+        new_weight = weight.float() - sum(self.get_delta_weight(n) for n in self.merged_adapters)
+        weight.copy_(new_weight.to(weight.dtype))
+        bias = getattr(self.base_layer, "bias", None)
+        deltas = [d for d in (self._delta_bias(n) for n in self.merged_adapters) if d is not None]
+        if deltas:
+            bias.copy_((bias.float() - sum(deltas)).to(bias.dtype))
+        self.merged_adapters = []
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{a}: r={r}" for a, r in self.r.items())
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=({ranks})"

@@ -1,0 +1,90 @@
+"""The adapter math, in one place. Every layer type (plain, Conv1D, column/row parallel)
+calls these functions; none re-derives them.
+
+A LoRA adapter adds a low-rank update to a frozen linear map W ∈ R^{out×in}:
+
+    y = W x + s · B (A · dropout(x)),      A ∈ R^{r×in},  B ∈ R^{out×r}
+    s = alpha / r            (LoRA)
+    s = alpha / sqrt(r)      (rank-stabilised LoRA, use_rslora=True)
+
+so the merged weight is W' = W + ΔW with ΔW = s · B A. With lora_bias, B has a bias b and
+the adapter output is s · (B h + b): the bias is scaled like the rest (PEFT's convention).
+
+The scale is applied to the r-sized intermediate h = A x (r ≪ out), never to an out-sized tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+InitKind = Union[bool, str]
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """s = alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def init_seed(base_seed: int, module_name: str, adapter_name: str) -> int:
+    """A stable per-(module, adapter) seed, identical on every rank and process
+    (Python's ``hash`` is salted per process, so it cannot be used)."""
+    digest = hashlib.sha256(f"{base_seed}/{module_name}/{adapter_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def init_lora_factors(
+    r: int,
+    in_features: int,
+    out_features: int,
+    init: InitKind,
+    seed: int,
+    lora_bias: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Full (unsharded) fp32 factors A [r, in], B [out, r] and B's bias, from one seed.
+
+    Parallel layers slice these, so a TP=t model starts from exactly the TP=1 adapter.
+      True       A ~ kaiming-uniform(a=√5) (bound 1/√in), B = 0    (PEFT's default)
+      "gaussian" A ~ N(0, 1/r),                            B = 0
+      False      A and B as nn.Linear's default init (the update is not zero)
+    """
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.empty(r, in_features)
+    b = torch.zeros(out_features, r)
+    bias = torch.zeros(out_features) if lora_bias else None
+    if init == "gaussian":
+        torch.nn.init.normal_(a, std=1.0 / r, generator=gen)
+    else:
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+    if init is False:
+        torch.nn.init.kaiming_uniform_(b, a=math.sqrt(5), generator=gen)
+        if bias is not None:
+            bound = 1.0 / math.sqrt(r)
+            torch.nn.init.uniform_(bias, -bound, bound, generator=gen)
+    return a, b, bias
+
+
+def lora_down(x: torch.Tensor, a: torch.Tensor, scaling: float, dropout: torch.nn.Module) -> torch.Tensor:
+    """h = s · A · dropout(x), the r-sized intermediate (scaled here, where it is cheapest)."""
+    return F.linear(dropout(x.to(a.dtype)), a) * scaling
+
+
+def lora_up(h: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], scaling: float) -> torch.Tensor:
+    """B h (+ s · b): completes s · (B A x + b) given h = s · A x."""
+    return F.linear(h, b, None if bias is None else bias * scaling)
+
+
+def delta_weight(
+    a: torch.Tensor, b: torch.Tensor, scaling: float, fan_in_fan_out: bool = False
+) -> torch.Tensor:
+    """ΔW = s · B A in fp32, transposed for fan_in_fan_out (Conv1D) weights.
+
+    On shards this is still exact: column-parallel B_i A gives rows i of ΔW,
+    row-parallel B A_i gives columns i of ΔW, matching the local base weight shard.
+    """
+    delta = (b.float() @ a.float()) * scaling
+    return delta.T if fan_in_fan_out else delta

@@ -1,0 +1,372 @@
+"""LoraModel: inject adapters into a model, manage their lifecycle, merge and unload.
+
+The public surface follows PEFT's LoraModel/PeftModel name for name (add_adapter, set_adapter,
+delete_adapter, enable/disable_adapter_layers, disable_adapter, merge_and_unload, unload,
+save_pretrained, from_pretrained, ...). It works the same on a plain Hugging Face model and
+on a megatron-core model with tensor/sequence parallelism.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from typing import Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import config as cfg
+from .config import ConfigError, LoraConfig
+from .layers import LoraLayer, LoraLinear
+from .layers import math as lm
+from .modules_to_save import ModulesToSaveWrapper
+from .naming import global_module_name
+from .targeting import find_targets, parallel_linear_kind
+
+
+def make_lora_layer(module: nn.Module, config: LoraConfig) -> LoraLayer:
+    """Wrap ``module`` in the LoRA layer class for its kind."""
+    kind = parallel_linear_kind(module)
+    if kind is None:
+        return LoraLinear(module, fan_in_fan_out=config.fan_in_fan_out)
+    core = cfg.import_megatron_core(config.megatron_core or "megatron.core")
+    from .layers.parallel import LoraColumnParallelLinear, LoraRowParallelLinear
+
+    if kind == "column" and isinstance(module, core.tensor_parallel.ColumnParallelLinear):
+        return LoraColumnParallelLinear(module)
+    if kind == "row" and isinstance(module, core.tensor_parallel.RowParallelLinear):
+        return LoraRowParallelLinear(module)
+    raise ConfigError(f"{type(module).__name__} is not a layer of {config.megatron_core}.")
+
+
+def _refuse_unsupported(config: LoraConfig) -> None:
+    for field_name, feature in cfg.NOT_YET_SUPPORTED.items():
+        if getattr(config, field_name):
+            raise NotImplementedError(f"{feature} ({field_name}) is not yet supported by dist_lora.")
+    if config.init_lora_weights in cfg.NOT_YET_SUPPORTED_INIT or str(config.init_lora_weights).startswith("pissa_niter_"):
+        raise NotImplementedError(
+            f"init_lora_weights={config.init_lora_weights!r} is not yet supported by dist_lora; "
+            "use True, False or 'gaussian'."
+        )
+
+
+def _shared_seed(seed: Optional[int]) -> int:
+    """The adapter-init seed: given, else ``torch.initial_seed()``; broadcast from rank 0 so
+    that every rank (and so every replica of a replicated factor) initialises identically."""
+    value = torch.initial_seed() if seed is None else seed
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = torch.tensor([value % (1 << 62)], dtype=torch.int64)
+        dist.broadcast(box, src=0)
+        value = int(box.item())
+    return value
+
+
+class LoraModel(nn.Module):
+    """A model with LoRA adapters. ``self.model`` is the wrapped model (modified in place)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LoraConfig,
+        adapter_name: str = "default",
+        low_cpu_mem_usage: bool = False,
+        seed: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self._active_adapters: list[str] = [adapter_name]
+        self._seed = _shared_seed(seed)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+
+    # --- attribute passthrough -----------------------------------------------------------
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # --- adapters ------------------------------------------------------------------------
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active_adapters[0] if len(self._active_adapters) == 1 else self._active_adapters
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer):
+                yield name, module
+
+    def _wrappers(self) -> Iterator[ModulesToSaveWrapper]:
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield module
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Inject adapter ``adapter_name`` into every module ``config`` targets.
+
+        Nothing is changed if the config is refused or targets nothing.
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name.")
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}.")
+        _refuse_unsupported(config)
+        config = copy.deepcopy(config)  # never mutate the caller's config
+        targets = find_targets(self.model, config)
+        save_names = self._modules_to_save_names(config)  # may raise: before anything changes
+        device = "meta" if low_cpu_mem_usage else None
+        for name in targets:
+            layer = self.model.get_submodule(name)
+            if not isinstance(layer, LoraLayer):
+                layer = make_lora_layer(layer, config)
+                self._replace(name, layer)
+            layer.update_layer(
+                adapter_name,
+                r=config.rank_for(name),
+                lora_alpha=config.alpha_for(name),
+                lora_dropout=config.lora_dropout,
+                init_lora_weights=config.init_lora_weights,
+                use_rslora=config.use_rslora,
+                lora_bias=config.lora_bias,
+                seed=lm.init_seed(self._seed, global_module_name(self.model, name), adapter_name),
+                device=device,
+            )
+        for name in save_names:
+            module = self.model.get_submodule(name)
+            if not isinstance(module, ModulesToSaveWrapper):
+                module = ModulesToSaveWrapper(module)
+                self._replace(name, module)
+            module.add(adapter_name)
+        self.peft_config[adapter_name] = config
+        self._mark_trainable()
+
+    def _modules_to_save_names(self, config: LoraConfig) -> list[str]:
+        if not config.modules_to_save:
+            return []
+        names = []
+        for name, module in self.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                module_name = name
+            elif any(name == m or name.endswith(f".{m}") for m in config.modules_to_save):
+                if ".modules_to_save." in name or name.endswith(".original_module") or ".original_module." in name:
+                    continue
+                module_name = name
+            else:
+                continue
+            if any(module_name == m or module_name.endswith(f".{m}") for m in config.modules_to_save):
+                names.append(module_name)
+        if not names:
+            raise ConfigError(f"modules_to_save={config.modules_to_save!r} matched no module.")
+        return names
+
+    def _replace(self, name: str, new: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child, new)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate adapter(s); active adapters become trainable, the others frozen."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"unknown adapter(s) {missing}; existing: {sorted(self.peft_config)}.")
+        self._active_adapters = names
+        for _, layer in self.lora_layers():
+            layer.set_adapter(names)
+        for wrapper in self._wrappers():
+            wrapper.set_adapter(names)
+        self._mark_trainable()
+
+    def _mark_trainable(self) -> None:
+        """Adapters of active, non-inference configs train; biases per ``config.bias``."""
+        active = [n for n in self._active_adapters if n in self.peft_config]
+        for _, layer in self.lora_layers():
+            layer.set_adapter(active)
+            for name in active:
+                if self.peft_config[name].inference_mode:
+                    layer.lora_A[name].requires_grad_(False) if name in layer.lora_A else None
+                    layer.lora_B[name].requires_grad_(False) if name in layer.lora_B else None
+        for wrapper in self._wrappers():
+            wrapper.set_adapter(active)
+        for name in active:
+            config = self.peft_config[name]
+            if config.inference_mode or config.bias == "none":
+                continue
+            if config.bias == "all":
+                biases = [p for n, p in self.model.named_parameters() if n.endswith("bias") and "lora_" not in n]
+            else:
+                biases = [
+                    layer.base_layer.bias
+                    for _, layer in self.lora_layers()
+                    if getattr(layer.base_layer, "bias", None) is not None
+                ]
+            for bias in biases:
+                bias.requires_grad_(True)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} does not exist; existing: {sorted(self.peft_config)}.")
+        for _, layer in self.lora_layers():
+            layer.delete_adapter(adapter_name)
+        for wrapper in self._wrappers():
+            wrapper.delete(adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [n for n in self._active_adapters if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self._active_adapters = remaining
+        if remaining:
+            self.set_adapter(remaining)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_enabled(True)
+
+    def disable_adapter_layers(self) -> None:
+        """The model computes the base model's function (bias='all'/'lora_only' changes stay)."""
+        self._set_enabled(False)
+
+    def _set_enabled(self, enabled: bool) -> None:
+        for _, layer in self.lora_layers():
+            layer.enable_adapters(enabled)
+        for wrapper in self._wrappers():
+            wrapper.disabled = not enabled
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """``with model.disable_adapter(): ...`` runs the base model."""
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.enable_adapter_layers()
+
+    # --- parameters ----------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts of this rank's part of the model."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # --- merging -------------------------------------------------------------------------
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        for _, layer in self.lora_layers():
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.lora_layers():
+            layer.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
+    ) -> nn.Module:
+        """Merge adapters into the base weights and return the base model without LoRA modules.
+
+        With ``safe_merge`` every merged weight is checked finite before any weight changes.
+        """
+        layers = list(self.lora_layers())
+        if safe_merge:
+            for name, layer in layers:  # check every layer first: a failure leaves all untouched
+                for adapter in self._merge_names(layer, adapter_names):
+                    if not torch.isfinite(layer.get_delta_weight(adapter)).all():
+                        raise ValueError(f"adapter {adapter!r} of {name} has NaN/Inf values; nothing was merged.")
+        for name, layer in _progress(layers, progressbar, "merging"):
+            layer.merge(adapter_names=self._merge_names(layer, adapter_names))
+        return self.unload()
+
+    def _merge_names(self, layer: LoraLayer, adapter_names: Optional[list[str]]) -> list[str]:
+        names = self._active_adapters if adapter_names is None else adapter_names
+        return [n for n in names if n in layer.lora_A]
+
+    def unload(self) -> nn.Module:
+        """The base model with every LoRA layer replaced by its base layer (no merge)."""
+        for name, layer in list(self.lora_layers()):
+            self._replace(name, layer.base_layer)
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                active = module.active_adapter
+                self._replace(name, module.modules_to_save[active] if active else module.original_module)
+        return self.model
+
+    # --- state dicts and files -----------------------------------------------------------
+
+    def adapter_state_dict(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+        """This rank's adapter tensors under PEFT's saved names
+        (``base_model.model.<module>.lora_A.weight``, no adapter name)."""
+        from .checkpoint.peft_format import adapter_state_dict
+
+        return adapter_state_dict(self, adapter_name or self._active_adapters[0])
+
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Optional[list[str]] = None) -> None:
+        """Write PEFT's adapter files (``adapter_config.json`` + ``adapter_model.safetensors``);
+        adapters other than ``default`` go into ``<dir>/<adapter_name>/`` as in PEFT."""
+        from .checkpoint.peft_format import save_adapter
+
+        for name in selected_adapters or list(self.peft_config):
+            save_adapter(self, save_directory if name == "default" else os.path.join(save_directory, name), name)
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False) -> None:
+        """Load a PEFT adapter directory as ``adapter_name`` (sliced to this rank's shards)."""
+        from .checkpoint.peft_format import load_adapter
+
+        load_adapter(self, model_id, adapter_name, is_trainable=is_trainable)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    ) -> "LoraModel":
+        """Wrap ``model`` and load the PEFT adapter in ``model_id`` (PeftModel.from_pretrained's role)."""
+        config = LoraConfig.from_pretrained(model_id)
+        config.inference_mode = not is_trainable
+        lora_model = cls(model, config, adapter_name, low_cpu_mem_usage=True, seed=0)
+        lora_model._load_files(model_id, adapter_name)
+        return lora_model
+
+    def _load_files(self, model_id: str | os.PathLike, adapter_name: str) -> None:
+        from .checkpoint.peft_format import load_adapter_weights
+
+        load_adapter_weights(self, model_id, adapter_name)
+
+
+def get_lora_model(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str = "default",
+    low_cpu_mem_usage: bool = False,
+    seed: Optional[int] = None,
+) -> LoraModel:
+    """Freeze ``model`` and add LoRA adapter ``adapter_name`` as ``config`` describes.
+
+    Adapter initialisation is layout-independent: each factor is drawn in full from a seed
+    derived from ``seed`` (default ``torch.initial_seed()``, taken from rank 0) and the
+    module's global name, then sliced to this rank's shard.
+    """
+    return LoraModel(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, seed=seed)
+
+
+def _progress(items: list, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc)

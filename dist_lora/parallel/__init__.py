@@ -1,0 +1,1 @@
+"""Process groups, collectives and the CPU compatibility layer for megatron-core."""

@@ -1,0 +1,91 @@
+"""Run megatron-core on a machine without CUDA (CPU tensors, gloo collectives).
+
+megatron-core assumes a GPU in a few places that the CPU path still reaches. On a CPU-only
+torch these calls raise ``AssertionError: Torch not compiled with CUDA enabled`` (or, for
+``torch.cuda.manual_seed``, are silently queued and never run). :func:`apply_cpu_compat`
+redirects exactly those calls to the CPU; it does nothing when CUDA is available.
+
+Patches (all made once per process, only when ``torch.cuda.is_available()`` is False):
+
+1. ``torch.cuda.current_device`` returns the CPU device. megatron allocates with
+   ``device=torch.cuda.current_device()``: the all-gather/reduce-scatter outputs in
+   ``tensor_parallel.mappings``, ``GlobalMemoryBuffer`` (sequence-parallel gathers in the
+   parallel linears), rotary ``inv_freq``, ...
+2. ``torch.cuda.get_rng_state`` / ``set_rng_state`` / ``manual_seed`` act on the CPU default
+   generator. The RNG tracker's ``add`` (called by ``model_parallel_cuda_manual_seed``) seeds
+   and reads a "cuda" generator with them. Consequence: ``model_parallel_cuda_manual_seed(s)``
+   also reseeds the CPU generator with ``s`` (on GPU it reseeds the CUDA one).
+3. megatron's ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state`` act on
+   the CPU default generator. ``CudaRNGStatesTracker.fork`` (entered by attention even at
+   dropout 0) swaps states with them; they go through ``torch.cuda.random`` and
+   ``torch.cuda.default_generators`` directly, so patch 2 does not reach them.
+4. ``fused_softmax.get_default_causal_mask`` builds the mask on CPU. The unfused softmax of
+   the local ``DotProductAttention`` calls it whenever ``attention_mask`` is None (causal
+   attention), and megatron's version hardcodes ``device="cuda"``.
+5. A logging filter drops megatron's "CPU RNG state changed within GPU RNG context" warning:
+   with patch 3 the "GPU" generator *is* the CPU one, so any random op inside ``fork()``
+   (dropout at p > 0) changes it by design and the warning would fire on every such call.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+_RNG_WARNING = "CPU RNG state changed within GPU RNG context"
+_applied = False
+
+
+def _current_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def _get_rng_state(*_args: object, **_kwargs: object) -> torch.Tensor:
+    """Signature-compatible with torch.cuda.get_rng_state and megatron's _get_cuda_rng_state."""
+    return torch.get_rng_state()
+
+
+def _set_rng_state(new_state: torch.Tensor, *_args: object, **_kwargs: object) -> None:
+    """Signature-compatible with torch.cuda.set_rng_state and megatron's _set_cuda_rng_state."""
+    torch.set_rng_state(new_state)
+
+
+def _manual_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def _default_causal_mask(sq: int) -> torch.Tensor:
+    """megatron.core.transformer.utils.get_default_causal_mask on the CPU: True = masked."""
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+class _DropSpuriousRngWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != _RNG_WARNING
+
+
+def apply_cpu_compat() -> bool:
+    """Patch torch.cuda and megatron-core so megatron runs on CPU; see the module docstring.
+
+    Idempotent. Returns True if the CPU patches are in effect after the call, False (and
+    patches nothing) when CUDA is available.
+    """
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    if _applied:
+        return True
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import random as mp_random
+
+    torch.cuda.current_device = _current_device
+    torch.cuda.get_rng_state = _get_rng_state
+    torch.cuda.set_rng_state = _set_rng_state
+    torch.cuda.manual_seed = _manual_seed
+    mp_random._get_cuda_rng_state = _get_rng_state
+    mp_random._set_cuda_rng_state = _set_rng_state
+    fused_softmax.get_default_causal_mask = _default_causal_mask
+    logging.getLogger(mp_random.__name__).addFilter(_DropSpuriousRngWarning())
+    _applied = True
+    return True

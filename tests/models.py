@@ -1,0 +1,77 @@
+"""A tiny megatron-core GPTModel (local spec, CPU) for layout-invariance tests.
+
+2 layers, hidden 64, 4 heads in 2 query groups (GQA), SwiGLU, RMSNorm, RoPE, no biases, fp32,
+no dropout, untied embeddings. With ``use_cpu_initialization`` megatron draws every full
+(master) weight from the CPU generator on every rank and keeps this rank's slice, so the same
+seed gives the same full weights at any TP (fc1 uses stride 2 to keep [gate; up] per shard).
+Call these inside :func:`tests.harness.run_distributed` (parallel state must exist).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from dist_lora.parallel.norm import gpt_local_block_spec
+
+VOCAB = 128
+SEQ = 16
+
+
+def tiny_gpt_config(tp: int, sp: bool, **overrides: Any) -> TransformerConfig:
+    """The tiny model's config at tensor-parallel size ``tp``, sequence parallel ``sp``."""
+    fields: dict[str, Any] = dict(
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,  # required by megatron once pipeline_model_parallel_size > 1
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sp,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def build_tiny_gpt(config: TransformerConfig, vocab_size: int = VOCAB, seq_len: int = SEQ) -> GPTModel:
+    """This rank's part of the tiny GPTModel (local spec with SP-capable torch norms, RoPE;
+    embedding on the first pipeline stage, final norm and output layer on the last)."""
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=gpt_local_block_spec(config),
+        vocab_size=vocab_size,
+        max_sequence_length=seq_len,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        position_embedding_type="rope",
+        share_embeddings_and_output_weights=False,
+    )
+
+
+def random_batch(
+    seed: int, batch: int = 2, seq: int = SEQ, vocab: int = VOCAB
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, labels) of shape [batch, seq], labels the tokens shifted left by one."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(vocab, (batch, seq + 1), generator=generator)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def gpt_loss(model: GPTModel, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (megatron returns the per-token loss, [batch, seq])."""
+    return model(tokens, position_ids=None, attention_mask=None, labels=labels).mean()
