@@ -233,6 +233,17 @@ class LoraModel(nn.Module):
         if remaining:
             self.set_adapter(remaining)
 
+    def _discard_adapter(self, adapter_name: str) -> None:
+        """Undo a failed load: delete the adapter and unwrap the layers left with no adapter,
+        so the module tree (and state-dict keys) are as before."""
+        self.delete_adapter(adapter_name)
+        for name, layer in list(self.lora_layers()):
+            if not layer.lora_A:
+                self._replace(name, layer.base_layer)
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper) and not module.modules_to_save:
+                self._replace(name, module.original_module)
+
     def enable_adapter_layers(self) -> None:
         self._set_enabled(True)
 
@@ -339,7 +350,11 @@ class LoraModel(nn.Module):
         config = LoraConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
         lora_model = cls(model, config, adapter_name, low_cpu_mem_usage=True, seed=0)
-        lora_model._load_files(model_id, adapter_name)
+        try:
+            lora_model._load_files(model_id, adapter_name)
+        except Exception:
+            lora_model._discard_adapter(adapter_name)  # hand back the caller's model unwrapped
+            raise
         return lora_model
 
     def _load_files(self, model_id: str | os.PathLike, adapter_name: str) -> None:

@@ -93,8 +93,10 @@ def default_targets(model: nn.Module) -> list[str]:
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules that get an adapter; raises if there are none."""
     spec = config.target_modules if config.target_modules is not None else default_targets(model)
+    if isinstance(spec, str) and spec.lower() == ALL_LINEAR:  # PEFT compares case-insensitively
+        spec = ALL_LINEAR
     layers = config.layers_to_transform
-    layers = [layers] if isinstance(layers, int) else layers
+    layers = [layers] if isinstance(layers, int) else (layers or None)  # PEFT: [] means every layer
     heads = output_head_names(model) if spec == ALL_LINEAR else set()
     saved = config.modules_to_save or []
     found = []

@@ -93,7 +93,7 @@ def load_adapter(model: "LoraModel", directory: str | os.PathLike, adapter: str,
     try:
         _assign(model, tensors, adapter, source=str(directory))
     except Exception:
-        model.delete_adapter(adapter)
+        model._discard_adapter(adapter)
         raise
     if not is_trainable:
         model._mark_trainable()
