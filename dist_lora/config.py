@@ -41,9 +41,23 @@ class ConfigError(ValueError):
 
 @dataclass
 class LoraRuntimeConfig:
-    """Runtime-only settings (never saved), as in PEFT."""
+    """Runtime-only settings (never saved).
+
+    ``ephemeral_gpu_offload`` is PEFT's field (accepted, no effect here). The others choose
+    how tensor-parallel LoRA layers communicate (see :mod:`dist_lora.layers.parallel`):
+    ``tp_comm`` "fused" (default: no collective beyond the frozen base's) or "reference"
+    (PEFT's design, one r-sized collective per LoRA path); ``keep_gathered_input`` keeps the
+    sequence-gathered input of column-parallel layers under sequence parallelism instead of
+    re-gathering it in backward (more memory, one all-gather less per layer).
+    """
 
     ephemeral_gpu_offload: bool = False
+    tp_comm: str = "fused"
+    keep_gathered_input: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tp_comm not in ("fused", "reference"):
+            raise ConfigError(f"runtime_config.tp_comm must be 'fused' or 'reference', got {self.tp_comm!r}.")
 
 
 @dataclass

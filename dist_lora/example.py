@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from dist_lora import LoraConfig, get_lora_model
 from dist_lora.checkpoint.sharded import load_sharded, save_sharded
-from dist_lora.parallel.grads import allreduce_sequence_parallel_grads
+from dist_lora.parallel.grads import finalize_lora_grads
 from dist_lora.parallel.setup import init_distributed, is_rank0, shutdown_distributed
 
 VOCAB, SEQ = 256, 32
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     for step in bar:
         loss = loss_of(model, step)
         loss.backward()
-        allreduce_sequence_parallel_grads(model)
+        finalize_lora_grads(model)
         optimizer.step()
         optimizer.zero_grad()
         bar.set_postfix(loss=f"{loss.item():.3f}")

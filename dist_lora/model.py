@@ -34,10 +34,12 @@ def make_lora_layer(module: nn.Module, config: LoraConfig) -> LoraLayer:
     core = cfg.import_megatron_core(config.megatron_core or "megatron.core")
     from .layers.parallel import LoraColumnParallelLinear, LoraRowParallelLinear
 
+    runtime = config.runtime_config
+    comm = dict(tp_comm=runtime.tp_comm, keep_gathered_input=runtime.keep_gathered_input)
     if kind == "column" and isinstance(module, core.tensor_parallel.ColumnParallelLinear):
-        return LoraColumnParallelLinear(module)
+        return LoraColumnParallelLinear(module, **comm)
     if kind == "row" and isinstance(module, core.tensor_parallel.RowParallelLinear):
-        return LoraRowParallelLinear(module)
+        return LoraRowParallelLinear(module, **comm)
     raise ConfigError(f"{type(module).__name__} is not a layer of {config.megatron_core}.")
 
 

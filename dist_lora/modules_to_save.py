@@ -23,7 +23,10 @@ class ModulesToSaveWrapper(nn.Module):
 
     def add(self, adapter_name: str) -> None:
         if adapter_name not in self.modules_to_save:
-            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+            clone = copy.deepcopy(self.original_module)
+            for src, dst in zip(self.original_module.parameters(), clone.parameters()):
+                dst.__dict__.update(src.__dict__)  # deepcopy drops megatron's sharding markers
+            self.modules_to_save[adapter_name] = clone
         self.original_module.requires_grad_(False)
         self.set_adapter([adapter_name] if self.active_adapter is None else [self.active_adapter])
 

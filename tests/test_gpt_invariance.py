@@ -11,7 +11,7 @@ import torch
 from megatron.core import parallel_state
 
 from dist_lora import LoraConfig, get_lora_model
-from dist_lora.parallel.grads import allreduce_sequence_parallel_grads
+from dist_lora.parallel.grads import finalize_lora_grads
 from tests.harness import run_distributed
 from tests.models import build_tiny_gpt, gpt_loss, random_batch, tiny_gpt_config
 from tests.tp_utils import all_tp_copies, gather_param
@@ -19,12 +19,18 @@ from tests.tp_utils import all_tp_copies, gather_param
 STEPS = 3
 # 8 heads in 4 query groups: GQA that still divides over TP=4.
 MODEL = dict(num_attention_heads=8, num_query_groups=4)
-LORA = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, rank_pattern={"linear_fc2": 2}, use_rslora=True)
 
 
-def _train(sp: bool) -> dict:
+def _lora(comm: str) -> LoraConfig:
+    return LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, rank_pattern={"linear_fc2": 2}, use_rslora=True,
+        runtime_config={"tp_comm": comm},
+    )
+
+
+def _train(sp: bool, comm: str = "fused") -> dict:
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    model = get_lora_model(build_tiny_gpt(tiny_gpt_config(tp, sp, **MODEL)), LORA, seed=0)
+    model = get_lora_model(build_tiny_gpt(tiny_gpt_config(tp, sp, **MODEL)), _lora(comm), seed=0)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert params and all(".lora_" in n for n in params)
     optimizer = torch.optim.AdamW(params.values(), lr=1e-2)
@@ -33,7 +39,7 @@ def _train(sp: bool) -> dict:
         tokens, labels = random_batch(step)
         loss = gpt_loss(model, tokens, labels)
         loss.backward()
-        allreduce_sequence_parallel_grads(model)
+        finalize_lora_grads(model)
         if first_grads is None:
             first_grads = {n: gather_param_grad(p) for n, p in params.items()}
         optimizer.step()
@@ -69,9 +75,13 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got - want).abs().max().item() / max(want.abs().max().item(), 1e-12)
 
 
-@pytest.mark.parametrize("tp,sp", [(2, False), (2, True), (4, False), (4, True)])
-def test_tp_layouts_match_tp1(reference: dict, tp: int, sp: bool) -> None:
-    results = run_distributed(_train, tp, tp=tp, args=(sp,))
+@pytest.mark.parametrize(
+    "tp,sp,comm",
+    [(2, False, "fused"), (2, True, "fused"), (4, False, "fused"), (4, True, "fused"),
+     (2, True, "reference"), (4, False, "reference")],
+)
+def test_tp_layouts_match_tp1(reference: dict, tp: int, sp: bool, comm: str) -> None:
+    results = run_distributed(_train, tp, tp=tp, args=(sp, comm))
     got = results[0]
     assert got["losses"] == pytest.approx(reference["losses"], rel=1e-5)
     assert reference["losses"][-1] < reference["losses"][0], "training did not move the loss"

@@ -12,7 +12,7 @@ from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from dist_lora.layers.parallel import LoraColumnParallelLinear, LoraRowParallelLinear
-from dist_lora.parallel.grads import allreduce_sequence_parallel_grads
+from dist_lora.parallel.grads import finalize_lora_grads
 from tests.harness import run_distributed
 from tests.tp_utils import all_tp_copies, gather_tp, tp_chunk
 
@@ -71,13 +71,14 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
     return (got - want).abs().max().item() / max(want.abs().max().item(), 1e-12)
 
 
-def _column(sp: bool, gather_output: bool, lora_bias: bool) -> dict[str, float]:
+def _column(sp: bool, gather_output: bool, lora_bias: bool, comm: str) -> dict[str, float]:
     torch.manual_seed(0)
     base = ColumnParallelLinear(IN, OUT, config=_config(sp), init_method=_init, bias=True, gather_output=gather_output)
     with torch.no_grad():
         base.bias.normal_()  # megatron zeroes it; a non-zero bias tests that it is kept
     base.requires_grad_(False)
-    layer = LoraColumnParallelLinear(base)
+    keep = comm == "fused-keep"
+    layer = LoraColumnParallelLinear(base, tp_comm="fused" if keep else comm, keep_gathered_input=keep)
     layer.update_layer("default", r=R, lora_alpha=ALPHA, init_lora_weights=False, seed=7, lora_bias=lora_bias)
     lora_a, lora_b = layer.lora_A["default"], layer.lora_B["default"]
     x, g = _data(1)
@@ -89,7 +90,7 @@ def _column(sp: bool, gather_output: bool, lora_bias: bool) -> dict[str, float]:
     out, out_bias = layer(x_local)
     assert out_bias is None
     (out * (g if gather_output else tp_chunk(g, -1))).sum().backward()
-    allreduce_sequence_parallel_grads(layer)
+    finalize_lora_grads(layer)
     errors = {
         "out": _check("out", out, want if gather_output else tp_chunk(want, -1)),
         "dx": _check("dx", x_local.grad, tp_chunk(grads["x"], 0) if sp else grads["x"]),
@@ -103,7 +104,7 @@ def _column(sp: bool, gather_output: bool, lora_bias: bool) -> dict[str, float]:
     return errors
 
 
-def _row(sp: bool, input_is_parallel: bool, lora_bias: bool) -> dict[str, float]:
+def _row(sp: bool, input_is_parallel: bool, lora_bias: bool, comm: str) -> dict[str, float]:
     torch.manual_seed(0)
     base = RowParallelLinear(
         IN, OUT, config=_config(sp), init_method=_init, bias=True,
@@ -112,7 +113,7 @@ def _row(sp: bool, input_is_parallel: bool, lora_bias: bool) -> dict[str, float]
     with torch.no_grad():
         base.bias.normal_()
     base.requires_grad_(False)
-    layer = LoraRowParallelLinear(base)
+    layer = LoraRowParallelLinear(base, tp_comm=comm)
     layer.update_layer("default", r=R, lora_alpha=ALPHA, init_lora_weights=False, seed=7, lora_bias=lora_bias)
     lora_a, lora_b = layer.lora_A["default"], layer.lora_B["default"]
     x, g = _data(2)
@@ -123,7 +124,7 @@ def _row(sp: bool, input_is_parallel: bool, lora_bias: bool) -> dict[str, float]
     x_local = (tp_chunk(x, -1) if input_is_parallel else x).clone().requires_grad_(True)
     out, _ = layer(x_local)
     (out * (tp_chunk(g, 0) if sp else g)).sum().backward()
-    allreduce_sequence_parallel_grads(layer)
+    finalize_lora_grads(layer)
     errors = {
         "out": _check("out", out, tp_chunk(want, 0) if sp else want),
         "dx": _check("dx", x_local.grad, tp_chunk(grads["x"], -1) if input_is_parallel else grads["x"]),
@@ -137,46 +138,52 @@ def _row(sp: bool, input_is_parallel: bool, lora_bias: bool) -> dict[str, float]
     return errors
 
 
-def _all_cases() -> dict[str, dict[str, float]]:
+def _all_cases(comm: str) -> dict[str, dict[str, float]]:
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     results = {}
     for sp, gather, bias in COLUMN_CASES:
         if not (sp and tp == 1):
-            results[f"column sp={sp} gather_output={gather} lora_bias={bias}"] = _column(sp, gather, bias)
+            results[f"column sp={sp} gather_output={gather} lora_bias={bias}"] = _column(sp, gather, bias, comm)
     for sp, parallel_input, bias in ROW_CASES:
         if not (sp and tp == 1):
-            results[f"row sp={sp} input_is_parallel={parallel_input} lora_bias={bias}"] = _row(sp, parallel_input, bias)
+            results[f"row sp={sp} input_is_parallel={parallel_input} lora_bias={bias}"] = _row(
+                sp, parallel_input, bias, "fused" if comm == "fused-keep" else comm
+            )
     return results
 
 
+@pytest.mark.parametrize("comm", ["fused", "fused-keep", "reference"])
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_parallel_layers_match_dense_reference(tp: int) -> None:
-    for rank, results in enumerate(run_distributed(_all_cases, tp, tp=tp)):
+def test_parallel_layers_match_dense_reference(tp: int, comm: str) -> None:
+    """"fused-keep": fused with the gathered input kept for backward instead of re-gathered."""
+    for rank, results in enumerate(run_distributed(_all_cases, tp, tp=tp, args=(comm,))):
         assert results, "no case ran"
         for case, errors in results.items():
             bad = {k: v for k, v in errors.items() if v > (0.0 if "replicas" in k else RTOL)}
             assert not bad, f"TP={tp} rank {rank} {case}: relative errors {bad}"
 
 
-def _column_dropout_masks_agree() -> list[float]:
+def _column_dropout_masks_agree(comm: str) -> list[float]:
     torch.manual_seed(0)
     base = ColumnParallelLinear(IN, OUT, config=_config(False), init_method=_init, bias=False)
     base.requires_grad_(False)
-    layer = LoraColumnParallelLinear(base)
+    layer = LoraColumnParallelLinear(base, tp_comm=comm)
     layer.update_layer("default", r=R, lora_alpha=ALPHA, lora_dropout=0.5, init_lora_weights=False, seed=7)
     layer.train()
     x, g = _data(3)
     out, _ = layer(x)
     (out * tp_chunk(g, -1)).sum().backward()
+    finalize_lora_grads(layer)
     grad = layer.lora_A["default"].weight.grad
     return [(c - grad).abs().max().item() for c in all_tp_copies(grad)]
 
 
-def test_column_dropout_draws_the_same_mask_on_every_tp_rank() -> None:
+@pytest.mark.parametrize("comm", ["fused", "reference"])
+def test_column_dropout_draws_the_same_mask_on_every_tp_rank(comm: str) -> None:
     """The input of a column-parallel layer is replicated over TP: a different dropout mask
     per rank would train a different A on each rank. dA depends on the mask, so equal dA on
     every rank means equal masks."""
-    for diffs in run_distributed(_column_dropout_masks_agree, 2, tp=2):
+    for diffs in run_distributed(_column_dropout_masks_agree, 2, tp=2, args=(comm,)):
         assert max(diffs) == 0.0

@@ -1,38 +1,40 @@
 """LoRA on megatron-core's ColumnParallelLinear and RowParallelLinear.
 
-Notation: TP ranks i = 0..t-1, base weight W ∈ R^{out×in}, s the LoRA scale.
+Factors are split like the base weight (TP ranks i, s the scale):
+  column-parallel base (W_i = rows of W):    A replicated,          B_i = rows i of B
+  row-parallel base    (W_i = columns of W): A_i = columns i of A,  B replicated
 
-Column-parallel base (W_i = rows of W): A replicated on every rank, B_i = rows i of B.
-    h = s · A x               identical on every rank (x replicated, or sequence-gathered under SP)
-    y_i = W_i x + B_i h       this rank's output columns; gathered only if the base gathers
-  Backward: dh = Σ_i B_iᵀ dy_i needs a sum over TP. ``copy_to_tensor_model_parallel_region`` on
-  h is that sum (one r-sized all-reduce), after which dA = dh xᵀ and dx = Aᵀ dh are complete
-  and identical on every rank: A stays replicated with no further synchronisation.
-  Under SP the LoRA path gathers the sequence itself (its gradient is already complete, so
-  the gather's backward keeps this rank's chunk instead of reduce-scattering).
+Two implementations of the communication, chosen per layer by ``tp_comm``:
 
-Row-parallel base (W_i = columns of W, x_i = features i): A_i = columns i of A, B replicated.
-    h = Σ_i s · A_i x_i       one r-sized all-reduce (``reduce_from_tensor_model_parallel_region``)
-    y = Σ_i W_i x_i + B h     the base's own all-reduce (reduce-scatter under SP) carries W
-  SP off: dy is complete everywhere, so dB = dy hᵀ is complete and identical on every rank.
-  SP on: the output is a sequence shard; h is split along the sequence before B, so dB_i
-  covers this rank's tokens only. B is marked ``sequence_parallel`` and its gradient summed
-  over TP once per step (megatron's finalize_model_grads, or
-  :func:`dist_lora.parallel.grads.allreduce_sequence_parallel_grads`), as megatron does for
-  its sequence-parallel norm weights.
+"fused" (default, :mod:`dist_lora.layers.fused`): the LoRA path rides on the base layer's own
+  collective in forward and backward, so the layer does exactly the collectives of the frozen
+  base. The replicated factor's gradient (column A, row B) is then a per-rank partial sum,
+  summed over TP once per step for all layers by :func:`dist_lora.parallel.grads.finalize_lora_grads`.
 
-This is the straightforward design: one r-sized collective per LoRA path per pass.
+"reference" (PEFT's design, kept to check the fused path against): the base layer runs as is
+  and the LoRA path adds one r-sized collective of its own per pass.
+    Column: h = s·A x is identical on every rank; ``copy_to_tensor_model_parallel_region(h)``
+      all-reduces dh = Σ_i B_iᵀ dy_i in backward, after which dA and the LoRA part of dx are
+      complete on every rank. Under SP the LoRA path all-gathers the sequence itself and its
+      backward keeps this rank's chunk (the gradient is already complete).
+    Row: h = Σ_i s·A_i x_i by one r-sized all-reduce; y = base + B h. SP off: dB is complete.
+      SP on: h is split along the sequence before B, so dB covers this rank's tokens only and
+      is summed per step like the fused path's partial gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 
 from ..parallel import tp
 from . import math as lm
 from .base import LoraLayer
+from .fused import ColumnParallelLoRA, FusedSpec, RowParallelLoRA
+
+TP_COMM_MODES = ("fused", "reference")
 
 
 def _mappings():
@@ -42,7 +44,7 @@ def _mappings():
 
 
 class _ParallelLoraLayer(LoraLayer):
-    def __init__(self, base_layer: torch.nn.Module) -> None:
+    def __init__(self, base_layer: torch.nn.Module, tp_comm: str = "fused", keep_gathered_input: bool = False) -> None:
         super().__init__(base_layer, base_layer.input_size, base_layer.output_size)
         self.tp_group = tp.tp_group_of(base_layer)
         self.tp_rank, self.tp_size = tp.group_rank_size(self.tp_group)
@@ -50,14 +52,60 @@ class _ParallelLoraLayer(LoraLayer):
         # split of a gated fc1 ([gate; up] per shard), so a full factor means the same
         # thing at every TP size.
         self.stride = tp.partition_stride(base_layer.weight)
+        self.set_tp_comm(tp_comm, keep_gathered_input)
+
+    def set_tp_comm(self, mode: str, keep_gathered_input: bool = False) -> None:
+        """Choose the communication: "fused" (default) or "reference"; see the module docstring.
+        ``keep_gathered_input`` (fused, SP on): keep the gathered input for dA instead of
+        re-gathering it in backward."""
+        if mode not in TP_COMM_MODES:
+            raise ValueError(f"tp_comm must be one of {TP_COMM_MODES}, got {mode!r}.")
+        self.tp_comm = mode
+        self.keep_gathered_input = keep_gathered_input
 
     @property
     def sequence_parallel(self) -> bool:
         return bool(getattr(self.base_layer, "sequence_parallel", False)) and self.tp_size > 1
 
+    def partial_grad_parameters(self) -> list[torch.nn.Parameter]:
+        """Replicated adapter parameters whose gradient on each rank is a partial sum over TP
+        (summed once per step by finalize_lora_grads)."""
+        return []
+
+    def _can_fuse(self, x: torch.Tensor, adapters: list[str]) -> bool:
+        base = self.base_layer
+        return (
+            self.tp_comm == "fused"
+            and not base.weight.requires_grad
+            and all(self.lora_A[n].weight.dtype == x.dtype == base.weight.dtype for n in adapters)
+            and not getattr(base, "explicit_expert_comm", False)
+            and not getattr(base, "disable_grad_reduce", False)
+        )
+
+    def _spec(self, adapters: list[str]) -> FusedSpec:
+        return FusedSpec(
+            group=self.tp_group,
+            tp_size=self.tp_size,
+            sequence_parallel=self.sequence_parallel,
+            scalings=tuple(self.scaling[n] for n in adapters),
+            keep_gathered_input=self.keep_gathered_input,
+        )
+
+    def _dropout_mask(self, name: str, shape: torch.Size, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """An inverted-dropout mask (0 or 1/(1-p)), or None when dropout is off."""
+        dropout = self.lora_dropout[name]
+        if not (self.training and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0):
+            return None
+        keep = 1.0 - dropout.p
+        return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(keep).div_(keep)
+
 
 class LoraColumnParallelLinear(_ParallelLoraLayer):
-    """LoRA on a ColumnParallelLinear: A replicated, B sharded like the base rows."""
+    """LoRA on a ColumnParallelLinear: A replicated, B sharded like the base rows.
+
+    The input is replicated over TP (or its gathered sequence is), so dropout draws the same
+    mask on every TP rank from the default generator, which megatron seeds alike across TP.
+    """
 
     def shard_b(self, b: torch.Tensor) -> torch.Tensor:
         return tp.shard(b, 0, self.tp_rank, self.tp_size, self.stride)
@@ -66,17 +114,42 @@ class LoraColumnParallelLinear(_ParallelLoraLayer):
         for param in self.lora_B[adapter_name].parameters():
             tp.set_tp_attributes(param, 0, self.stride)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        out, out_bias = self.base_layer(x, *args, **kwargs)
+    def partial_grad_parameters(self) -> list[torch.nn.Parameter]:
+        if self.tp_size == 1 or self.tp_comm != "fused":
+            return []
+        return [self.lora_A[n].weight for n in self.lora_A]
+
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None, runtime_gather_output: Optional[bool] = None):
+        base = self.base_layer
         adapters = self._forward_adapters()
-        if not adapters:
-            return out, out_bias
-        m = _mappings()
-        group = self.tp_group
+        gather = base.gather_output if runtime_gather_output is None else runtime_gather_output
+        if adapters and self._can_fuse(x, adapters):
+            return self._forward_fused(x, adapters, base.weight if weight is None else weight, gather)
+        kwargs = {} if weight is None else {"weight": weight}
+        if runtime_gather_output is not None:
+            kwargs["runtime_gather_output"] = runtime_gather_output
+        out, out_bias = base(x, **kwargs)
+        if adapters:
+            out = self._add_reference(out, x, adapters, gather)
+        return out, out_bias
+
+    def _forward_fused(self, x: torch.Tensor, adapters: list[str], weight: torch.Tensor, gather: bool):
+        base = self.base_layer
+        full_shape = (x.shape[0] * self.tp_size, *x.shape[1:]) if self.sequence_parallel else x.shape
+        factors = []
+        for name in adapters:
+            lora_b = self.lora_B[name]
+            factors += [self.lora_A[name].weight, lora_b.weight, lora_b.bias, self._dropout_mask(name, full_shape, x)]
+        bias = None if base.skip_bias_add else base.bias
+        out = ColumnParallelLoRA.apply(x, weight, bias, self._spec(adapters), *factors)
+        if gather:
+            out = _mappings().gather_from_tensor_model_parallel_region(out, group=self.tp_group)
+        return out, (base.bias if base.skip_bias_add else None)
+
+    def _add_reference(self, out: torch.Tensor, x: torch.Tensor, adapters: list[str], gather: bool) -> torch.Tensor:
+        m, group = _mappings(), self.tp_group
         if self.sequence_parallel:
             x = m.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=group)
-        gather = kwargs.get("runtime_gather_output")
-        gather = self.base_layer.gather_output if gather is None else gather
         for name in adapters:
             lora_b = self.lora_B[name]
             h = lm.lora_down(x, self.lora_A[name].weight, self.scaling[name], self.lora_dropout[name])
@@ -85,46 +158,77 @@ class LoraColumnParallelLinear(_ParallelLoraLayer):
             if gather:
                 y = m.gather_from_tensor_model_parallel_region(y, group=group)
             out = out + y.to(out.dtype)
-        return out, out_bias
+        return out
 
 
 class LoraRowParallelLinear(_ParallelLoraLayer):
-    """LoRA on a RowParallelLinear: A sharded like the base columns, B replicated."""
+    """LoRA on a RowParallelLinear: A sharded like the base columns, B replicated.
+
+    The input is a feature shard, so dropout draws from megatron's model-parallel RNG stream
+    (different on each TP rank), as megatron does for its own sharded activations.
+    """
 
     def shard_a(self, a: torch.Tensor) -> torch.Tensor:
         return tp.shard(a, 1, self.tp_rank, self.tp_size, self.stride)
 
     def _tag_parameters(self, adapter_name: str) -> None:
         tp.set_tp_attributes(self.lora_A[adapter_name].weight, 1, self.stride)
-        if self.sequence_parallel:
-            for param in self.lora_B[adapter_name].parameters():
-                tp.mark_sequence_parallel(param)
 
-    def _sharded_dropout_rng(self, dropout: torch.nn.Module):
-        """Dropout on a feature shard draws from megatron's model-parallel RNG stream
-        (different on each TP rank), like megatron's own dropout on sharded activations."""
-        if not (self.training and isinstance(dropout, torch.nn.Dropout) and self.tp_size > 1):
+    def partial_grad_parameters(self) -> list[torch.nn.Parameter]:
+        if self.tp_size == 1 or (self.tp_comm != "fused" and not self.sequence_parallel):
+            return []
+        if self.tp_comm != "fused":  # reference path under SP: B sees this rank's tokens only
+            return [p for n in self.lora_B for p in self.lora_B[n].parameters()]
+        params = [self.lora_B[n].weight for n in self.lora_B]
+        if self.sequence_parallel:  # the LoRA bias is added to this rank's sequence shard
+            params += [self.lora_B[n].bias for n in self.lora_B if self.lora_B[n].bias is not None]
+        return params
+
+    def _sharded_rng(self):
+        if not (self.training and self.tp_size > 1):
             return contextlib.nullcontext()
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
         tracker = get_cuda_rng_tracker()
         return tracker.fork() if tracker.is_initialized() else contextlib.nullcontext()
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        out, out_bias = self.base_layer(x, *args, **kwargs)
+    def forward(self, x: torch.Tensor):
+        base = self.base_layer
         adapters = self._forward_adapters()
-        if not adapters:
-            return out, out_bias
-        m = _mappings()
-        group = self.tp_group
+        if adapters and self._can_fuse(x, adapters):
+            return self._forward_fused(x, adapters)
+        out, out_bias = base(x)
+        if adapters:
+            out = self._add_reference(out, x, adapters)
+        return out, out_bias
+
+    def _forward_fused(self, x: torch.Tensor, adapters: list[str]):
+        base = self.base_layer
+        if not base.input_is_parallel:
+            x = _mappings().scatter_to_tensor_model_parallel_region(x, group=self.tp_group)
+        factors = []
+        with self._sharded_rng():
+            for name in adapters:
+                factors += [self.lora_A[name].weight, self.lora_B[name].weight, None, self._dropout_mask(name, x.shape, x)]
+        out = RowParallelLoRA.apply(x, base.weight, self._spec(adapters), *factors)
+        for name in adapters:
+            bias = self.lora_B[name].bias
+            if bias is not None:
+                out = out + bias * self.scaling[name]
+        if base.skip_bias_add:
+            return out, base.bias
+        return (out if base.bias is None else out + base.bias), None
+
+    def _add_reference(self, out: torch.Tensor, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        m, group = _mappings(), self.tp_group
         if not self.base_layer.input_is_parallel:
             x = m.scatter_to_tensor_model_parallel_region(x, group=group)
         for name in adapters:
             lora_b, dropout = self.lora_B[name], self.lora_dropout[name]
-            with self._sharded_dropout_rng(dropout):
+            with self._sharded_rng() if isinstance(dropout, torch.nn.Dropout) else contextlib.nullcontext():
                 h = lm.lora_down(x, self.lora_A[name].weight, self.scaling[name], dropout)
             h = m.reduce_from_tensor_model_parallel_region(h, group=group)
             if self.sequence_parallel:
                 h = m.scatter_to_sequence_parallel_region(h, group=group)
             out = out + lm.lora_up(h, lora_b.weight, lora_b.bias, self.scaling[name]).to(out.dtype)
-        return out, out_bias
+        return out

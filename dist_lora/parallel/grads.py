@@ -1,10 +1,11 @@
 """Once-per-step gradient synchronisation of replicated adapter factors.
 
-Under sequence parallelism some replicated parameters (the B factor of a row-parallel LoRA
-layer, like megatron's norm weights) get a gradient from this rank's tokens only. They carry
-``param.sequence_parallel = True``; megatron's ``finalize_model_grads`` sums them over TP,
-and so does :func:`allreduce_sequence_parallel_grads` for users with their own training loop:
-one flattened all-reduce per step for all of them, never one per layer.
+Some replicated parameters get a per-rank partial gradient that must be summed over TP before
+the optimizer step: the replicated factor of every fused parallel LoRA layer (column A, row B;
+see :mod:`dist_lora.layers.fused`), the row B of the reference path under sequence
+parallelism, and any trainable parameter megatron marks ``sequence_parallel`` (its norm
+weights under SP). :func:`finalize_lora_grads` sums all of them in one flattened all-reduce
+per step — never one collective per layer.
 """
 
 from __future__ import annotations
@@ -16,24 +17,32 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
-def sequence_parallel_grads(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [
-        p.grad
-        for p in model.parameters()
-        if p.requires_grad and p.grad is not None and getattr(p, "sequence_parallel", False)
-    ]
+def tp_partial_grad_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Trainable parameters whose gradient is a per-rank partial sum over TP."""
+    from ..layers.parallel import _ParallelLoraLayer
+
+    params: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, _ParallelLoraLayer):
+            params.update((id(p), p) for p in module.partial_grad_parameters())
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False):
+            params[id(p)] = p
+    return [p for p in params.values() if p.requires_grad]
 
 
-def allreduce_sequence_parallel_grads(model: torch.nn.Module, group: Optional[dist.ProcessGroup] = None) -> int:
-    """Sum the gradients of ``sequence_parallel`` parameters over the TP group in one
-    collective; returns how many tensors were reduced. Call after backward, before the
-    optimizer step (and before gradient clipping)."""
+def finalize_lora_grads(model: torch.nn.Module, group: Optional[dist.ProcessGroup] = None) -> int:
+    """Sum the partial gradients over the TP group in one collective; returns how many tensors
+    were reduced. Call after backward (and gradient accumulation), before clipping and the
+    optimizer step. Every TP rank must call it."""
     if group is None:
         from megatron.core import parallel_state
 
         group = parallel_state.get_tensor_model_parallel_group()
-    grads = sequence_parallel_grads(model)
-    if not grads or dist.get_world_size(group) == 1:
+    if dist.get_world_size(group) == 1:
+        return 0
+    grads = [p.grad for p in tp_partial_grad_parameters(model) if p.grad is not None]
+    if not grads:
         return 0
     flat = _flatten_dense_tensors(grads)
     dist.all_reduce(flat, group=group)

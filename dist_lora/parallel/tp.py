@@ -50,10 +50,3 @@ def set_tp_attributes(param: torch.nn.Parameter, partition_dim: int, stride: int
 
 def partition_stride(param: torch.Tensor) -> int:
     return int(getattr(param, "partition_stride", 1) or 1)
-
-
-def mark_sequence_parallel(param: torch.nn.Parameter) -> None:
-    """A replicated parameter whose gradient is a per-rank partial sum under sequence
-    parallelism; megatron's finalize_model_grads (and :func:`allreduce_sequence_parallel_grads`)
-    sums such gradients over TP once per step."""
-    param.sequence_parallel = True
