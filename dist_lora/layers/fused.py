@@ -109,14 +109,16 @@ class ColumnParallelLoRA(torch.autograd.Function):
             x_full, work = _all_gather_seq(x_saved, spec, async_op=True)
         else:
             x_full, work = x_saved, None
-        dx = dy.matmul(weight)
+        need_dx = ctx.needs_input_grad[0]
+        dx = dy.matmul(weight) if need_dx else None
         dy_t = _tokens(dy)
         grads = []
         lora_inputs = []
         for (a, b, b_bias, mask), h, scale in zip(_unpack(factors, spec), hs, spec.scalings):
             dh = dy.matmul(b)  # r-sized, partial over TP
-            dx_lora = dh.matmul(a).mul_(scale)
-            dx += dx_lora if mask is None else dx_lora * mask
+            if need_dx:
+                dx_lora = dh.matmul(a).mul_(scale)
+                dx += dx_lora if mask is None else dx_lora * mask
             d_b = dy_t.T.matmul(_tokens(h))
             d_bias = dy_t.sum(0) * scale if b_bias is not None else None
             grads.append([None, d_b, d_bias, None])
@@ -126,10 +128,8 @@ class ColumnParallelLoRA(torch.autograd.Function):
         for grad, (dh, mask), scale in zip(grads, lora_inputs, spec.scalings):
             x_lora = _tokens(x_full if mask is None else x_full * mask)
             grad[0] = _tokens(dh).T.matmul(x_lora).mul_(scale)  # dA_i: partial, summed per step
-        if spec.sequence_parallel:
-            dx = _reduce_scatter_seq(dx, spec)
-        else:
-            dx = _all_reduce(dx, spec)
+        if need_dx:  # the base layer's one collective carries the LoRA term too
+            dx = _reduce_scatter_seq(dx, spec) if spec.sequence_parallel else _all_reduce(dx, spec)
         d_bias_base = dy_t.sum(0) if ctx.needs_input_grad[2] else None
         flat = [g for grad in grads for g in grad]
         return (dx, None, d_bias_base, None, *flat)
@@ -161,13 +161,15 @@ class RowParallelLoRA(torch.autograd.Function):
         hs, factors = rest[:n], rest[n:]
         if spec.sequence_parallel:
             dy = _all_gather_seq(dy, spec)  # the base's own backward collective
-        dx = dy.matmul(weight)
+        need_dx = ctx.needs_input_grad[0]
+        dx = dy.matmul(weight) if need_dx else None
         dy_t = _tokens(dy)
         flat = []
         for (a, b, _bias, mask), h, scale in zip(_unpack(factors, spec), hs, spec.scalings):
             dh = dy.matmul(b).mul_(scale)
-            dx_lora = dh.matmul(a)
-            dx += dx_lora if mask is None else dx_lora * mask
+            if need_dx:
+                dx_lora = dh.matmul(a)
+                dx += dx_lora if mask is None else dx_lora * mask
             x_lora = _tokens(x if mask is None else x * mask)
             d_a = _tokens(dh).T.matmul(x_lora)
             d_b = dy_t.T.matmul(_tokens(h))  # partial over TP, summed per step
