@@ -58,7 +58,7 @@ def test_layout_and_manifest(saved) -> None:
         "adapter_config.json", "manifest.json", "shard-pp000-tp000.safetensors", "shard-pp000-tp001.safetensors",
     ]
     manifest = read_manifest(directory)
-    assert manifest["layout"] == {"tp": 2, "pp": 1}
+    assert manifest["layout"] == {"tp": 2, "pp": 1, "world": 2}
     counts: dict[str, int] = {}
     for name, info in manifest["files"].items():
         with safe_open(os.path.join(directory, name), framework="pt") as f:

@@ -136,11 +136,12 @@ def resolve_parameter(module: torch.nn.Module, path: str, adapter: str) -> tuple
 
 
 def set_tensor(sub: torch.nn.Module, pname: str, value: torch.Tensor) -> None:
-    """Replace a parameter (materialising meta tensors) keeping its flags and sharding markers."""
+    """Copy ``value`` into a parameter in place (so optimizers keep their references), or
+    materialise a meta parameter, keeping its flags and sharding markers."""
     current = getattr(sub, pname)
     device = "cpu" if current.is_meta else current.device
     new = value.to(device=device, dtype=current.dtype)
-    if isinstance(current, torch.nn.Parameter):
+    if current.is_meta and isinstance(current, torch.nn.Parameter):
         param = torch.nn.Parameter(new, requires_grad=current.requires_grad)
         param.__dict__.update(current.__dict__)
         setattr(sub, pname, param)

@@ -105,8 +105,56 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_sharded(model: "LoraModel", directory: str | os.PathLike, adapter: Optional[str] = None) -> None:
-    """Write ``adapter`` of a (possibly TP/PP-sharded) model. Every rank must call it."""
+def _pieces_of(key: str, tensor: torch.Tensor, placement: torch.Tensor, ranks: dict) -> list[tuple[str, torch.Tensor, dict]]:
+    """(file key, tensor, manifest entry) for each box of ``tensor``, placed like ``placement``."""
+    global_shape, boxes = _boxes(placement, ranks["tp"], ranks["tp_size"])
+    pieces = []
+    for k, (index, offsets, shape) in enumerate(boxes):
+        entry = {
+            "key": key,
+            "global_shape": global_shape,
+            "offsets": offsets,
+            "shape": shape,
+            "dtype": str(tensor.dtype).removeprefix("torch."),
+        }
+        pieces.append((key if len(boxes) == 1 else f"{key}@{k}", tensor.detach()[index].contiguous().cpu(), entry))
+    return pieces
+
+
+def _write_file(staging: str, file_name: str, pieces: list) -> dict:
+    """Write pieces to one safetensors file; its manifest record (sha256 + entries)."""
+    if not pieces:
+        return {}
+    path = os.path.join(staging, file_name)
+    with atomic_path(path) as tmp:
+        save_file({file_key: tensor for file_key, tensor, _ in pieces}, tmp, metadata={"format": "pt"})
+    return {"sha256": _sha256(path), "tensors": {file_key: entry for file_key, _, entry in pieces}}
+
+
+def _gather_records(record: tuple) -> list:
+    if not dist.is_initialized():
+        return [record]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, record)
+    return gathered
+
+
+@torch.no_grad()
+def save_sharded(
+    model: "LoraModel",
+    directory: str | os.PathLike,
+    adapter: Optional[str] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    trainer_state: Optional[dict] = None,
+) -> None:
+    """Write ``adapter`` of a (possibly TP/PP-sharded) model; every rank must call it.
+
+    With ``optimizer`` its per-parameter state is saved too, sharded like the parameters
+    (``optim-*.safetensors``, so it reshards on load like the adapter), plus its hyper-
+    parameters. ``trainer_state`` is any JSON-able dict (step, data position, ...); with it,
+    each rank's RNG states go into ``rng-rank*.pt`` so that a resume at the same layout
+    continues the same random streams.
+    """
     adapter = adapter or model.active_adapters[0]
     directory = os.fspath(directory)
     ranks = _ranks()
@@ -115,48 +163,84 @@ def save_sharded(model: "LoraModel", directory: str | os.PathLike, adapter: Opti
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     _barrier()
-    entries, file_name = {}, f"shard-pp{ranks['pp']:03d}-tp{ranks['tp']:03d}.safetensors"
+    suffix = f"pp{ranks['pp']:03d}-tp{ranks['tp']:03d}.safetensors"
+    adapter_pieces, optim_pieces, optim_scalars = [], [], {}
     if ranks["dp"] == 0:
-        tensors = {}
         for key, (module, path) in _local_tensors(model, adapter).items():
             sub, pname = resolve_parameter(module, path, adapter)
             param = getattr(sub, pname)
             sharded = getattr(param, "tensor_model_parallel", False) and ranks["tp_size"] > 1
             if not sharded and ranks["tp"] != 0:
                 continue  # a replicated tensor is written once, by TP rank 0
-            global_shape, boxes = _boxes(param, ranks["tp"], ranks["tp_size"])
-            for k, (index, offsets, shape) in enumerate(boxes):
-                file_key = key if len(boxes) == 1 else f"{key}@{k}"
-                tensors[file_key] = param.detach()[index].contiguous().cpu()
-                entries[file_key] = {
-                    "key": key,
-                    "global_shape": global_shape,
-                    "offsets": offsets,
-                    "shape": shape,
-                    "dtype": str(param.dtype).removeprefix("torch."),
-                }
-        if tensors:
-            path = os.path.join(staging, file_name)
-            with atomic_path(path) as tmp:
-                save_file(tensors, tmp, metadata={"format": "pt"})
-            entries = {"sha256": _sha256(path), "tensors": entries}
-    gathered = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(gathered, (file_name, entries))
-    else:
-        gathered = [(file_name, entries)]
+            adapter_pieces += _pieces_of(key, param, param, ranks)
+            for name, value in (optimizer.state.get(param, {}) if optimizer is not None else {}).items():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    optim_pieces += _pieces_of(f"{key}::{name}", value, param, ranks)
+                else:
+                    optim_scalars[f"{key}::{name}"] = value.item() if torch.is_tensor(value) else value
+    records = _gather_records(
+        (f"shard-{suffix}", _write_file(staging, f"shard-{suffix}", adapter_pieces),
+         f"optim-{suffix}", _write_file(staging, f"optim-{suffix}", optim_pieces), optim_scalars)
+    )
+    if trainer_state is not None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        with atomic_path(os.path.join(staging, f"rng-rank{rank:05d}.pt")) as tmp:
+            torch.save(_rng_states(), tmp)
+    _barrier()
     if _is_rank0():
-        files = {name: info for name, info in gathered if info}
         manifest = {
             "format": FORMAT,
             "adapter_name": adapter,
-            "layout": {"tp": ranks["tp_size"], "pp": ranks["pp_size"]},
-            "files": files,
+            "layout": {"tp": ranks["tp_size"], "pp": ranks["pp_size"], "world": len(records)},
+            "files": {name: info for name, info, *_ in records if info},
         }
+        if optimizer is not None:
+            manifest["optimizer"] = {
+                "files": {name: info for _, _, name, info, _ in records if info},
+                "scalars": {k: v for *_, scalars in records for k, v in scalars.items()},
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+            }
+        if trainer_state is not None:
+            manifest["trainer_state"] = trainer_state
         model.peft_config[adapter].save_pretrained(staging)
         atomic_write_text(os.path.join(staging, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
         _replace_directory(staging, directory)
     _barrier()
+
+
+def _rng_states() -> dict:
+    states = {"torch": torch.get_rng_state()}
+    try:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        tracker = get_cuda_rng_tracker()
+        if tracker.is_initialized():
+            states["tracker"] = {name: state.clone() for name, state in tracker.get_states().items()}
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def restore_rng_states(directory: str | os.PathLike) -> bool:
+    """Restore this rank's RNG states saved with the checkpoint; False (nothing restored)
+    when the checkpoint was written by a different number of ranks."""
+    manifest = read_manifest(directory, verify=False)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = os.path.join(os.fspath(directory), f"rng-rank{rank:05d}.pt")
+    if manifest["layout"].get("world") != world or not os.path.isfile(path):
+        return False
+    states = torch.load(path, weights_only=True)
+    torch.set_rng_state(states["torch"])
+    if "tracker" in states:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(states["tracker"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    return True
 
 
 def _replace_directory(staging: str, directory: str) -> None:
@@ -175,51 +259,114 @@ def read_manifest(directory: str | os.PathLike, verify: bool = True) -> dict:
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
         raise ConfigError(f"{directory} has no {MANIFEST}: the checkpoint is incomplete or not a dist_lora checkpoint.")
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise ConfigError(f"{path}: unknown checkpoint format {manifest.get('format')!r}, expected {FORMAT!r}.")
-    for name, info in manifest["files"].items():
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}): the checkpoint is corrupt.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ConfigError(f"{path}: not a {FORMAT!r} manifest.")
+    files = {**manifest["files"], **manifest.get("optimizer", {}).get("files", {})}
+    for name, info in files.items():
         file_path = os.path.join(directory, name)
         if not os.path.isfile(file_path):
-            raise ConfigError(f"checkpoint {directory} is missing {name} (tensors {sorted(info['tensors'])[:3]} ...).")
+            raise ConfigError(
+                f"checkpoint {directory} is missing {name} (the shard of that pipeline stage and TP rank; "
+                f"tensors {sorted(e['key'] for e in info['tensors'].values())[:3]} ...)."
+            )
         if verify and _sha256(file_path) != info["sha256"]:
             raise ConfigError(f"checksum mismatch for {file_path}: the file is corrupt or was changed after saving.")
     return manifest
 
 
+def _index(files: dict) -> dict[str, list[tuple[str, str, dict]]]:
+    """Global key -> the (file, file key, entry) pieces that hold parts of it."""
+    pieces: dict[str, list[tuple[str, str, dict]]] = {}
+    for name, info in files.items():
+        for file_key, entry in info["tensors"].items():
+            pieces.setdefault(entry["key"], []).append((name, file_key, entry))
+    return pieces
+
+
+def _read_local(directory: str, key: str, pieces: dict, param: torch.Tensor, ranks: dict) -> torch.Tensor:
+    """This rank's part of global tensor ``key``, shaped and placed like ``param``."""
+    if key not in pieces:
+        raise ConfigError(f"checkpoint {directory} has no tensor {key}: it was saved from a different model or config.")
+    first = pieces[key][0][2]
+    global_shape, boxes = _boxes(param, ranks["tp"], ranks["tp_size"])
+    if first["global_shape"] != global_shape:
+        raise ConfigError(f"{key}: global shape {first['global_shape']} in the checkpoint, the model has {global_shape}.")
+    value = torch.empty(param.shape, dtype=getattr(torch, first["dtype"]))
+    for index, offsets, shape in boxes:
+        value[index] = _assemble(directory, key, pieces[key], offsets, shape)
+    return value
+
+
 def load_sharded(
-    model: "LoraModel", directory: str | os.PathLike, adapter: Optional[str] = None, verify: bool = True
-) -> None:
-    """Load a sharded checkpoint into ``model`` at this process's layout (any TP size).
-    If ``adapter`` is new it is created from the checkpoint's config first."""
+    model: "LoraModel",
+    directory: str | os.PathLike,
+    adapter: Optional[str] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    verify: bool = True,
+) -> dict:
+    """Load a sharded checkpoint into ``model`` (and ``optimizer``) at this process's layout,
+    whatever TP size it was saved at; returns the saved trainer state ({} if none).
+
+    If ``adapter`` is new it is created from the checkpoint's config first. Everything is
+    read and checked before the model or optimizer changes.
+    """
     directory = os.fspath(directory)
     manifest = read_manifest(directory, verify=verify)
     adapter = adapter or manifest["adapter_name"]
-    if adapter not in model.peft_config:
+    if optimizer is not None and "optimizer" not in manifest:
+        raise ConfigError(f"checkpoint {directory} has no optimizer state (it was saved without one).")
+    created = adapter not in model.peft_config
+    if created:
         model.add_adapter(adapter, LoraConfig.from_pretrained(directory), low_cpu_mem_usage=True)
-    pieces: dict[str, list[tuple[str, dict]]] = {}
-    for name, info in manifest["files"].items():
-        for file_key, entry in info["tensors"].items():
-            pieces.setdefault(entry["key"], []).append((name, file_key, entry))
     ranks = _ranks()
-    updates = []
-    for key, (module, path) in _local_tensors(model, adapter).items():
-        sub, pname = resolve_parameter(module, path, adapter)
-        param = getattr(sub, pname)
-        if key not in pieces:
-            raise ConfigError(f"checkpoint {directory} has no tensor {key}: it was saved from a different model or config.")
-        global_shape, boxes = _boxes(param, ranks["tp"], ranks["tp_size"])
-        if pieces[key][0][2]["global_shape"] != global_shape:
-            raise ConfigError(
-                f"{key}: global shape {pieces[key][0][2]['global_shape']} in the checkpoint, the model has {global_shape}."
-            )
-        value = torch.empty(param.shape, dtype=getattr(torch, pieces[key][0][2]["dtype"]))
-        for index, offsets, shape in boxes:
-            value[index] = _assemble(directory, key, pieces[key], offsets, shape)
-        updates.append((sub, pname, value))
-    for sub, pname, value in updates:
+    pieces = _index(manifest["files"])
+    try:
+        updates = []
+        for key, (module, path) in _local_tensors(model, adapter).items():
+            sub, pname = resolve_parameter(module, path, adapter)
+            updates.append((key, sub, pname, _read_local(directory, key, pieces, getattr(sub, pname), ranks)))
+        optim_states = _read_optimizer_states(directory, manifest, optimizer, updates, ranks) if optimizer else {}
+    except Exception:
+        if created:
+            model._discard_adapter(adapter)
+        raise
+    for _, sub, pname, value in updates:
         set_tensor(sub, pname, value)
+    if optimizer is not None:
+        for key, sub, pname, _ in updates:
+            if key in optim_states:
+                optimizer.state[getattr(sub, pname)] = optim_states[key]
+        for group, saved in zip(optimizer.param_groups, manifest["optimizer"]["param_groups"]):
+            group.update(saved)
+    return manifest.get("trainer_state", {})
+
+
+def _read_optimizer_states(directory: str, manifest: dict, optimizer, updates: list, ranks: dict) -> dict:
+    """Per adapter key, the optimizer state of the local parameter (tensors sliced like it)."""
+    section = manifest["optimizer"]
+    pieces = _index(section["files"])
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    states: dict[str, dict] = {}
+    for key, sub, pname, _ in updates:
+        param = getattr(sub, pname)
+        if id(param) not in trained:
+            continue
+        state = {}
+        for state_key in pieces:
+            if state_key.startswith(f"{key}::"):
+                state[state_key.split("::", 1)[1]] = _read_local(directory, state_key, pieces, param, ranks).to(param.dtype)
+        for state_key, value in section["scalars"].items():
+            if state_key.startswith(f"{key}::"):
+                state[state_key.split("::", 1)[1]] = torch.tensor(value, dtype=torch.float32)
+        if not state:
+            raise ConfigError(f"checkpoint {directory} has no optimizer state for {key}.")
+        states[key] = state
+    return states
 
 
 def _assemble(directory: str, key: str, pieces: list, offsets: list, shape: list) -> torch.Tensor:
