@@ -18,6 +18,50 @@ def _example(args: argparse.Namespace, rest: list[str]) -> int:
     return subprocess.call(command, env=env)
 
 
+def _consolidate(args: argparse.Namespace, rest: list[str]) -> int:
+    """Join a sharded adapter checkpoint into one PEFT (or megatron-named) adapter."""
+    if rest:
+        print(f"dist-lora consolidate: error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
+        return 2
+    from .checkpoint.consolidate import consolidate
+
+    try:
+        out = consolidate(
+            args.checkpoint, args.out_dir, hf_model_dir=args.hf_model, format=args.format,
+            overwrite=args.overwrite, show_progress=not args.no_progress,
+        )
+    except (ValueError, OSError) as e:  # bad input: a message, not a traceback
+        print(f"dist-lora consolidate: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+def _train(args: argparse.Namespace, rest: list[str]) -> int:
+    """One rank of a training job (run it under torchrun)."""
+    from .bridges import UnsupportedCheckpointError
+    from .train import train
+    from .train_config import load_train_config
+
+    bad = [r for r in rest if "=" not in r]
+    if bad:
+        print(f"dist-lora train: error: unrecognized arguments: {' '.join(bad)}", file=sys.stderr)
+        return 2
+    try:
+        config = load_train_config(args.config, tuple(rest))
+        train(config, resume=args.resume)
+    except (ValueError, OSError, UnsupportedCheckpointError) as e:  # bad input: a message on every rank
+        print(f"dist-lora train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _demo(args: argparse.Namespace, rest: list[str]) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, nproc=args.nproc, overrides=rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dist-lora",
@@ -33,8 +77,45 @@ def main(argv: list[str] | None = None) -> int:
     )
     example.add_argument("--nproc", type=int, default=2, help="processes = tensor-parallel size (default 2)")
     example.add_argument("--out", default="runs/example", help="checkpoint directory (default runs/example)")
+    consolidate = commands.add_parser(
+        "consolidate",
+        help="join a sharded adapter checkpoint into one PEFT adapter",
+        description="Write adapter_model.safetensors + adapter_config.json that peft.PeftModel.from_pretrained "
+        "loads onto the Hugging Face model (megatron names mapped, fused QKV / fc1 split), or with "
+        "--format megatron one file under the global megatron names. One process, streaming.",
+    )
+    consolidate.add_argument("checkpoint", metavar="CHECKPOINT", help="sharded checkpoint directory (with manifest.json)")
+    consolidate.add_argument("out_dir", metavar="OUT_DIR", help="output directory (must be empty or absent unless --overwrite)")
+    consolidate.add_argument("--hf-model", metavar="HF_DIR", help="HF model directory (config.json); needed to split fused QKV")
+    consolidate.add_argument("--format", choices=("peft", "megatron"), default="peft", help="default: peft")
+    consolidate.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    consolidate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train = commands.add_parser(
+        "train",
+        help="one rank of a LoRA fine-tuning job (launch it with torchrun)",
+        description="Fine-tune LoRA on a megatron model built from a local HF checkpoint (or the built-in tiny "
+        "model) as the YAML config says; periodic sharded checkpoints; at the end a consolidated PEFT "
+        "adapter in <train.out_dir>/adapter. Overrides: section.key=value (e.g. train.steps=50 lora.r=16). "
+        "Example: torchrun --nproc-per-node 2 -m dist_lora.cli train --config configs/demo.yaml",
+    )
+    train.add_argument("--config", help="YAML config (see configs/); omitted: all defaults")
+    train.add_argument(
+        "--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+        help="resume from CHECKPOINT, or without a value from the latest one in <train.out_dir>/checkpoints",
+    )
+    demo = commands.add_parser(
+        "demo",
+        help="the main job: tiny model, 2 CPU processes at TP=2, consolidated PEFT adapter, PEFT check",
+        description="Create the built-in tiny Llama-family model, fine-tune LoRA on the built-in corpus with "
+        "torchrun at TP=NPROC, consolidate to a PEFT adapter, load it with the real PEFT and print the "
+        "maximum logits difference against the megatron model. Extra section.key=value arguments "
+        "override the demo config (e.g. train.steps=50).",
+    )
+    demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    demo.add_argument("--nproc", type=int, default=2, help="processes = tensor-parallel size (default 2)")
     args, rest = parser.parse_known_args(argv)
-    return {"example": _example}[args.command](args, rest)
+    commands_by_name = {"example": _example, "consolidate": _consolidate, "train": _train, "demo": _demo}
+    return commands_by_name[args.command](args, rest)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 no dropout, untied embeddings. With ``use_cpu_initialization`` megatron draws every full
 (master) weight from the CPU generator on every rank and keeps this rank's slice, so the same
 seed gives the same full weights at any TP (fc1 uses stride 2 to keep [gate; up] per shard).
+Not at any PP: a later stage draws its own layers first, so they differ from the PP=1 model's.
 Call these inside :func:`tests.harness.run_distributed` (parallel state must exist).
 """
 

@@ -63,9 +63,10 @@ def _hang() -> None:
 def test_hung_collective_times_out_and_leaves_no_processes() -> None:
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     start = time.monotonic()
-    with pytest.raises(DistributedError, match=r"ranks \[0, 1\] did not finish within 5 s"):
+    with pytest.raises(DistributedError, match=r"ranks \[0, 1\] did not finish within 5 s") as info:
         run_distributed(_hang, 2, timeout=5)
     assert time.monotonic() - start < 15
+    assert "in all_reduce" in str(info.value) and "in _hang" in str(info.value)  # where they hung
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
 
 

@@ -307,59 +307,44 @@ def test_layers_to_transform_default_pattern_uses_first_index():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gpt_model():
-    pytest.importorskip("megatron.core")
-    import torch.distributed as dist
+def _tiny_gpt():
+    """A tiny megatron GPTModel, built inside a harness rank: the test process itself must
+    never initialise megatron's parallel state (a later forked rank would hang in it)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core import parallel_state
-        from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-        from megatron.core.transformer import TransformerConfig
+    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
+                               use_cpu_initialization=True, gradient_accumulation_fusion=False)
+    return GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=64,
+                    max_sequence_length=16, position_embedding_type="learned_absolute")
 
-    try:
-        from dist_lora.parallel.cpu_compat import apply_cpu_compat
-    except ImportError:
-        apply_cpu_compat = None
 
-    own_group = not dist.is_initialized()
-    if own_group:
-        store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)  # the OS picks a free port
-        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    own_mp = not parallel_state.model_parallel_is_initialized()
-    try:
-        if apply_cpu_compat is not None:
-            apply_cpu_compat()
-        if own_mp:
-            parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
-        model_parallel_cuda_manual_seed(1234)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
-                                       use_cpu_initialization=True, gradient_accumulation_fusion=False)
-            model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=64,
-                             max_sequence_length=16, position_embedding_type="learned_absolute")
-        yield model
-    finally:
-        if own_mp:
-            parallel_state.destroy_model_parallel()
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
+def _with_gpt(check) -> None:
+    """Run ``check(model)`` on a tiny GPTModel in a one-rank harness process."""
+    from tests.harness import run_distributed
+
+    run_distributed(lambda: check(_tiny_gpt()), 1)
 
 
 GPT_LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 
 
-def test_megatron_default_targets(gpt_model):
+def test_megatron_default_targets():
+    _with_gpt(_check_default_targets)
+
+
+def _check_default_targets(gpt_model):
     found = ours(gpt_model)
     assert set(found) == L(*GPT_LINEARS, prefix="decoder.layers")
     assert len(found) == 8
 
 
-def test_megatron_all_linear_excludes_output_layer(gpt_model):
+def test_megatron_all_linear_excludes_output_layer():
+    _with_gpt(_check_all_linear)
+
+
+def _check_all_linear(gpt_model):
     names = {n for n, _ in gpt_model.named_modules()}
     assert "output_layer" in names  # the head exists (and is a ColumnParallelLinear) ...
     found = ours(gpt_model, target_modules="all-linear")
@@ -367,7 +352,11 @@ def test_megatron_all_linear_excludes_output_layer(gpt_model):
     assert "output_layer" not in found
 
 
-def test_megatron_explicit_targets(gpt_model):
+def test_megatron_explicit_targets():
+    _with_gpt(_check_explicit_targets)
+
+
+def _check_explicit_targets(gpt_model):
     assert set(ours(gpt_model, target_modules=["linear_qkv"], layers_to_transform=[1], layers_pattern="layers")) == {
         "decoder.layers.1.self_attention.linear_qkv"
     }
@@ -378,12 +367,20 @@ def test_megatron_explicit_targets(gpt_model):
         "self_attention.linear_qkv", "mlp.linear_fc1", prefix="decoder.layers")
 
 
-def test_megatron_embedding_is_refused(gpt_model):
+def test_megatron_embedding_is_refused():
+    _with_gpt(_check_embedding_refused)
+
+
+def _check_embedding_refused(gpt_model):
     with pytest.raises(ConfigError, match=r"target module 'embedding.word_embeddings' is a VocabParallelEmbedding"):
         find_targets(gpt_model, LoraConfig(target_modules=["word_embeddings"]))
 
 
-def test_megatron_no_match_lists_candidates(gpt_model):
+def test_megatron_no_match_lists_candidates():
+    _with_gpt(_check_no_match)
+
+
+def _check_no_match(gpt_model):
     with pytest.raises(ConfigError, match=r"matched no module of GPTModel\. Linear modules it has: "
                                           r".*decoder\.layers\.0\.self_attention\.linear_qkv"):
         find_targets(gpt_model, LoraConfig(target_modules=["q_proj"]))

@@ -13,8 +13,10 @@ Patches (all made once per process, only when ``torch.cuda.is_available()`` is F
    parallel linears), rotary ``inv_freq``, ...
 2. ``torch.cuda.get_rng_state`` / ``set_rng_state`` / ``manual_seed`` act on the CPU default
    generator. The RNG tracker's ``add`` (called by ``model_parallel_cuda_manual_seed``) seeds
-   and reads a "cuda" generator with them. Consequence: ``model_parallel_cuda_manual_seed(s)``
-   also reseeds the CPU generator with ``s`` (on GPU it reseeds the CUDA one).
+   and reads a "cuda" generator with them. ``set_rng_state`` goes with ``get_rng_state`` so that
+   megatron's save/restore pairs (rerun state machine, RNG checkpoints) restore what they saved
+   instead of silently doing nothing. Consequence: ``model_parallel_cuda_manual_seed(s)`` also
+   reseeds the CPU generator with ``s`` (on GPU it reseeds the CUDA one).
 3. megatron's ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state`` act on
    the CPU default generator. ``CudaRNGStatesTracker.fork`` (entered by attention even at
    dropout 0) swaps states with them; they go through ``torch.cuda.random`` and

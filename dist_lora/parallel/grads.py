@@ -49,3 +49,45 @@ def finalize_lora_grads(model: torch.nn.Module, group: Optional[dist.ProcessGrou
     for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
         grad.copy_(synced)
     return len(grads)
+
+
+def allreduce_data_parallel_grads(model: torch.nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Average the trainable gradients over the data-parallel group in one collective."""
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_data_parallel_group()
+    size = dist.get_world_size(group)
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if size == 1 or not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    flat /= size
+    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
+
+
+def clip_grad_norm_(model: torch.nn.Module, max_norm: Optional[float]) -> float:
+    """Clip by the global gradient norm of the whole (sharded) model; returns the norm.
+
+    ‖g‖² = Σ over TP-sharded parameters of every rank (summed over TP and PP)
+         + Σ over replicated parameters counted once (identical on every TP rank after
+           finalize_lora_grads; summed over PP only).
+    """
+    from megatron.core import parallel_state
+
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    sharded = sum((p.grad.float().norm() ** 2 for p in params if getattr(p, "tensor_model_parallel", False)), torch.zeros(()))
+    replicated = sum((p.grad.float().norm() ** 2 for p in params if not getattr(p, "tensor_model_parallel", False)), torch.zeros(()))
+    if dist.is_initialized():
+        dist.all_reduce(sharded, group=parallel_state.get_tensor_model_parallel_group())
+        total = sharded + replicated
+        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    else:
+        total = sharded + replicated
+    norm = total.sqrt().item()
+    if max_norm is not None and norm > max_norm:
+        for p in params:
+            p.grad.mul_(max_norm / (norm + 1e-6))
+    return norm

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -72,8 +73,6 @@ def gpt_local_block_spec(
     """megatron's local GPT decoder block spec (this pipeline stage's layers) with the torch
     norms above in every layer and as the final norm. Pass it to ``GPTModel`` as
     ``transformer_layer_spec``."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
     block = get_gpt_decoder_block_spec(
         config,
         use_transformer_engine=False,

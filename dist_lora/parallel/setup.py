@@ -28,7 +28,12 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | 
     from .cpu_compat import apply_cpu_compat
 
     apply_cpu_compat()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    if parallel_state.model_parallel_is_initialized():  # e.g. set up by the caller already
+        have = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size())
+        if have != (tp, pp):
+            raise ValueError(f"model parallel state is initialised with (TP, PP)={have}, not ({tp}, {pp}).")
+    else:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
 

@@ -1,0 +1,765 @@
+"""Turn a sharded adapter checkpoint into one PEFT adapter (``dist-lora consolidate``).
+
+One process, no process group. The input is a directory written by
+:func:`dist_lora.checkpoint.sharded.save_sharded` at any TP × PP layout; the output is
+``adapter_model.safetensors`` + ``adapter_config.json``:
+
+* ``format="peft"`` (default): what ``peft.PeftModel.from_pretrained`` loads onto the Hugging
+  Face model. megatron module names are mapped to HF ones with :mod:`dist_lora.bridges`
+  (Llama family). A checkpoint of a plain HF model (keys already HF module names) is only
+  joined and prefixed.
+* ``format="megatron"``: the same tensors under their global megatron names (TP=1 layout,
+  PEFT's ``base_model.model.`` prefix), which dist_lora loads into a megatron model at any
+  TP size (PP=1); no HF mapping.
+
+Mapping of megatron LoRA factors to HF modules (``decoder.layers.N.`` -> ``model.layers.N.``)::
+
+    self_attention.linear_qkv  A [r, h]             -> q_proj, k_proj, v_proj: A each (a copy)
+                               B [(H+2G)·d, r], bias -> rows of each query group split into
+                                                       q (H/G heads), k, v (split_qkv_rows)
+    mlp.linear_fc1             A [r, h]             -> gate_proj, up_proj: A each
+                               B [2F, r], bias      -> [gate; up] rows (split_gate_up)
+    self_attention.linear_proj                      -> o_proj     (as is)
+    mlp.linear_fc2                                  -> down_proj  (as is)
+
+A fused adapter with A shared by q/k/v is exactly three adapters with equal A's, each of rank
+r and the fused module's alpha, so the scaling is unchanged. modules_to_save tensors are
+split by rows the same way. The config's ``target_modules`` becomes the sorted list of full HF
+module names that have adapters (PEFT matches list entries exactly); ``rank_pattern`` /
+``alpha_pattern`` (regexes over megatron names, which do not translate in general) become
+explicit full-HF-name entries wherever a module's effective rank / alpha differs from ``r`` /
+``lora_alpha``; ``layers_to_transform`` / ``layers_pattern`` / ``exclude_modules`` /
+``megatron_config`` become None; ``init_lora_weights`` True; ``inference_mode`` True;
+``base_model_name_or_path`` the ``hf_model_dir`` when given.
+
+Streaming: the output header is computed from the manifest; then each checkpoint tensor is
+assembled once from its pieces (plain file reads), and the one or more output tensors cut
+from it (row ranges, no copies) are appended. Peak memory is about one assembled tensor plus
+one piece, independent of the adapter's size.
+
+Checks (all before anything is written): the manifest is complete (a missing shard names its
+PP stage, TP rank and tensors), checksums match (the error names the file), every tensor's
+pieces cover it exactly, shard headers are valid, the HF config agrees with the checkpoint
+(hidden size, layers, attention heads, intermediate size: the error says which), and every
+output key names a module of the HF model (built on the meta device) with the right shape:
+PEFT silently ignores keys that name nothing. The output directory is built under a
+temporary name next to ``out_dir`` and renamed into place at the end, so on any error
+``out_dir`` is left as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import torch
+
+from ..config import ConfigError, LoraConfig, match_pattern_key
+from .peft_format import PREFIX, WEIGHTS_NAME
+from .safetensors_stream import DTYPES, SafetensorsFormatError, ShardReader, StreamWriter, row_runs
+from .sharded import FORMAT, MANIFEST, _sha256
+
+FORMATS = ("peft", "megatron")
+LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias")
+_SHARD_NAME = re.compile(r"shard-pp(\d+)-tp(\d+)\.safetensors")
+_LAYER = re.compile(r"(?:.*\.)?decoder\.layers\.(\d+)\.(.+)")
+# Init methods that change the base weights: the adapter is only valid with those weights.
+_BASE_CHANGING_INIT = ("olora", "pissa", "corda", "loftq")
+
+
+class ConsolidationError(ConfigError):
+    """The checkpoint, the HF model directory or the output directory is not usable; the
+    message says what is wrong and where."""
+
+
+@dataclasses.dataclass
+class _Piece:
+    file: str
+    file_key: str
+    offsets: list[int]
+    shape: list[int]
+
+
+@dataclasses.dataclass
+class _Source:
+    """One global (TP=1 layout) tensor of the checkpoint and the pieces it is stored in."""
+
+    key: str
+    global_shape: tuple[int, ...]
+    dtype: torch.dtype
+    pieces: list[_Piece]
+
+    @property
+    def module(self) -> str:
+        return _split_key(self.key)[0]
+
+    @property
+    def suffix(self) -> str:
+        return _split_key(self.key)[1]
+
+
+@dataclasses.dataclass
+class _Output:
+    name: str
+    shape: tuple[int, ...]
+    runs: Optional[list[tuple[int, int]]]  # rows of the source, None: the whole tensor
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """(module, tensor suffix): ``a.b.lora_A.weight`` -> (``a.b``, ``lora_A.weight``)."""
+    for suffix in LORA_SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    module, _, param = key.rpartition(".")
+    return module, param
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def consolidate(
+    checkpoint_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    hf_model_dir: Optional[str | os.PathLike] = None,
+    format: str = "peft",
+    overwrite: bool = False,
+    show_progress: bool = True,
+    verify: bool = True,
+) -> str:
+    """Write the sharded adapter checkpoint in ``checkpoint_dir`` as one adapter into
+    ``out_dir``; return ``out_dir``.
+
+    ``hf_model_dir`` (an HF model directory with ``config.json``) gives the attention geometry
+    needed to split a fused QKV adapter (required for ``format="peft"`` when there is one), is
+    checked against the checkpoint and becomes ``base_model_name_or_path``. A non-empty
+    ``out_dir`` is refused unless ``overwrite``. ``verify`` checks the shards' sha256 sums.
+    Raises :class:`ConsolidationError` (a ``ConfigError``/``ValueError``) naming the problem.
+    """
+    checkpoint_dir, out_dir = os.fspath(checkpoint_dir), os.fspath(out_dir)
+    hf_model_dir = None if hf_model_dir is None else os.fspath(hf_model_dir)
+    if format not in FORMATS:
+        raise ConsolidationError(f"format must be one of {FORMATS}, got {format!r}.")
+    _check_out_dir(out_dir, overwrite, checkpoint_dir)
+    manifest = _load_manifest(checkpoint_dir, verify)
+    config = LoraConfig.from_pretrained(checkpoint_dir)
+    headers = _read_headers(checkpoint_dir, manifest)
+    sources = _sources(checkpoint_dir, manifest, headers)
+    if config.use_dora or any(".lora_magnitude_vector" in key for key in sources):
+        raise ConsolidationError("consolidating DoRA adapters is not supported yet.")
+    if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(_BASE_CHANGING_INIT):
+        raise ConsolidationError(
+            f"init_lora_weights={config.init_lora_weights!r} changes the base weights during training; "
+            "such an adapter cannot be released as a plain LoRA file for the original model."
+        )
+
+    _check_factors(sources, config)
+    megatron_names = _uses_megatron_names(sources, format)
+    arch = None
+    if hf_model_dir is not None and megatron_names:
+        arch = _hf_arch(hf_model_dir)
+        _check_geometry(sources, arch, config, hf_model_dir)
+    if format == "megatron" or not megatron_names:
+        groups = [(src, [_Output(PREFIX + src.key, src.global_shape, None)]) for src in sources.values()]
+        out_config = _identity_config(config, sources, hf_model_dir, rename=format == "peft")
+    else:
+        if arch is None and any(src.module.endswith("linear_qkv") for src in sources.values()):
+            raise ConsolidationError(
+                "the checkpoint has fused linear_qkv adapters; splitting them into q_proj/k_proj/v_proj needs "
+                "the model's attention heads, key-value heads and head_dim: pass the HF model directory "
+                "(--hf-model / hf_model_dir) or use --format megatron."
+            )
+        groups = _megatron_to_hf(sources, arch)
+        out_config = _hf_config(config, sources, groups, hf_model_dir)
+    names = [out.name for _, outs in groups for out in outs]
+    if len(set(names)) != len(names):
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        raise ConsolidationError(f"several checkpoint tensors map to the same output tensor: {duplicated[:5]}.")
+    if format == "peft" and hf_model_dir is not None:
+        _check_against_hf_model(groups, hf_model_dir)
+
+    groups.sort(key=lambda group: -group[0].dtype.itemsize)  # keeps every tensor's data aligned
+    with _staging(out_dir, overwrite) as staging:
+        _write(os.path.join(staging, WEIGHTS_NAME), groups, checkpoint_dir, show_progress)
+        out_config.save_pretrained(staging)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Input: manifest, shard headers, pieces
+
+
+def _load_manifest(directory: str, verify: bool) -> dict:
+    """The manifest, with every adapter shard present and (``verify``) its sha256 checked.
+    Only the adapter shards matter here: optimizer state files are neither read nor needed."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        raise ConsolidationError(
+            f"{directory} has no {MANIFEST}: the checkpoint is incomplete (still being written, or its save "
+            "failed) or is not a dist_lora sharded checkpoint."
+        )
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConsolidationError(f"{path} is not valid JSON ({e}): the checkpoint is corrupt.") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or manifest.get("format") != FORMAT:
+        raise ConsolidationError(f"{path} is not a {FORMAT!r} manifest.")
+    for name, info in manifest["files"].items():
+        if not os.path.isfile(os.path.join(directory, name)):
+            m = _SHARD_NAME.fullmatch(name)
+            rank = f" (PP stage {int(m[1])}, TP rank {int(m[2])})" if m else ""
+            keys = sorted({entry["key"] for entry in info.get("tensors", {}).values()})
+            raise ConsolidationError(
+                f"checkpoint {directory} is incomplete: shard {name}{rank} is missing; it holds "
+                f"{len(keys)} tensors, e.g. {', '.join(keys[:3])}."
+            )
+    if verify:
+        for name, info in manifest["files"].items():
+            file_path = os.path.join(directory, name)
+            if _sha256(file_path) != info.get("sha256"):
+                raise ConsolidationError(
+                    f"checksum mismatch for {file_path}: the file is corrupt or was changed after saving."
+                )
+    return manifest
+
+
+def _read_headers(directory: str, manifest: dict) -> dict[str, dict]:
+    headers = {}
+    for name in manifest["files"]:
+        try:
+            with ShardReader(os.path.join(directory, name)) as reader:
+                headers[name] = reader.tensors
+        except SafetensorsFormatError as e:
+            raise ConsolidationError(str(e)) from None
+    return headers
+
+
+def _sources(directory: str, manifest: dict, headers: dict[str, dict]) -> dict[str, _Source]:
+    """Global tensors by key, each checked to be covered exactly once by its pieces."""
+    sources: dict[str, _Source] = {}
+    for name, info in sorted(manifest["files"].items()):
+        for file_key, entry in sorted(info["tensors"].items()):
+            where = f"{name}:{file_key}"
+            try:
+                key, global_shape = entry["key"], tuple(entry["global_shape"])
+                dtype = getattr(torch, entry["dtype"])
+                if not isinstance(dtype, torch.dtype):
+                    raise TypeError(f"dtype {entry['dtype']!r}")
+                piece = _Piece(name, file_key, list(entry["offsets"]), list(entry["shape"]))
+            except (KeyError, TypeError, AttributeError) as e:
+                raise ConsolidationError(f"{directory}/{MANIFEST}: bad entry for {where} ({e!r}).") from None
+            stored = headers[name].get(file_key)
+            if stored is None:
+                raise ConsolidationError(f"{where}: listed in the manifest but not in the file (corrupt shard?).")
+            if stored["dtype"] != dtype or stored["shape"] != piece.shape:
+                raise ConsolidationError(
+                    f"{where}: the manifest says {entry['dtype']} {piece.shape}, the file holds "
+                    f"{stored['dtype']} {stored['shape']}."
+                )
+            source = sources.setdefault(key, _Source(key, global_shape, dtype, []))
+            if (source.global_shape, source.dtype) != (global_shape, dtype):
+                raise ConsolidationError(f"{key}: its pieces disagree on the global shape or dtype.")
+            if len(piece.offsets) != len(global_shape) or any(
+                o < 0 or o + s > g for o, s, g in zip(piece.offsets, piece.shape, global_shape)
+            ):
+                raise ConsolidationError(
+                    f"{where}: piece {piece.offsets}+{piece.shape} lies outside {list(global_shape)}."
+                )
+            source.pieces.append(piece)
+    if not sources:
+        raise ConsolidationError(f"checkpoint {directory} holds no tensors.")
+    layout = manifest.get("layout", {})
+    for source in sources.values():
+        _check_coverage(source, layout.get("tp", 1))
+    return sources
+
+
+def _check_factors(sources: dict[str, _Source], config: LoraConfig) -> None:
+    """Every adapted module has both factors (and a B bias exactly when lora_bias is set)."""
+    present: dict[str, set[str]] = {}
+    for source in sources.values():
+        if source.suffix in LORA_SUFFIXES:
+            present.setdefault(source.module, set()).add(source.suffix)
+    want = {"lora_A.weight", "lora_B.weight"} | ({"lora_B.bias"} if config.lora_bias else set())
+    for module, suffixes in sorted(present.items()):
+        if suffixes != want:
+            missing, extra = sorted(want - suffixes), sorted(suffixes - want)
+            raise ConsolidationError(
+                f"module {module} has an incomplete adapter: "
+                + (f"missing {missing}" if missing else f"unexpected {extra} (lora_bias={config.lora_bias})")
+                + "."
+            )
+
+
+def _check_coverage(source: _Source, tp_size: int) -> None:
+    boxes = [(p.offsets, p.shape) for p in source.pieces]
+    for i, (o1, s1) in enumerate(boxes):
+        for o2, s2 in boxes[i + 1 :]:
+            if all(a < b + m and b < a + n for a, n, b, m in zip(o1, s1, o2, s2)):
+                raise ConsolidationError(f"{source.key}: two pieces of it overlap (a corrupt manifest).")
+    covered = sum(torch.Size(s).numel() for _, s in boxes)
+    total = torch.Size(source.global_shape).numel()
+    if covered == total:
+        return
+    ranks = {(int(m[1]), int(m[2])) for p in source.pieces if (m := _SHARD_NAME.fullmatch(p.file))}
+    stages = {pp for pp, _ in ranks}
+    missing = [
+        f"shard-pp{pp:03d}-tp{tp:03d}.safetensors (PP stage {pp}, TP rank {tp})"
+        for pp in sorted(stages)
+        for tp in range(tp_size)
+        if (pp, tp) not in ranks
+    ]
+    raise ConsolidationError(
+        f"tensor {source.key} is incomplete: its pieces cover {covered} of {total} values"
+        + (f"; no piece from {', '.join(missing)}" if missing else "")
+        + " (a rank's shard is missing from the checkpoint)."
+    )
+
+
+class _Readers:
+    """Open shard files on demand (a bounded number at a time)."""
+
+    LIMIT = 64
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._open: dict[str, ShardReader] = {}
+
+    def __getitem__(self, name: str) -> ShardReader:
+        reader = self._open.pop(name, None)
+        if reader is None:
+            if len(self._open) >= self.LIMIT:
+                oldest = next(iter(self._open))
+                self._open.pop(oldest).close()
+            try:
+                reader = ShardReader(os.path.join(self.directory, name))
+            except SafetensorsFormatError as e:
+                raise ConsolidationError(str(e)) from None
+        self._open[name] = reader  # most recently used last
+        return reader
+
+    def close(self) -> None:
+        for reader in self._open.values():
+            reader.close()
+        self._open.clear()
+
+
+class _Scratch:
+    """One reusable byte buffer handed out as tensors of any dtype and shape: every tensor is
+    assembled in the same memory (fresh allocations would page-fault on every tensor)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if nbytes > self._buffer.numel():
+            self._buffer = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buffer[:nbytes].view(dtype).view(shape)
+
+
+def _assemble(source: _Source, readers: _Readers, out: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
+    """Fill ``out`` with the global tensor from its pieces; pieces that are whole rows are read
+    straight into place, others through ``scratch``."""
+    for piece in source.pieces:
+        try:
+            if list(piece.shape[1:]) == list(source.global_shape[1:]):
+                start = piece.offsets[0] if piece.offsets else 0
+                target = out[start : start + piece.shape[0]] if out.dim() else out
+                readers[piece.file].read_into(piece.file_key, target)
+            else:
+                index = tuple(slice(o, o + s) for o, s in zip(piece.offsets, piece.shape))
+                buffer = scratch.tensor(tuple(piece.shape), source.dtype)
+                out[index] = readers[piece.file].read_into(piece.file_key, buffer)
+        except SafetensorsFormatError as e:
+            raise ConsolidationError(str(e)) from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Names, geometry and mapping
+
+
+def _is_megatron_name(module: str) -> bool:
+    """Global megatron GPTModel names start at the GPTModel (``decoder.layers.N.``, ``embedding.``,
+    ``output_layer``); HF names start with ``model.`` / ``lm_head`` / ``transformer.`` ..."""
+    return module.startswith(("decoder.layers.", "embedding.")) or module in ("output_layer", "decoder.final_layernorm")
+
+
+def _uses_megatron_names(sources: dict[str, _Source], format: str) -> bool:
+    from ..bridges import hf_module_names
+
+    megatron = [s.module for s in sources.values() if _is_megatron_name(s.module)]
+    if not megatron:
+        return False
+    unmapped = []
+    for module in sorted({s.module for s in sources.values()}):
+        try:
+            hf_module_names(module)
+        except KeyError:
+            unmapped.append(module)
+    if unmapped and format == "peft":
+        raise ConsolidationError(
+            f"modules {unmapped[:3]}{' ...' if len(unmapped) > 3 else ''} have no Hugging Face counterpart in the "
+            "Llama-family bridge (attention: linear_qkv/linear_proj, MLP: linear_fc1/linear_fc2, embedding, "
+            "norms, output_layer); use --format megatron to keep the megatron names."
+        )
+    return True
+
+
+def _hf_arch(hf_model_dir: str):
+    from ..bridges import parse_hf_config, read_hf_config
+
+    try:
+        return parse_hf_config(read_hf_config(hf_model_dir))
+    except FileNotFoundError as e:
+        raise ConsolidationError(f"--hf-model: {e}") from None
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ConsolidationError(f"--hf-model: {hf_model_dir}/config.json is not a usable config ({e!r}).") from None
+
+
+def _layer_of(module: str) -> Optional[int]:
+    m = _LAYER.fullmatch(module)
+    return int(m[1]) if m else None
+
+
+def _layer_sub(module: str) -> Optional[str]:
+    """The submodule of a decoder layer: ``decoder.layers.3.mlp.linear_fc1`` -> ``mlp.linear_fc1``."""
+    m = _LAYER.fullmatch(module)
+    return m[2] if m else None
+
+
+def _check_geometry(sources: dict[str, _Source], arch: Any, config: LoraConfig, hf_model_dir: str) -> None:
+    """Compare the HF config with the shapes in the checkpoint; the error says which field."""
+    from ..targeting import MEGATRON_GPT_DEFAULT_TARGETS, _name_matches, layer_index
+
+    problems: dict[str, str] = {}
+    layers = sorted({layer for s in sources.values() if (layer := _layer_of(s.module)) is not None})
+    if layers and layers[-1] >= arch.num_layers:
+        problems["num_hidden_layers"] = (
+            f"the HF model has {arch.num_layers} layers, the checkpoint has adapters on layer {layers[-1]}"
+        )
+    elif layers:  # would the adapter config have targeted the HF model's later layers too?
+        spec = config.target_modules if config.target_modules is not None else MEGATRON_GPT_DEFAULT_TARGETS
+        subs = sorted({sub for s in sources.values() if (sub := _layer_sub(s.module)) is not None})
+        wanted = [
+            layer
+            for layer in range(layers[-1] + 1, arch.num_layers)
+            for sub in subs
+            if _targets(config, spec, f"decoder.layers.{layer}.{sub}", _name_matches, layer_index)
+        ]
+        if wanted:
+            problems["num_hidden_layers"] = (
+                f"the HF model has {arch.num_layers} layers, the checkpoint's adapters stop at layer {layers[-1]} "
+                f"although its config targets layer {wanted[0]} too"
+            )
+    hidden, heads = arch.hidden_size, arch.num_attention_heads
+    qkv_rows = (heads + 2 * arch.num_query_groups) * arch.head_dim
+    expect = {  # megatron submodule -> (in_features, out_features) with the fields they come from
+        "self_attention.linear_qkv": ((hidden, "hidden_size"), (qkv_rows, "attention heads")),
+        "self_attention.linear_proj": ((heads * arch.head_dim, "attention heads"), (hidden, "hidden_size")),
+        "mlp.linear_fc1": ((hidden, "hidden_size"), (2 * arch.ffn_hidden_size, "intermediate_size")),
+        "mlp.linear_fc2": ((arch.ffn_hidden_size, "intermediate_size"), (hidden, "hidden_size")),
+    }
+    field_text = {
+        "hidden_size": f"hidden_size={hidden}",
+        "attention heads": (
+            f"num_attention_heads={heads}, num_key_value_heads={arch.num_query_groups}, head_dim={arch.head_dim} "
+            f"(q/k/v rows {qkv_rows}, o_proj in_features {heads * arch.head_dim})"
+        ),
+        "intermediate_size": f"intermediate_size={arch.ffn_hidden_size}",
+    }
+    for source in sources.values():
+        sub = _layer_sub(source.module)
+        if sub not in expect or source.suffix not in LORA_SUFFIXES:
+            continue
+        (n_in, in_field), (n_out, out_field) = expect[sub]
+        if source.suffix == "lora_A.weight":
+            got, want, field = source.global_shape[1], n_in, in_field
+        else:
+            got, want, field = source.global_shape[0], n_out, out_field
+        if got != want and field not in problems:
+            what = "in_features" if source.suffix == "lora_A.weight" else "out_features"
+            problems[field] = f"HF {field_text[field]}, but {source.key} has {what} {got} (expected {want})"
+    if problems:
+        raise ConsolidationError(
+            f"the HF model at {hf_model_dir} does not match the checkpoint: "
+            + "; ".join(f"{field}: {text}" for field, text in problems.items())
+            + "."
+        )
+
+
+def _targets(config: LoraConfig, spec: Any, name: str, name_matches: Any, layer_index: Any) -> bool:
+    if config.exclude_modules and name_matches(config.exclude_modules, name):
+        return False
+    if not name_matches(spec, name):
+        return False
+    layers = config.layers_to_transform
+    layers = [layers] if isinstance(layers, int) else (layers or None)
+    return layers is None or layer_index(name, config.layers_pattern) in layers
+
+
+def _megatron_to_hf(sources: dict[str, _Source], arch: Any) -> list[tuple[_Source, list[_Output]]]:
+    from ..bridges import hf_module_names, split_gate_up, split_qkv_rows
+
+    groups = []
+    for source in sources.values():
+        hf_names = hf_module_names(source.module)
+        if len(hf_names) == 1 or source.suffix == "lora_A.weight":  # as is, or A copied per module
+            outputs = [_Output(f"{PREFIX}{hf}.{source.suffix}", source.global_shape, None) for hf in hf_names]
+        else:  # split output rows with the bridge's own layout functions, applied to row indices
+            rows = torch.arange(source.global_shape[0])
+            if source.module.endswith("linear_qkv"):
+                parts = split_qkv_rows(rows, arch.num_attention_heads, arch.num_query_groups, arch.head_dim)
+            else:
+                parts = split_gate_up(rows)
+            outputs = [
+                _Output(f"{PREFIX}{hf}.{source.suffix}", (len(part), *source.global_shape[1:]), row_runs(part))
+                for hf, part in zip(hf_names, parts)
+            ]
+        groups.append((source, outputs))
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# adapter_config.json
+
+
+def _released(config: LoraConfig, hf_model_dir: Optional[str], **changes: Any) -> LoraConfig:
+    data = config.to_dict()
+    data.update(init_lora_weights=True, inference_mode=True, megatron_config=None, **changes)
+    if hf_model_dir is not None:
+        data["base_model_name_or_path"] = hf_model_dir
+    return LoraConfig.from_dict(data)
+
+
+def _check_ranks(config: LoraConfig, sources: dict[str, _Source]) -> dict[str, int]:
+    """module -> rank (rows of its A), checked against the config's rank_for(module)."""
+    ranks = {}
+    for source in sources.values():
+        if source.suffix == "lora_A.weight":
+            rank, expected = source.global_shape[0], config.rank_for(source.module)
+            if rank != expected:
+                raise ConsolidationError(
+                    f"{source.key} has rank {rank}, but the checkpoint's adapter_config.json gives {source.module} "
+                    f"rank {expected} (r={config.r}, rank_pattern={config.rank_pattern}); the alpha of this "
+                    "module cannot be trusted either."
+                )
+            ranks[source.module] = rank
+    return ranks
+
+
+def _identity_config(
+    config: LoraConfig, sources: dict[str, _Source], hf_model_dir: Optional[str], rename: bool
+) -> LoraConfig:
+    _check_ranks(config, sources)
+    return _released(config, hf_model_dir if rename else None)
+
+
+def _hf_config(
+    config: LoraConfig, sources: dict[str, _Source], groups: list, hf_model_dir: Optional[str]
+) -> LoraConfig:
+    from ..bridges import hf_module_names
+
+    ranks = _check_ranks(config, sources)
+    rank_of, alpha_of, saved = {}, {}, set()
+    for module, rank in ranks.items():
+        for hf in hf_module_names(module):
+            rank_of[hf], alpha_of[hf] = rank, config.alpha_for(module)
+    for source in sources.values():
+        if source.suffix not in LORA_SUFFIXES:
+            saved.update(hf_module_names(source.module))
+    lora_modules = sorted(rank_of)
+    changes = dict(
+        target_modules=lora_modules,
+        exclude_modules=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+        modules_to_save=sorted(saved) or None,
+        rank_pattern=_explicit_pattern(rank_of, config.r),
+        alpha_pattern=_explicit_pattern(alpha_of, config.lora_alpha),
+    )
+    return _released(config, hf_model_dir, **changes)
+
+
+def _explicit_pattern(values: dict[str, Any], default: Any) -> dict[str, Any]:
+    """Full-module-name pattern entries for the modules whose value is not ``default``,
+    checked with PEFT's matching rule (the first key with ``(.*\\.)?(key)$`` wins)."""
+
+    def lookup(pattern: dict, name: str) -> Any:
+        key = match_pattern_key(pattern, name)
+        return default if key is None else pattern[key]
+
+    for quote in (lambda name: name, re.escape):
+        pattern = {quote(name): value for name, value in values.items() if value != default}
+        if all(lookup(pattern, name) == value for name, value in values.items()):
+            return pattern
+    raise ConsolidationError(f"cannot express the per-module values {values} as a PEFT pattern.")  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------------
+# Check against the HF model
+
+
+def _check_against_hf_model(groups: list, hf_model_dir: str) -> None:
+    """Every output key must name a module (and parameter) of the HF model, with its shape."""
+    modules = _hf_modules(hf_model_dir)
+    for _, outputs in groups:
+        for out in outputs:
+            name = out.name.removeprefix(PREFIX)
+            module, suffix = _split_key(name)
+            if module not in modules:
+                raise ConsolidationError(
+                    f"{out.name} names no module of the HF model at {hf_model_dir} ({module!r}); PEFT would "
+                    "silently ignore it. Is this the model the adapter was trained on?"
+                )
+            features, params = modules[module]
+            if suffix in LORA_SUFFIXES:
+                if features is None:
+                    raise ConsolidationError(f"{out.name}: HF module {module} is not a linear layer.")
+                n_in, n_out = features
+                want = {
+                    "lora_A.weight": (out.shape[0], n_in),
+                    "lora_B.weight": (n_out, out.shape[-1]),
+                    "lora_B.bias": (n_out,),
+                }[suffix]
+            elif suffix in params:
+                want = params[suffix]
+            else:
+                raise ConsolidationError(f"{out.name}: HF module {module} has no parameter {suffix!r}.")
+            if tuple(out.shape) != tuple(want):
+                raise ConsolidationError(
+                    f"{out.name} has shape {list(out.shape)}, but HF module {module} needs {list(want)}."
+                )
+
+
+def _hf_modules(hf_model_dir: str) -> dict[str, tuple[Optional[tuple[int, int]], dict[str, tuple]]]:
+    """module name -> ((in, out) for linear layers, {param: shape}) of the HF model, built on
+    the meta device from its config.json (no weights are read)."""
+    import transformers
+
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(hf_model_dir, local_files_only=True)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConsolidationError(f"cannot build the HF model from {hf_model_dir}/config.json: {e}") from None
+    out = {}
+    for name, module in model.named_modules():
+        params = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False)}
+        if isinstance(module, torch.nn.Linear):
+            features = (module.in_features, module.out_features)
+        elif type(module).__name__ == "Conv1D" and "weight" in params:  # GPT-2: weight is [in, out]
+            features = params["weight"]
+        else:
+            features = None
+        out[name] = (features, params)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _check_out_dir(out_dir: str, overwrite: bool, checkpoint_dir: str) -> None:
+    real_out, real_ckpt = os.path.realpath(out_dir), os.path.realpath(checkpoint_dir)
+    if real_out == real_ckpt or real_ckpt.startswith(real_out + os.sep) or real_out.startswith(real_ckpt + os.sep):
+        raise ConsolidationError(
+            f"the output directory {out_dir} must not be, contain or lie inside the checkpoint {checkpoint_dir}."
+        )
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConsolidationError(f"{out_dir} exists and is not a directory.")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ConsolidationError(f"{out_dir} is not empty; pass --overwrite (overwrite=True) to replace its contents.")
+
+
+class _staging:
+    """A temporary directory next to ``out_dir``, renamed to ``out_dir`` on success and
+    removed on failure (``out_dir`` untouched)."""
+
+    def __init__(self, out_dir: str, overwrite: bool) -> None:
+        self.out_dir, self.overwrite = os.path.abspath(out_dir), overwrite
+
+    def __enter__(self) -> str:
+        parent = os.path.dirname(self.out_dir)
+        os.makedirs(parent, exist_ok=True)
+        self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out_dir)}.partial-", dir=parent)
+        return self.path
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.path, 0o777 & ~umask)  # mkdtemp makes 0700
+            _fsync_dir(self.path)  # its entries are durable before it gets the final name
+            old = None
+            if os.path.isdir(self.out_dir):
+                if os.listdir(self.out_dir) and not self.overwrite:  # appeared while we worked
+                    raise ConsolidationError(f"{self.out_dir} became non-empty; not replacing it without --overwrite.")
+                name, parent = os.path.basename(self.out_dir), os.path.dirname(self.out_dir)
+                old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+                os.rename(self.out_dir, os.path.join(old, "previous"))
+            os.rename(self.path, self.out_dir)
+            _fsync_dir(os.path.dirname(self.out_dir))
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(path: str, groups: list, checkpoint_dir: str, show_progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    specs = [(out.name, src.dtype, out.shape) for src, outs in groups for out in outs]
+    readers = _Readers(checkpoint_dir)
+    largest = max(torch.Size(src.global_shape).numel() * src.dtype.itemsize for src, _ in groups)
+    tensors, pieces = _Scratch(largest), _Scratch(0)
+    bar = tqdm(total=len(specs), unit="tensor", desc="consolidating", disable=not show_progress)
+    try:
+        with StreamWriter(path, specs, metadata={"format": "pt"}) as writer:
+            for source, outputs in groups:
+                tensor = _assemble(source, readers, tensors.tensor(source.global_shape, source.dtype), pieces)
+                for out in outputs:
+                    chunks = [tensor] if out.runs is None else [tensor[a:b] for a, b in out.runs]
+                    writer.write(out.name, *chunks)
+                    bar.update(1)
+                del tensor
+    finally:
+        bar.close()
+        readers.close()
+    _verify_written(path, specs)
+
+
+def _verify_written(path: str, specs: list) -> None:
+    """Re-read the written header with the safetensors library itself."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        if f.metadata() != {"format": "pt"} or set(f.keys()) != {name for name, _, _ in specs}:
+            raise ConsolidationError(f"{path}: the written file does not read back as written.")  # pragma: no cover
+        for name, dtype, shape in specs:
+            part = f.get_slice(name)
+            if tuple(part.get_shape()) != tuple(shape) or DTYPES[part.get_dtype()] != dtype:
+                raise ConsolidationError(  # pragma: no cover
+                    f"{path}: {name} reads back as {part.get_dtype()} {part.get_shape()}."
+                )

@@ -1,0 +1,64 @@
+"""The built-in default model: a tiny Llama-family model with random weights, created from a
+config (no downloads) and saved as a Hugging Face checkpoint in a cache directory."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+
+TINY_LLAMA = dict(
+    vocab_size=256,  # the built-in byte tokenizer's vocabulary
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+NAME = "tiny-llama-v1"
+
+
+def cache_root() -> str:
+    return os.environ.get("DIST_LORA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dist_lora"))
+
+
+def builtin_model_dir(root: str | None = None) -> str:
+    """The tiny model's checkpoint directory, created on first use. Safe when several
+    processes (the ranks of one node) ask at once: one creates it under a lock, the others
+    wait and reuse it."""
+    path = os.path.join(root or cache_root(), NAME)
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(os.path.join(path, "model.safetensors")):
+            _create(path)
+    return path
+
+
+def _create(path: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    staging = tempfile.mkdtemp(prefix=f".{NAME}.", dir=os.path.dirname(path))
+    try:
+        generator_state = torch.get_rng_state()
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+        torch.set_rng_state(generator_state)  # creating the model must not disturb the caller's RNG
+        # Written by hand: transformers' save_pretrained writes nothing on a process whose
+        # torch.distributed rank is not 0, and any rank may be the one creating the model.
+        model.config.architectures = [type(model).__name__]
+        model.config.to_json_file(os.path.join(staging, "config.json"))
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
+        shutil.rmtree(path, ignore_errors=True)  # a partial directory from an interrupted attempt
+        os.rename(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,236 @@
+"""The training job: ``dist-lora train --config FILE.yaml [--resume [CKPT]] [key=value ...]``,
+run under torchrun (one process per rank).
+
+Every check that can fail (config keys, layout against the model, data) runs on every rank
+before any process-group work, so bad input gives the same clear error everywhere instead of
+a hang. Rank 0 prints the summary, the progress bar and the evaluation lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+from .data import PackedDataset, builtin_corpus_path, load_tokenizer, read_documents
+from .train_config import TrainConfig
+
+PROBE_BATCH = 2  # sequences of the held-out probe whose logits are saved for verification
+
+
+def _log(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to optim.lr, then constant, linear or cosine decay to lr·min_lr_ratio."""
+    o, total = config.optim, config.train.steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant" or total <= o.warmup_steps:
+        return o.lr
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    decay = 1 - progress if o.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * decay)
+
+
+def model_identity(arch) -> dict:
+    """The facts a resumed checkpoint must share with the model."""
+    keys = ("model_type", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+            "num_query_groups", "vocab_size")
+    return {k: getattr(arch, k) for k in keys}
+
+
+def prepare(config: TrainConfig, world_size: int):
+    """Everything that can be checked before process groups exist: (hf_dir, arch, dataset)."""
+    from .bridges import check_parallel_layout, parse_hf_config, read_hf_config
+    from .tiny_model import builtin_model_dir
+
+    tp, pp = config.parallel.tp, config.parallel.pp
+    if world_size % (tp * pp):
+        raise ConfigError(f"parallel.tp ({tp}) x parallel.pp ({pp}) does not divide the world size ({world_size}).")
+    if pp > 1:
+        raise ConfigError(
+            "parallel.pp > 1 is not supported by the trainer yet (the bridge builds and loads pipeline "
+            "stages, but the training loop runs no pipeline schedule); use parallel.pp=1."
+        )
+    hf_dir = config.model.hf_dir or builtin_model_dir()
+    arch = parse_hf_config(read_hf_config(hf_dir))
+    check_parallel_layout(arch, tp, pp)
+    tokenizer = load_tokenizer(config.model.hf_dir)
+    if tokenizer.vocab_size > arch.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {arch.vocab_size}.")
+    docs = read_documents(config.data.path or builtin_corpus_path(), config.data.text_field)
+    dataset = PackedDataset(docs, tokenizer, config.data.seq_len, config.data.eval_fraction)
+    return hf_dir, arch, dataset
+
+
+def _lm_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return model(tokens, position_ids=None, attention_mask=None, labels=labels).mean()
+
+
+def _evaluate(model, dataset: PackedDataset, config: TrainConfig, dp: int, dp_rank: int) -> float:
+    if len(dataset.eval) == 0:
+        return float("nan")
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for i in range(config.train.eval_batches):
+            tokens, labels = dataset.batch("eval", i * dp + dp_rank, config.train.micro_batch_size)
+            losses.append(_lm_loss(model, tokens, labels))
+    model.train()
+    loss = torch.stack(losses).mean()
+    if dist.is_initialized():
+        from megatron.core import parallel_state
+
+        dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+        loss /= dp
+    return loss.item()
+
+
+def _global_numel(model, trainable: bool) -> int:
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    return sum(
+        p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+        for p in model.parameters()
+        if p.requires_grad == trainable
+    )
+
+
+def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
+    """Run the job in this process (one rank of a torchrun launch); returns a summary."""
+    from megatron.core import parallel_state
+
+    from .bridges import build_megatron_gpt
+    from .checkpoint.training import latest_checkpoint, load_checkpoint, save_checkpoint
+    from .model import get_lora_model
+    from .parallel.grads import allreduce_data_parallel_grads, clip_grad_norm_, finalize_lora_grads
+    from .parallel.setup import init_distributed, is_rank0
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    hf_dir, arch, dataset = prepare(config, world)
+    p, t = config.parallel, config.train
+    ckpt_root, identity = os.path.join(t.out_dir, "checkpoints"), model_identity(arch)
+    resume_path = None
+    if resume is not None:
+        resume_path = resume or latest_checkpoint(ckpt_root)
+        if resume_path is None:
+            raise ConfigError(f"--resume: no checkpoint in {ckpt_root}.")
+        _check_resume_identity(resume_path, identity)
+    init_distributed(tp=p.tp, pp=p.pp, seed=t.seed)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    model = get_lora_model(build_megatron_gpt(hf_dir, tp=p.tp, pp=p.pp, sequence_parallel=p.sp), config.lora_config(), seed=t.seed)
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=tuple(config.optim.betas), weight_decay=config.optim.weight_decay)
+    start = 0
+    if resume_path is not None:
+        start = load_checkpoint(resume_path, model, optimizer)["step"]
+        _log(f"resumed from {resume_path} at step {start}")
+    trainable, frozen = _global_numel(model, True), _global_numel(model, False)
+    tokens_per_step = t.micro_batch_size * config.data.seq_len * t.grad_accum * dp
+    _log(
+        f"dist_lora: {arch.model_type} {arch.num_layers} layers, hidden {arch.hidden_size} | layout TP={p.tp} "
+        f"PP={p.pp} DP={dp} SP={p.sp} | trainable {trainable:,} of {trainable + frozen:,} parameters "
+        f"({100 * trainable / (trainable + frozen):.3f}%), adapter {trainable * 4 / 2**20:.2f} MB (fp32) | "
+        f"{len(dataset.train)} training sequences of {config.data.seq_len} tokens"
+    )
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=not is_rank0(), desc="training")
+    losses, last_eval, started = {}, None, time.perf_counter()
+    for step in bar:
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros(())
+        for micro in range(t.grad_accum):
+            index = (step * t.grad_accum + micro) * dp + dp_rank
+            loss = _lm_loss(model, *dataset.batch("train", index, t.micro_batch_size)) / t.grad_accum
+            loss.backward()
+            total += loss.detach()
+        finalize_lora_grads(model)
+        allreduce_data_parallel_grads(model)
+        clip_grad_norm_(model, config.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        losses[step] = total.item() / dp
+        elapsed = time.perf_counter() - started
+        bar.set_postfix(loss=f"{losses[step]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step * (step + 1 - start) / elapsed:.0f}")
+        done = step + 1
+        if t.eval_interval and done % t.eval_interval == 0:
+            last_eval = _evaluate(model, dataset, config, dp, dp_rank)
+            _log(f"step {done}: train loss {losses[step]:.4f}, eval loss {last_eval:.4f}")
+        if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == t.steps:
+            save_checkpoint(ckpt_root, done, model, optimizer, {"model": identity, "config": config.to_dict()}, t.keep_last)
+    bar.close()
+    elapsed = time.perf_counter() - started
+    summary = {
+        "losses": losses,
+        "eval_loss": last_eval,
+        "checkpoint": latest_checkpoint(ckpt_root),
+        "tokens_per_s": tokens_per_step * max(1, t.steps - start) / max(elapsed, 1e-9),
+        "hf_dir": hf_dir,
+    }
+    summary["probe"] = _save_probe_logits(model, dataset, config, t.out_dir)
+    if t.consolidate and summary["checkpoint"]:
+        summary["adapter"] = _consolidate(summary["checkpoint"], os.path.join(t.out_dir, "adapter"), hf_dir)
+    from .parallel.setup import shutdown_distributed
+
+    shutdown_distributed()
+    return summary
+
+
+def _check_resume_identity(path: str, identity: dict) -> None:
+    from .checkpoint.sharded import read_manifest
+
+    saved = read_manifest(path, verify=False).get("trainer_state", {}).get("model")
+    if saved is not None and saved != identity:
+        diff = {k: (saved.get(k), identity.get(k)) for k in identity if saved.get(k) != identity.get(k)}
+        raise ConfigError(
+            f"checkpoint {path} is from another model: " + ", ".join(f"{k} {a} in the checkpoint, {b} now" for k, (a, b) in diff.items())
+        )
+
+
+def _save_probe_logits(model, dataset: PackedDataset, config: TrainConfig, out_dir: str) -> Optional[str]:
+    """Rank 0 writes the megatron model's full-vocabulary logits on a fixed held-out batch, so
+    that the consolidated adapter can be checked against it in another process."""
+    from megatron.core import parallel_state
+    from safetensors.torch import save_file
+
+    split = "eval" if len(dataset.eval) else "train"
+    tokens, _ = dataset.batch(split, 0, PROBE_BATCH)
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens, position_ids=None, attention_mask=None)  # [b, s, vocab / tp]
+    group = parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, logits.contiguous(), group=group)
+    path = os.path.join(out_dir, "probe_logits.safetensors")
+    if dist.get_rank() == 0:
+        from .io import atomic_path
+
+        with atomic_path(path) as tmp:
+            save_file({"tokens": tokens, "logits": torch.cat(parts, dim=-1)}, tmp)
+    dist.barrier()
+    return path
+
+
+def _consolidate(checkpoint: str, out: str, hf_dir: str) -> str:
+    if dist.get_rank() == 0:
+        from .checkpoint.consolidate import consolidate
+
+        consolidate(checkpoint, out, hf_model_dir=hf_dir, overwrite=True, show_progress=False)
+    dist.barrier()
+    return out
