@@ -114,7 +114,7 @@ def child(name: str, args) -> None:
 def main() -> None:
     p = common.parser(__doc__)
     models.add_model_args(p, hidden=1024, layers=4, batch=4, seq=256, vocab=4096)
-    common.add_timing_args(p, rounds=6, threads=True)
+    common.add_timing_args(p, rounds=8, threads=True)
     p.add_argument("--no-peft", action="store_true", help="leave out the PEFT reference contender")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
     p.add_argument("--child", help=argparse_hidden())
@@ -156,6 +156,8 @@ def main() -> None:
                  "accounted MiB", "peak RSS +MiB"], rows,
                 "Memory (accounted = params + grads + AdamW state + saved activations; "
                 "peak RSS + = measured increase over the built model during 2 steps)")
+    common.say("base: only the word embedding has requires_grad (so that backward runs through every layer); "
+               "it is never stepped, so it has no AdamW state.\n")
     common.write_json(args.json, {"model": models.describe(args), "timing": common.timing_summary(times), "ratios": ratios,
                                   "memory": memory, "peft_reference_ratios": PEFT_REFERENCE}, args)
 

@@ -54,6 +54,31 @@ def _refuse_unsupported(config: LoraConfig) -> None:
         )
 
 
+def _find_targets_on_all_stages(model: nn.Module, config: LoraConfig) -> list[str]:
+    """This pipeline stage's targets. A stage may hold none of the targeted layers; only a
+    config that matches nothing on every stage is an error (raised on every stage)."""
+    stages = _pipeline_group()
+    if stages is None:
+        return find_targets(model, config)
+    targets = find_targets(model, config, allow_empty=True)
+    count = torch.tensor([len(targets)])
+    dist.all_reduce(count, group=stages)
+    if count.item() == 0:
+        find_targets(model, config)  # raises the no-match error naming the candidates
+    return targets
+
+
+def _pipeline_group() -> Optional[dist.ProcessGroup]:
+    """megatron's pipeline group when there is more than one stage, else None."""
+    try:
+        from megatron.core import parallel_state
+    except ImportError:
+        return None
+    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_pipeline_model_parallel_group()
+
+
 def _shared_seed(seed: Optional[int]) -> int:
     """The adapter-init seed: given, else ``torch.initial_seed()``; broadcast from rank 0 so
     that every rank (and so every replica of a replicated factor) initialises identically."""
@@ -129,23 +154,24 @@ class LoraModel(nn.Module):
             raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}.")
         _refuse_unsupported(config)
         config = copy.deepcopy(config)  # never mutate the caller's config
-        targets = find_targets(self.model, config)
+        targets = _find_targets_on_all_stages(self.model, config)
         save_names = self._modules_to_save_names(config)  # may raise: before anything changes
         device = "meta" if low_cpu_mem_usage else None
         for name in targets:
+            global_name = global_module_name(self.model, name)  # patterns and seeds see global layer indices
             layer = self.model.get_submodule(name)
             if not isinstance(layer, LoraLayer):
                 layer = make_lora_layer(layer, config)
                 self._replace(name, layer)
             layer.update_layer(
                 adapter_name,
-                r=config.rank_for(name),
-                lora_alpha=config.alpha_for(name),
+                r=config.rank_for(global_name),
+                lora_alpha=config.alpha_for(global_name),
                 lora_dropout=config.lora_dropout,
                 init_lora_weights=config.init_lora_weights,
                 use_rslora=config.use_rslora,
                 lora_bias=config.lora_bias,
-                seed=lm.init_seed(self._seed, global_module_name(self.model, name), adapter_name),
+                seed=lm.init_seed(self._seed, global_name, adapter_name),
                 device=device,
             )
         for name in save_names:

@@ -8,6 +8,19 @@ from typing import Iterable
 from torch import nn
 
 
+def _shared_objects(module: nn.Module) -> dict:
+    """A deepcopy memo that keeps process groups (and megatron configs) shared, not copied:
+    a megatron parallel layer holds its TP group, which cannot be copied."""
+    import torch.distributed as dist
+
+    memo = {}
+    for sub in module.modules():
+        for value in vars(sub).values():
+            if isinstance(value, dist.ProcessGroup) or type(value).__name__ in ("TransformerConfig", "ModelParallelConfig"):
+                memo[id(value)] = value
+    return memo
+
+
 class ModulesToSaveWrapper(nn.Module):
     """Runs ``modules_to_save[active]`` when an adapter is active, else ``original_module``.
 
@@ -23,7 +36,7 @@ class ModulesToSaveWrapper(nn.Module):
 
     def add(self, adapter_name: str) -> None:
         if adapter_name not in self.modules_to_save:
-            clone = copy.deepcopy(self.original_module)
+            clone = copy.deepcopy(self.original_module, memo=_shared_objects(self.original_module))
             for src, dst in zip(self.original_module.parameters(), clone.parameters()):
                 dst.__dict__.update(src.__dict__)  # deepcopy drops megatron's sharding markers
             self.modules_to_save[adapter_name] = clone

@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import ConfigError, LoraConfig
 from .layers.linear import is_conv1d
+from .naming import global_module_name
 
 # PEFT's defaults for Hugging Face architectures (model.config.model_type).
 HF_DEFAULT_TARGETS = {
@@ -90,8 +91,9 @@ def default_targets(model: nn.Module) -> list[str]:
     )
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Names of the modules that get an adapter; raises if there are none."""
+def find_targets(model: nn.Module, config: LoraConfig, allow_empty: bool = False) -> list[str]:
+    """Names of the modules that get an adapter; raises if there are none (unless
+    ``allow_empty``: a pipeline stage may hold none of the targeted layers)."""
     spec = config.target_modules if config.target_modules is not None else default_targets(model)
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:  # PEFT compares case-insensitively
         spec = ALL_LINEAR
@@ -101,16 +103,18 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     saved = config.modules_to_save or []
     found = []
     for name, module in _candidate_modules(model):
-        if config.exclude_modules and _name_matches(config.exclude_modules, name):
+        # Match on the layout-independent name: a pipeline stage numbers its layers locally.
+        key = global_module_name(model, name)
+        if config.exclude_modules and _name_matches(config.exclude_modules, key):
             continue
-        if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved):
+        if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in saved):
             continue
         if spec == ALL_LINEAR:
             if name in heads or not is_supported_layer(module):
                 continue
-        elif not _name_matches(spec, name):
+        elif not _name_matches(spec, key):
             continue
-        if layers is not None and layer_index(name, config.layers_pattern) not in layers:
+        if layers is not None and layer_index(key, config.layers_pattern) not in layers:
             continue
         if not is_supported_layer(module):
             raise ConfigError(
@@ -118,7 +122,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 "transformers Conv1D and megatron Column/RowParallelLinear."
             )
         found.append(name)
-    if not found:
+    if not found and not allow_empty:
         candidates = [n for n, m in _candidate_modules(model) if is_supported_layer(m)]
         shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
         raise ConfigError(

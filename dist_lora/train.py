@@ -58,11 +58,6 @@ def prepare(config: TrainConfig, world_size: int):
     tp, pp = config.parallel.tp, config.parallel.pp
     if world_size % (tp * pp):
         raise ConfigError(f"parallel.tp ({tp}) x parallel.pp ({pp}) does not divide the world size ({world_size}).")
-    if pp > 1:
-        raise ConfigError(
-            "parallel.pp > 1 is not supported by the trainer yet (the bridge builds and loads pipeline "
-            "stages, but the training loop runs no pipeline schedule); use parallel.pp=1."
-        )
     hf_dir = config.model.hf_dir or builtin_model_dir()
     arch = parse_hf_config(read_hf_config(hf_dir))
     check_parallel_layout(arch, tp, pp)
@@ -74,38 +69,61 @@ def prepare(config: TrainConfig, world_size: int):
     return hf_dir, arch, dataset
 
 
-def _lm_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return model(tokens, position_ids=None, attention_mask=None, labels=labels).mean()
+def run_microbatches(model, batches: list, config: TrainConfig, forward_only: bool = False) -> float:
+    """Forward (and backward) ``batches`` through megatron's schedule for this layout
+    (1F1B across pipeline stages when PP > 1, plain gradient accumulation otherwise); returns
+    the mean loss, known on every rank of the data-parallel replica."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        tokens, labels = next(data_iterator)
+        per_token = model(tokens, position_ids=None, attention_mask=None, labels=labels)
+
+        def loss_func(output):
+            loss = output.float().mean()
+            return loss, {"loss": loss.detach()}
+
+        return per_token, loss_func
+
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+        num_microbatches=len(batches), seq_length=config.data.seq_len,
+        micro_batch_size=config.train.micro_batch_size, forward_only=forward_only,
+    )
+    loss = torch.zeros(())
+    if parallel_state.is_pipeline_last_stage():
+        loss += torch.stack([o["loss"] for o in outputs]).mean()
+    dist.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())  # from the last stage
+    return loss.item()
 
 
 def _evaluate(model, dataset: PackedDataset, config: TrainConfig, dp: int, dp_rank: int) -> float:
     if len(dataset.eval) == 0:
         return float("nan")
     model.eval()
-    losses = []
+    batches = [dataset.batch("eval", i * dp + dp_rank, config.train.micro_batch_size) for i in range(config.train.eval_batches)]
     with torch.no_grad():
-        for i in range(config.train.eval_batches):
-            tokens, labels = dataset.batch("eval", i * dp + dp_rank, config.train.micro_batch_size)
-            losses.append(_lm_loss(model, tokens, labels))
+        loss = torch.tensor(run_microbatches(model, batches, config, forward_only=True))
     model.train()
-    loss = torch.stack(losses).mean()
-    if dist.is_initialized():
-        from megatron.core import parallel_state
+    from megatron.core import parallel_state
 
-        dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-        loss /= dp
-    return loss.item()
+    dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+    return loss.item() / dp
 
 
 def _global_numel(model, trainable: bool) -> int:
+    """Parameters of the whole model (all TP shards, all pipeline stages)."""
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    return sum(
+    count = torch.tensor(sum(
         p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
         for p in model.parameters()
         if p.requires_grad == trainable
-    )
+    ))
+    dist.all_reduce(count, group=parallel_state.get_pipeline_model_parallel_group())
+    return int(count.item())
 
 
 def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
@@ -153,12 +171,11 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        total = torch.zeros(())
-        for micro in range(t.grad_accum):
-            index = (step * t.grad_accum + micro) * dp + dp_rank
-            loss = _lm_loss(model, *dataset.batch("train", index, t.micro_batch_size)) / t.grad_accum
-            loss.backward()
-            total += loss.detach()
+        batches = [
+            dataset.batch("train", (step * t.grad_accum + micro) * dp + dp_rank, t.micro_batch_size)
+            for micro in range(t.grad_accum)
+        ]
+        total = torch.tensor(run_microbatches(model, batches, config))
         finalize_lora_grads(model)
         allreduce_data_parallel_grads(model)
         clip_grad_norm_(model, config.optim.grad_clip)
@@ -203,26 +220,36 @@ def _check_resume_identity(path: str, identity: dict) -> None:
         )
 
 
-def _save_probe_logits(model, dataset: PackedDataset, config: TrainConfig, out_dir: str) -> Optional[str]:
-    """Rank 0 writes the megatron model's full-vocabulary logits on a fixed held-out batch, so
-    that the consolidated adapter can be checked against it in another process."""
+def _save_probe_logits(model, dataset: PackedDataset, config: TrainConfig, out_dir: str) -> str:
+    """Write the megatron model's full-vocabulary logits on a fixed held-out batch (from the
+    last pipeline stage), so that the consolidated adapter can be checked in another process."""
     from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
     from safetensors.torch import save_file
 
-    split = "eval" if len(dataset.eval) else "train"
-    tokens, _ = dataset.batch(split, 0, PROBE_BATCH)
+    tokens, _ = dataset.batch("eval" if len(dataset.eval) else "train", 0, PROBE_BATCH)
+
+    def forward_step(data_iterator, model):
+        logits = model(next(data_iterator), position_ids=None, attention_mask=None)  # [b, s, vocab / tp]
+        return logits, lambda out: (out.sum() * 0, {"logits": out.detach()})
+
     model.eval()
     with torch.no_grad():
-        logits = model(tokens, position_ids=None, attention_mask=None)  # [b, s, vocab / tp]
-    group = parallel_state.get_tensor_model_parallel_group()
-    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, logits.contiguous(), group=group)
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([tokens]), model=[model], num_microbatches=1,
+            seq_length=tokens.shape[1], micro_batch_size=PROBE_BATCH, forward_only=True,
+        )
     path = os.path.join(out_dir, "probe_logits.safetensors")
-    if dist.get_rank() == 0:
-        from .io import atomic_path
+    if parallel_state.is_pipeline_last_stage():
+        logits = outputs[0]["logits"]
+        group = parallel_state.get_tensor_model_parallel_group()
+        parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, logits.contiguous(), group=group)
+        if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
+            from .io import atomic_path
 
-        with atomic_path(path) as tmp:
-            save_file({"tokens": tokens, "logits": torch.cat(parts, dim=-1)}, tmp)
+            with atomic_path(path) as tmp:
+                save_file({"tokens": tokens, "logits": torch.cat(parts, dim=-1)}, tmp)
     dist.barrier()
     return path
 

@@ -94,3 +94,22 @@ def test_tp_layouts_match_tp1(reference: dict, tp: int, sp: bool, comm: str) -> 
     for result in results:
         assert result["n_replicated"] > 0
         assert result["replica_diff"] == 0.0, "replicated factors drifted apart across TP ranks"
+
+
+def _ranks_by_global_name() -> dict[str, int]:
+    from dist_lora.naming import global_module_name
+
+    config = LoraConfig(
+        r=4, rank_pattern={"decoder.layers.1.mlp.linear_fc2": 2}, target_modules=r".*layers\.1\..*linear_(qkv|fc2)",
+    )
+    gpt_config = tiny_gpt_config(1, False, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32, **MODEL)
+    model = get_lora_model(build_tiny_gpt(gpt_config), config)
+    return {global_module_name(model.model, n): layer.r["default"] for n, layer in model.lora_layers()}
+
+
+def test_pipeline_stages_match_patterns_on_global_layer_names() -> None:
+    """Stage 1 of PP=2 numbers its only layer 0 locally; rank_pattern and a regex
+    target_modules written for global layer 1 must still apply to it (and only to it)."""
+    stage0, stage1 = run_distributed(_ranks_by_global_name, 2, pp=2)
+    assert stage0 == {}, "stage 0 holds layer 0, which the regex does not target"
+    assert stage1 == {"decoder.layers.1.self_attention.linear_qkv": 4, "decoder.layers.1.mlp.linear_fc2": 2}

@@ -79,6 +79,22 @@ def test_resume_reproduces_losses(tmp_path) -> None:
     assert full[7] < full[0], "the loss did not fall"
 
 
+@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
+def test_pipeline_parallel_matches_tp_only_and_consolidates(tmp_path, tp: int, pp: int) -> None:
+    """Megatron's 1F1B schedule on CPU: PP=2 (with TP=1 or 2) gives TP-only losses, and its
+    consolidated adapter loads in PEFT with the megatron model's logits."""
+    from dist_lora.demo import verify
+    from dist_lora.tiny_model import builtin_model_dir
+
+    reference = run_distributed(_run, 2, tp=2, args=(str(tmp_path / "tp"),))[0]
+    out = str(tmp_path / "pp")
+    piped = run_distributed(
+        _run, tp * pp, tp=tp, pp=pp, args=(out, f"parallel.tp={tp}", f"parallel.pp={pp}", "train.consolidate=true")
+    )[0]
+    assert piped == pytest.approx(reference, rel=1e-5)
+    assert verify(out, builtin_model_dir()) == 0
+
+
 def test_resume_from_another_model_says_what_differs(tmp_path) -> None:
     run_distributed(_run, 2, tp=2, args=(str(tmp_path),))
     from transformers import LlamaConfig, LlamaForCausalLM

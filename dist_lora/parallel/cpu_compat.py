@@ -24,7 +24,10 @@ Patches (all made once per process, only when ``torch.cuda.is_available()`` is F
 4. ``fused_softmax.get_default_causal_mask`` builds the mask on CPU. The unfused softmax of
    the local ``DotProductAttention`` calls it whenever ``attention_mask`` is None (causal
    attention), and megatron's version hardcodes ``device="cuda"``.
-5. A logging filter drops megatron's "CPU RNG state changed within GPU RNG context" warning:
+5. The pipeline schedules (``pipeline_parallel.schedules``) see a ``torch`` whose ``zeros``
+   builds ``device="cuda"`` tensors on the CPU (their token counters hardcode it), and
+   ``torch.cuda.synchronize`` is a no-op (p2p communication calls it after batched sends).
+6. A logging filter drops megatron's "CPU RNG state changed within GPU RNG context" warning:
    with patch 3 the "GPU" generator *is* the CPU one, so any random op inside ``fork()``
    (dropout at p > 0) changes it by design and the warning would fire on every such call.
 """
@@ -62,6 +65,24 @@ def _default_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
+def _synchronize(*_args: object, **_kwargs: object) -> None:
+    """No device to wait for (megatron's p2p communication synchronises after batched sends)."""
+
+
+class _CpuFactories:
+    """``torch`` as megatron's pipeline schedules see it: ``torch.zeros(..., device="cuda")``
+    (their token counters) builds on the CPU; everything else is the real module."""
+
+    def __init__(self, module) -> None:
+        self._torch = module
+
+    def __getattr__(self, name: str):
+        return getattr(self._torch, name)
+
+    def zeros(self, *args, device=None, **kwargs):
+        return self._torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+
 class _DropSpuriousRngWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.getMessage() != _RNG_WARNING
@@ -79,6 +100,7 @@ def apply_cpu_compat() -> bool:
     if _applied:
         return True
     from megatron.core.fusions import fused_softmax
+    from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mp_random
 
     torch.cuda.current_device = _current_device
@@ -88,6 +110,8 @@ def apply_cpu_compat() -> bool:
     mp_random._get_cuda_rng_state = _get_rng_state
     mp_random._set_cuda_rng_state = _set_rng_state
     fused_softmax.get_default_causal_mask = _default_causal_mask
+    torch.cuda.synchronize = _synchronize
+    schedules.torch = _CpuFactories(torch)
     logging.getLogger(mp_random.__name__).addFilter(_DropSpuriousRngWarning())
     _applied = True
     return True
