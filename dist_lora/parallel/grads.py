@@ -10,38 +10,51 @@ per step — never one collective per layer.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
-def tp_partial_grad_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Trainable parameters whose gradient is a per-rank partial sum over TP."""
+def tp_partial_grad_parameters(model: torch.nn.Module, include_sequence_parallel: bool = True) -> list[torch.nn.Parameter]:
+    """Trainable parameters whose gradient is a per-rank partial sum over TP: the LoRA
+    layers' replicated factors, and (``include_sequence_parallel``) parameters megatron marks
+    ``sequence_parallel``."""
     from ..layers.parallel import _ParallelLoraLayer
 
     params: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
         if isinstance(module, _ParallelLoraLayer):
             params.update((id(p), p) for p in module.partial_grad_parameters())
-    for p in model.parameters():
-        if getattr(p, "sequence_parallel", False):
-            params[id(p)] = p
+    if include_sequence_parallel:
+        for p in model.parameters():
+            if getattr(p, "sequence_parallel", False):
+                params[id(p)] = p
     return [p for p in params.values() if p.requires_grad]
 
 
-def finalize_lora_grads(model: torch.nn.Module, group: Optional[dist.ProcessGroup] = None) -> int:
+def _grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    """The gradient as the training loop keeps it: megatron's DDP accumulates into ``main_grad``."""
+    main_grad = getattr(param, "main_grad", None)
+    return main_grad if main_grad is not None else param.grad
+
+
+def finalize_lora_grads(
+    model: torch.nn.Module, group: Optional[dist.ProcessGroup] = None, include_sequence_parallel: bool = True
+) -> int:
     """Sum the partial gradients over the TP group in one collective; returns how many tensors
     were reduced. Call after backward (and gradient accumulation), before clipping and the
-    optimizer step. Every TP rank must call it."""
+    optimizer step. Every TP rank must call it. With megatron's own finalize_model_grads
+    (which already sums ``sequence_parallel`` parameters) use
+    :func:`make_finalize_model_grads_func` instead."""
     if group is None:
         from megatron.core import parallel_state
 
         group = parallel_state.get_tensor_model_parallel_group()
     if dist.get_world_size(group) == 1:
         return 0
-    grads = [p.grad for p in tp_partial_grad_parameters(model) if p.grad is not None]
+    grads = [g for g in map(_grad, tp_partial_grad_parameters(model, include_sequence_parallel)) if g is not None]
     if not grads:
         return 0
     flat = _flatten_dense_tensors(grads)
@@ -49,6 +62,25 @@ def finalize_lora_grads(model: torch.nn.Module, group: Optional[dist.ProcessGrou
     for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
         grad.copy_(synced)
     return len(grads)
+
+
+def make_finalize_model_grads_func(inner: Optional[Callable] = None) -> Callable:
+    """A ``finalize_model_grads_func`` for megatron's training loop that also sums the LoRA
+    partial gradients over TP (one bucketed all-reduce) before calling ``inner`` (default:
+    megatron's ``finalize_model_grads``, which all-reduces over DP and sums the
+    ``sequence_parallel`` parameters itself)::
+
+        config.finalize_model_grads_func = make_finalize_model_grads_func()
+    """
+    if inner is None:
+        from megatron.core.distributed import finalize_model_grads as inner
+
+    def finalize_model_grads(model_chunks: list, *args, **kwargs):
+        for chunk in model_chunks:
+            finalize_lora_grads(chunk, include_sequence_parallel=False)
+        return inner(model_chunks, *args, **kwargs)
+
+    return finalize_model_grads
 
 
 def allreduce_data_parallel_grads(model: torch.nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
