@@ -30,6 +30,7 @@ Memory, two ways (bytes, per contender):
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 
@@ -117,7 +118,7 @@ def main() -> None:
     common.add_timing_args(p, rounds=8, threads=True)
     p.add_argument("--no-peft", action="store_true", help="leave out the PEFT reference contender")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
-    p.add_argument("--child", help=argparse_hidden())
+    p.add_argument("--child", help=argparse.SUPPRESS)  # internal: one contender's peak-RSS run
     args = p.parse_args()
     if args.child:
         return child(args.child, args)
@@ -160,12 +161,6 @@ def main() -> None:
                "it is never stepped, so it has no AdamW state.\n")
     common.write_json(args.json, {"model": models.describe(args), "timing": common.timing_summary(times), "ratios": ratios,
                                   "memory": memory, "peft_reference_ratios": PEFT_REFERENCE}, args)
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def layer(kind: str, mode: str, args, tp: int, sp: bool):
 def layer_bytes(kind: str, mode: str, args, tp: int, sp: bool) -> int:
     module = layer(kind, mode, args, tp, sp)
     s = models.shape(args)
-    features = s["hidden"] if kind == "column" else 2 * s["ffn"] // 2 // tp
+    features = s["hidden"] if kind == "column" else s["ffn"] // tp  # row: this rank's feature shard
     seq = args.seq // tp if sp else args.seq
     x = torch.randn(seq, args.batch, features, requires_grad=True)
     with common.SavedTensorMeter(module) as meter:

@@ -223,12 +223,13 @@ class LoraModel(nn.Module):
     def _mark_trainable(self) -> None:
         """Adapters of active, non-inference configs train; biases per ``config.bias``."""
         active = [n for n in self._active_adapters if n in self.peft_config]
+        frozen = [n for n in active if self.peft_config[n].inference_mode]
         for _, layer in self.lora_layers():
             layer.set_adapter(active)
-            for name in active:
-                if self.peft_config[name].inference_mode:
-                    layer.lora_A[name].requires_grad_(False) if name in layer.lora_A else None
-                    layer.lora_B[name].requires_grad_(False) if name in layer.lora_B else None
+            for name in frozen:
+                if name in layer.lora_A:
+                    layer.lora_A[name].requires_grad_(False)
+                    layer.lora_B[name].requires_grad_(False)
         for wrapper in self._wrappers():
             wrapper.set_adapter(active)
         for name in active:

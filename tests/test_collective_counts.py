@@ -68,3 +68,26 @@ def test_fused_lora_adds_one_collective_per_step(sp: bool) -> None:
     reference, _, _ = results["reference"]
     extra = sum(reference.values()) - sum(base_counts.values())
     assert extra >= 4 * LAYERS, f"the reference path should add a collective per LoRA layer, added {extra}"
+
+
+def _count_primitives() -> tuple[dict, dict]:
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    tensor = torch.ones(4)
+    with CollectiveCounter() as counter:
+        if rank == 0:
+            dist.send(tensor, dst=1)
+        else:
+            dist.recv(tensor, src=0)
+        dist.all_gather_into_tensor(torch.empty(8), tensor)
+        dist.all_reduce(tensor)
+    return dict(counter.counts), dict(counter.bytes)
+
+
+def test_counter_counts_each_collective_once() -> None:
+    """torch's send calls isend and all_gather_into_tensor calls all_gather_single: one call each."""
+    (counts0, bytes0), (counts1, _) = run_distributed(_count_primitives, 2)
+    assert counts0 == {"send": 1, "all_gather_into_tensor": 1, "all_reduce": 1}
+    assert counts1 == {"recv": 1, "all_gather_into_tensor": 1, "all_reduce": 1}
+    assert bytes0 == {"send": 16, "all_gather_into_tensor": 32, "all_reduce": 16}

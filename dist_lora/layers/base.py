@@ -166,6 +166,14 @@ class LoraLayer(nn.Module):
             return []
         return [a for a in self._active_adapters if a in self.lora_A and a not in self.merged_adapters]
 
+    def _dropout_mask(self, name: str, shape: torch.Size, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """An inverted-dropout mask (0 or 1/(1-p)) for the fused paths, or None when dropout is off."""
+        dropout = self.lora_dropout[name]
+        if not (self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0):
+            return None
+        keep = 1.0 - dropout.p
+        return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(keep).div_(keep)
+
     # --- merging -------------------------------------------------------------------------
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

@@ -73,6 +73,19 @@ def _tokens(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _add_matmul_(out: torch.Tensor, left: torch.Tensor, right_t: torch.Tensor, alpha: float = 1.0) -> None:
+    """out += alpha · left @ right_tᵀ over the token dimension, in place (no out-sized temporary)."""
+    out.view(-1, out.shape[-1]).addmm_(_tokens(left), right_t.t(), alpha=alpha)
+
+
+def _add_lora_dx_(dx: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, scale: float, mask) -> None:
+    """dx += mask ⊙ (scale · dh A), in place when there is no dropout mask."""
+    if mask is None:
+        _add_matmul_(dx, dh, a.t(), alpha=scale)
+    else:
+        dx += dh.matmul(a).mul_(scale) * mask
+
+
 def _unpack(factors: tuple, spec: FusedSpec):
     """(A, B, B-bias or None, dropout mask or None) per adapter from the flat factor list."""
     n = len(spec.scalings)
@@ -91,7 +104,9 @@ class ColumnParallelLoRA(torch.autograd.Function):
         for (a, b, b_bias, mask), scale in zip(_unpack(factors, spec), spec.scalings):
             x_lora = x_full if mask is None else x_full * mask
             h = F.linear(x_lora, a).mul_(scale)
-            out += F.linear(h, b, None if b_bias is None else b_bias * scale)
+            _add_matmul_(out, h, b)
+            if b_bias is not None:
+                out.add_(b_bias, alpha=scale)
             hs.append(h)
         keep = not spec.sequence_parallel or spec.keep_gathered_input
         ctx.spec = spec
@@ -117,8 +132,7 @@ class ColumnParallelLoRA(torch.autograd.Function):
         for (a, b, b_bias, mask), h, scale in zip(_unpack(factors, spec), hs, spec.scalings):
             dh = dy.matmul(b)  # r-sized, partial over TP
             if need_dx:
-                dx_lora = dh.matmul(a).mul_(scale)
-                dx += dx_lora if mask is None else dx_lora * mask
+                _add_lora_dx_(dx, dh, a, scale, mask)
             d_b = dy_t.T.matmul(_tokens(h))
             d_bias = dy_t.sum(0) * scale if b_bias is not None else None
             grads.append([None, d_b, d_bias, None])
@@ -146,7 +160,7 @@ class RowParallelLoRA(torch.autograd.Function):
         for (a, b, _bias, mask), scale in zip(_unpack(factors, spec), spec.scalings):
             x_lora = x if mask is None else x * mask
             h = F.linear(x_lora, a).mul_(scale)
-            partial += F.linear(h, b)
+            _add_matmul_(partial, h, b)
             hs.append(h)
         out = _reduce_scatter_seq(partial, spec) if spec.sequence_parallel else _all_reduce(partial, spec)
         ctx.spec = spec
@@ -168,8 +182,7 @@ class RowParallelLoRA(torch.autograd.Function):
         for (a, b, _bias, mask), h, scale in zip(_unpack(factors, spec), hs, spec.scalings):
             dh = dy.matmul(b).mul_(scale)
             if need_dx:
-                dx_lora = dh.matmul(a)
-                dx += dx_lora if mask is None else dx_lora * mask
+                _add_lora_dx_(dx, dh, a, 1.0, mask)
             x_lora = _tokens(x if mask is None else x * mask)
             d_a = _tokens(dh).T.matmul(x_lora)
             d_b = dy_t.T.matmul(_tokens(h))  # partial over TP, summed per step

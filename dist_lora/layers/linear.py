@@ -9,6 +9,7 @@ from torch import nn
 
 from . import math as lm
 from .base import LoraLayer
+from .fused import ColumnParallelLoRA, FusedSpec
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -35,9 +36,34 @@ class LoraLinear(LoraLayer):
         return self._fan_in_fan_out
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapters = self._forward_adapters()
+        if adapters and not args and not kwargs and self._can_fuse(x, adapters):
+            return self._forward_fused(x, adapters)
         result = self.base_layer(x, *args, **kwargs)
-        for name in self._forward_adapters():
+        for name in adapters:
             lora_b = self.lora_B[name]
             h = lm.lora_down(x, self.lora_A[name].weight, self.scaling[name], self.lora_dropout[name])
             result = result + lm.lora_up(h, lora_b.weight, lora_b.bias, self.scaling[name]).to(result.dtype)
         return result
+
+    def _can_fuse(self, x: torch.Tensor, adapters: list[str]) -> bool:
+        """The one-function path needs a frozen plain Linear/Conv1D and one dtype throughout."""
+        base = self.base_layer
+        return (
+            (type(base) is nn.Linear or self._fan_in_fan_out)
+            and not base.weight.requires_grad
+            and all(self.lora_A[n].weight.dtype == x.dtype == base.weight.dtype for n in adapters)
+        )
+
+    def _forward_fused(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        """Base and adapters in one autograd function (a column-parallel layer at TP=1): the
+        LoRA output and input gradient accumulate into the base's in place, no out-sized
+        temporaries (see :mod:`dist_lora.layers.fused`)."""
+        base = self.base_layer
+        factors = []
+        for name in adapters:
+            lora_b = self.lora_B[name]
+            factors += [self.lora_A[name].weight, lora_b.weight, lora_b.bias, self._dropout_mask(name, x.shape, x)]
+        spec = FusedSpec(group=None, tp_size=1, sequence_parallel=False, scalings=tuple(self.scaling[n] for n in adapters))
+        weight = base.weight.t() if self._fan_in_fan_out else base.weight
+        return ColumnParallelLoRA.apply(x, weight, base.bias, spec, *factors)

@@ -91,13 +91,6 @@ class _ParallelLoraLayer(LoraLayer):
             keep_gathered_input=self.keep_gathered_input,
         )
 
-    def _dropout_mask(self, name: str, shape: torch.Size, like: torch.Tensor) -> Optional[torch.Tensor]:
-        """An inverted-dropout mask (0 or 1/(1-p)), or None when dropout is off."""
-        dropout = self.lora_dropout[name]
-        if not (self.training and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0):
-            return None
-        keep = 1.0 - dropout.p
-        return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(keep).div_(keep)
 
 
 class LoraColumnParallelLinear(_ParallelLoraLayer):

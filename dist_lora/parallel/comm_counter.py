@@ -8,14 +8,16 @@
 Libraries bind collectives at import time (megatron: ``dist_all_gather_func =
 torch.distributed.all_gather_into_tensor``), so patching ``torch.distributed`` alone misses
 calls. The counter replaces every reference to the original function objects in every loaded
-module's namespace, and restores them on exit. Counts are exact and deterministic, unlike
-times: tests assert them.
+module's namespace, and restores them on exit. Only the outermost call counts: in torch
+``send`` calls ``isend`` and ``all_gather_into_tensor`` calls ``all_gather_single``, and each
+is one collective. Counts are exact and deterministic, unlike times: tests assert them.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import threading
 from collections import Counter
 from typing import Any, Callable
 
@@ -33,7 +35,16 @@ PAYLOAD: dict[str, Callable[..., list[torch.Tensor]]] = {
     "reduce_scatter": lambda output, input_list, *a, **k: list(input_list),
     "reduce_scatter_tensor": lambda output, input, *a, **k: [input],
     "_reduce_scatter_base": lambda output, input, *a, **k: [input],
+    "all_gather_single": lambda output, input, *a, **k: [output],
+    "reduce_scatter_single": lambda output, input, *a, **k: [input],
     "all_to_all_single": lambda output, input, *a, **k: [input],
+    "all_to_all": lambda output_list, input_list, *a, **k: list(input_list),
+    "all_reduce_coalesced": lambda tensors, *a, **k: list(tensors),
+    "reduce": lambda tensor, *a, **k: [tensor],
+    "gather": lambda tensor, *a, **k: [tensor],
+    "scatter": lambda tensor, *a, **k: [tensor],
+    "barrier": lambda *a, **k: [],
+    "batch_isend_irecv": lambda ops, *a, **k: [op.tensor for op in ops],
     "send": lambda tensor, *a, **k: [tensor],
     "recv": lambda tensor, *a, **k: [tensor],
     "isend": lambda tensor, *a, **k: [tensor],
@@ -48,15 +59,22 @@ class CollectiveCounter:
         self.counts: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()
         self._patched: list[tuple[dict, str, Any]] = []
+        self._depth = threading.local()
 
     def _wrap(self, name: str, original: Callable) -> Callable:
         payload = PAYLOAD[name]
 
         @functools.wraps(original)
         def counted(*args, **kwargs):
-            self.counts[name] += 1
-            self.bytes[name] += sum(t.numel() * t.element_size() for t in payload(*args, **kwargs))
-            return original(*args, **kwargs)
+            depth = getattr(self._depth, "value", 0)
+            if depth == 0:
+                self.counts[name] += 1
+                self.bytes[name] += sum(t.numel() * t.element_size() for t in payload(*args, **kwargs))
+            self._depth.value = depth + 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._depth.value = depth
 
         return counted
 
