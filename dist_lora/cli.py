@@ -3,19 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-
-
-def _example(args: argparse.Namespace, rest: list[str]) -> int:
-    """Launch the tensor-parallel example under torchrun on this machine."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-        "-m", "dist_lora.example", "--out", args.out, *rest,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.call(command, env=env)
 
 
 def _consolidate(args: argparse.Namespace, rest: list[str]) -> int:
@@ -68,15 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         description="PEFT-compatible LoRA for megatron-core tensor/sequence-parallel models.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    example = commands.add_parser(
-        "example",
-        help="run a small tensor-parallel LoRA fine-tune on CPU processes",
-        description="Fine-tune LoRA on a tiny random megatron GPTModel at TP=NPROC, save a sharded "
-        "adapter checkpoint and reload it. Extra arguments go to the example "
-        "(--steps N, --sequence-parallel).",
-    )
-    example.add_argument("--nproc", type=int, default=2, help="processes = tensor-parallel size (default 2)")
-    example.add_argument("--out", default="runs/example", help="checkpoint directory (default runs/example)")
     consolidate = commands.add_parser(
         "consolidate",
         help="join a sharded adapter checkpoint into one PEFT adapter",
@@ -114,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument("--nproc", type=int, default=2, help="processes = tensor-parallel size (default 2)")
     args, rest = parser.parse_known_args(argv)
-    commands_by_name = {"example": _example, "consolidate": _consolidate, "train": _train, "demo": _demo}
+    commands_by_name = {"consolidate": _consolidate, "train": _train, "demo": _demo}
     return commands_by_name[args.command](args, rest)
 
 
