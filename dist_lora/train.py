@@ -82,7 +82,7 @@ def run_microbatches(model, batches: list, config: TrainConfig, forward_only: bo
 
         def loss_func(output):
             loss = output.float().mean()
-            return loss, {"loss": loss.detach()}
+            return loss, {"loss": loss.detach().clone()}  # megatron divides `loss` in place
 
         return per_token, loss_func
 

@@ -150,3 +150,30 @@ def test_bad_data_fails_on_every_rank_without_hanging(tmp_path) -> None:
     )
     assert result.returncode != 0
     assert result.stderr.count("missing.txt does not exist") == 2, result.stderr[-2000:]
+
+
+def _schedule_vs_direct() -> tuple[float, float]:
+    import torch
+
+    from dist_lora import get_lora_model
+    from dist_lora.bridges import build_megatron_gpt
+    from dist_lora.data import PackedDataset
+    from dist_lora.train import run_microbatches
+    from dist_lora.tiny_model import builtin_model_dir
+
+    config = load_train_config(SMALL)
+    _, _, dataset = prepare(config, 2)
+    assert isinstance(dataset, PackedDataset)
+    model = get_lora_model(build_megatron_gpt(builtin_model_dir(), tp=2), config.lora_config())
+    batches = [dataset.batch("eval", i, 2) for i in range(3)]
+    with torch.no_grad():
+        direct = sum(model(t, position_ids=None, attention_mask=None, labels=l).mean().item() for t, l in batches) / 3
+        scheduled = run_microbatches(model, batches, config, forward_only=True)
+    return direct, scheduled
+
+
+def test_schedule_reports_the_mean_micro_batch_loss() -> None:
+    """megatron's schedule divides the loss by the number of micro-batches in place; the
+    reported loss must still be the plain mean."""
+    direct, scheduled = run_distributed(_schedule_vs_direct, 2, tp=2)[0]
+    assert scheduled == pytest.approx(direct, rel=1e-6)
