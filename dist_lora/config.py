@@ -384,3 +384,20 @@ def match_pattern_key(pattern: dict, module_name: str) -> Optional[str]:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
     return None
+
+
+def explicit_pattern(values: dict[str, Any], default: Any) -> dict[str, Any]:
+    """rank_pattern / alpha_pattern entries giving each module in ``values`` its value: full
+    module names for those that differ from ``default`` (regex-escaped if a plain name would
+    match the wrong modules), checked with PEFT's rule (first ``(.*\\.)?(key)$`` match wins)."""
+
+    def lookup(pattern: dict, name: str) -> Any:
+        key = match_pattern_key(pattern, name)
+        return default if key is None else pattern[key]
+
+    for quote in (lambda name: name, re.escape):
+        pattern = {quote(name): value for name, value in values.items() if value != default}
+        if all(lookup(pattern, name) == value for name, value in values.items()):
+            return pattern
+    raise ConfigError(f"cannot express the per-module values {values} as a PEFT pattern.")  # pragma: no cover
+

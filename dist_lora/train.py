@@ -8,7 +8,6 @@ a hang. Rank 0 prints the summary, the progress bar and the evaluation lines.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time

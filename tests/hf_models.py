@@ -27,6 +27,20 @@ from transformers import (  # noqa: E402
 
 VOCAB = 96
 
+# The Llama-family geometry of the megatron bridge tests: GQA (8 heads in 4 groups) that
+# divides over TP=4, weights large enough that a layout mistake cannot hide under atol.
+MEGATRON_LLAMA = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=64,
+    initializer_range=0.1,
+    rms_norm_eps=1e-5,
+)
+
 
 def _build(cls, config, seed: int, randomise_biases: bool = False):
     torch.manual_seed(seed)

@@ -43,20 +43,11 @@ from dist_lora.bridges import (  # noqa: E402
 from dist_lora.naming import global_module_name  # noqa: E402
 from dist_lora.parallel.tp import shard  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
+from tests.hf_models import MEGATRON_LLAMA  # noqa: E402
 from tests.tp_utils import gather_param, gather_tp  # noqa: E402
 
 VOCAB, BATCH, SEQ = 128, 2, 16
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    max_position_embeddings=64,
-    initializer_range=0.1,  # logits of order 1, so a mapping mistake cannot hide under atol
-    rms_norm_eps=1e-5,
-)
+COMMON = dict(MEGATRON_LLAMA)
 MODELS = {
     "llama": (LlamaForCausalLM, LlamaConfig, dict(tie_word_embeddings=False, rope_theta=50000.0)),
     "llama_tied": (LlamaForCausalLM, LlamaConfig, dict(tie_word_embeddings=True)),

@@ -7,7 +7,6 @@ PEFT 0.21.2 is the behavioural reference: configs are exchanged with the real
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import sys
 import warnings

@@ -40,21 +40,11 @@ from dist_lora.cli import main as cli_main  # noqa: E402
 from dist_lora.model import LoraModel  # noqa: E402
 from dist_lora.parallel.grads import finalize_lora_grads  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
+from tests.hf_models import MEGATRON_LLAMA  # noqa: E402
 from tests.tp_utils import gather_tp  # noqa: E402
 
 VOCAB, BATCH, SEQ = 128, 2, 16
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    max_position_embeddings=64,
-    initializer_range=0.1,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
+COMMON = dict(MEGATRON_LLAMA, tie_word_embeddings=False)
 LORA = dict(
     r=4,
     lora_alpha=8,

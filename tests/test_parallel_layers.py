@@ -4,7 +4,6 @@ sequence parallel off and on. Weights are gathered with plain torch.distributed 
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch

@@ -40,20 +40,10 @@ from dist_lora.checkpoint.peft_to_megatron import (  # noqa: E402
     translate_peft_adapter,
 )
 from tests.harness import run_distributed  # noqa: E402
+from tests.hf_models import MEGATRON_LLAMA  # noqa: E402
 
 VOCAB, BATCH, SEQ = 128, 2, 16
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    max_position_embeddings=64,
-    initializer_range=0.1,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
+COMMON = dict(MEGATRON_LLAMA, tie_word_embeddings=False)
 HEADS, GROUPS, HEAD_DIM = 8, 4, 8
 OUT_ROWS = {"self_attn.q_proj": HEADS * HEAD_DIM, "self_attn.k_proj": GROUPS * HEAD_DIM,
             "self_attn.v_proj": GROUPS * HEAD_DIM, "mlp.gate_proj": 128, "mlp.up_proj": 128}

@@ -59,7 +59,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..config import ConfigError, LoraConfig, match_pattern_key
+from ..config import ConfigError, LoraConfig, explicit_pattern
 from .peft_format import PREFIX, WEIGHTS_NAME
 from .safetensors_stream import DTYPES, SafetensorsFormatError, ShardReader, StreamWriter, row_runs
 from .sharded import FORMAT, MANIFEST, _sha256
@@ -584,25 +584,12 @@ def _hf_config(
         layers_to_transform=None,
         layers_pattern=None,
         modules_to_save=sorted(saved) or None,
-        rank_pattern=_explicit_pattern(rank_of, config.r),
-        alpha_pattern=_explicit_pattern(alpha_of, config.lora_alpha),
+        rank_pattern=explicit_pattern(rank_of, config.r),
+        alpha_pattern=explicit_pattern(alpha_of, config.lora_alpha),
     )
     return _released(config, hf_model_dir, **changes)
 
 
-def _explicit_pattern(values: dict[str, Any], default: Any) -> dict[str, Any]:
-    """Full-module-name pattern entries for the modules whose value is not ``default``,
-    checked with PEFT's matching rule (the first key with ``(.*\\.)?(key)$`` wins)."""
-
-    def lookup(pattern: dict, name: str) -> Any:
-        key = match_pattern_key(pattern, name)
-        return default if key is None else pattern[key]
-
-    for quote in (lambda name: name, re.escape):
-        pattern = {quote(name): value for name, value in values.items() if value != default}
-        if all(lookup(pattern, name) == value for name, value in values.items()):
-            return pattern
-    raise ConsolidationError(f"cannot express the per-module values {values} as a PEFT pattern.")  # pragma: no cover
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,11 +50,11 @@ import functools
 import math
 import os
 import re
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from ..config import ConfigError, LoraConfig, match_pattern_key
+from ..config import ConfigError, LoraConfig, explicit_pattern
 from ..layers.math import lora_scaling
 from .peft_format import PREFIX, WEIGHTS_NAME, read_adapter_file, resolve_parameter, set_tensor
 
@@ -466,8 +466,8 @@ def _translated_config(config: LoraConfig, modules: dict[str, FusedFactors], hf_
         layers_to_transform=None,
         layers_pattern=None,
         modules_to_save=None,
-        rank_pattern=_explicit_pattern(ranks, config.r),
-        alpha_pattern=_explicit_pattern(alphas, config.lora_alpha),
+        rank_pattern=explicit_pattern(ranks, config.r),
+        alpha_pattern=explicit_pattern(alphas, config.lora_alpha),
         fan_in_fan_out=False,  # PEFT ignores it for nn.Linear: the saved factors are [r, in] / [out, r]
         init_lora_weights=True,  # the weights come from the file
         megatron_config=None,
@@ -477,19 +477,6 @@ def _translated_config(config: LoraConfig, modules: dict[str, FusedFactors], hf_
     return LoraConfig.from_dict(data)
 
 
-def _explicit_pattern(values: dict[str, Any], default: Any) -> dict[str, Any]:
-    """Full-module-name entries for the modules whose value is not ``default``, checked with
-    PEFT's matching rule (first key with ``(.*\\.)?(key)$`` wins); regex-escaped if needed."""
-
-    def lookup(pattern: dict, name: str) -> Any:
-        key = match_pattern_key(pattern, name)
-        return default if key is None else pattern[key]
-
-    for quote in (lambda name: name, re.escape):
-        pattern = {quote(name): value for name, value in values.items() if value != default}
-        if all(lookup(pattern, name) == value for name, value in values.items()):
-            return pattern
-    raise PeftToMegatronError(f"cannot express the per-module values {values} as a pattern.")  # pragma: no cover
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from safetensors.torch import save_file
 
 from ..config import ConfigError, LoraConfig
 from ..io import atomic_path, atomic_write_text
-from ..layers.base import LoraLayer
 from ..naming import global_module_name
 from ..parallel.tp import partition_stride
 from .peft_format import expected_keys, resolve_parameter, set_tensor

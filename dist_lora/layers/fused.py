@@ -100,7 +100,7 @@ class ColumnParallelLoRA(torch.autograd.Function):
     def forward(ctx, x, weight, bias, spec: FusedSpec, *factors):
         x_full = _all_gather_seq(x, spec) if spec.sequence_parallel else x
         out = F.linear(x_full, weight, bias)
-        hs, saved_inputs = [], []
+        hs = []
         for (a, b, b_bias, mask), scale in zip(_unpack(factors, spec), spec.scalings):
             x_lora = x_full if mask is None else x_full * mask
             h = F.linear(x_lora, a).mul_(scale)
