@@ -25,6 +25,25 @@ def _consolidate(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace, rest: list[str]) -> int:
+    """Merge a sharded adapter checkpoint into its HF base model and write an HF checkpoint."""
+    if rest:
+        print(f"dist-lora merge: error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
+        return 2
+    from .checkpoint.merged_export import merge_export
+
+    try:
+        out = merge_export(
+            args.checkpoint, args.hf_model, args.out_dir, overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size, show_progress=not args.no_progress,
+        )
+    except (ValueError, OSError) as e:  # bad input: a message, not a traceback
+        print(f"dist-lora merge: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
     """One rank of a training job (run it under torchrun)."""
     from .bridges import UnsupportedCheckpointError
@@ -69,6 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     consolidate.add_argument("--format", choices=("peft", "megatron"), default="peft", help="default: peft")
     consolidate.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     consolidate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    merge = commands.add_parser(
+        "merge",
+        help="merge a sharded adapter checkpoint into its HF base model (HF safetensors checkpoint)",
+        description="Write the HF base model with the adapter merged (W + s·B·A per targeted module, in fp32, "
+        "cast to the base dtype) as sharded safetensors + model.safetensors.index.json, with config.json and "
+        "any generation/tokenizer files copied. One process, streaming one tensor at a time.",
+    )
+    merge.add_argument("checkpoint", metavar="CHECKPOINT", help="sharded checkpoint directory (with manifest.json)")
+    merge.add_argument("out_dir", metavar="OUT_DIR", help="output directory (must be empty or absent unless --overwrite)")
+    merge.add_argument("--hf-model", metavar="HF_DIR", required=True, help="the HF base model directory (safetensors)")
+    merge.add_argument("--max-shard-size", default="5GB", help="largest output file, e.g. 5GB, 500MB (default 5GB)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    merge.add_argument("--no-progress", action="store_true", help="no progress bar")
     train = commands.add_parser(
         "train",
         help="one rank of a LoRA fine-tuning job (launch it with torchrun)",
@@ -93,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument("--nproc", type=int, default=2, help="processes = tensor-parallel size (default 2)")
     args, rest = parser.parse_known_args(argv)
-    commands_by_name = {"consolidate": _consolidate, "train": _train, "demo": _demo}
+    commands_by_name = {"consolidate": _consolidate, "merge": _merge, "train": _train, "demo": _demo}
     return commands_by_name[args.command](args, rest)
 
 

@@ -30,7 +30,6 @@ MEGATRON_CORE_ALLOWLIST = ("megatron.core",)
 # Features another issue delivers: validated here, refused by get_lora_model until then.
 NOT_YET_SUPPORTED = {
     "use_dora": "DoRA",
-    "layer_replication": "layer replication",
 }
 NOT_YET_SUPPORTED_INIT = ("eva", "olora", "pissa", "corda", "loftq")
 

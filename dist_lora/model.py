@@ -23,6 +23,7 @@ from .layers import LoraLayer, LoraLinear
 from .layers import math as lm
 from .modules_to_save import ModulesToSaveWrapper
 from .naming import global_module_name
+from .replication import Replication, replicate_layers
 from .targeting import find_targets, parallel_linear_kind
 
 
@@ -106,6 +107,7 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self._active_adapters: list[str] = [adapter_name]
         self._seed = _shared_seed(seed)
+        self._replication: Optional[Replication] = None  # set by the first adapter with layer_replication
         for param in model.parameters():
             param.requires_grad_(False)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
@@ -154,8 +156,14 @@ class LoraModel(nn.Module):
             raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}.")
         _refuse_unsupported(config)
         config = copy.deepcopy(config)  # never mutate the caller's config
-        targets = _find_targets_on_all_stages(self.model, config)
-        save_names = self._modules_to_save_names(config)  # may raise: before anything changes
+        replicated_now = self._replicate(config)  # layer_replication: expand the stack before targeting
+        try:
+            targets = _find_targets_on_all_stages(self.model, config)
+            save_names = self._modules_to_save_names(config)  # may raise: before anything changes
+        except Exception:
+            if replicated_now:
+                self._unreplicate()
+            raise
         device = "meta" if low_cpu_mem_usage else None
         for name in targets:
             global_name = global_module_name(self.model, name)  # patterns and seeds see global layer indices
@@ -182,6 +190,39 @@ class LoraModel(nn.Module):
             module.add(adapter_name)
         self.peft_config[adapter_name] = config
         self._mark_trainable()
+
+    def _replicate(self, config: LoraConfig) -> bool:
+        """Apply ``config.layer_replication`` (see :mod:`dist_lora.replication`); True if the stack
+        was expanded now. Every adapter of a replicated model must give the same ranges."""
+        ranges = config.layer_replication
+        done = None if self._replication is None else self._replication.ranges
+        if ranges == done:
+            return False
+        if done is not None:
+            raise ConfigError(
+                f"the model's layers were replicated with layer_replication={done}; an adapter with "
+                f"layer_replication={ranges} cannot be added (every adapter must give the same ranges)."
+            )
+        if self.peft_config:
+            raise ConfigError(
+                f"layer_replication={ranges} must be given by the first adapter: adapters "
+                f"{sorted(self.peft_config)} already sit on the original layers."
+            )
+        self._replication = replicate_layers(self.model, ranges)
+        return True
+
+    def _unreplicate(self) -> None:
+        if self._replication is not None:
+            self._replication.restore(self.model)
+            self._replication = None
+
+    def materialize_replicated_layers(self) -> int:
+        """Give every replicated layer its own copy of the base weights it shares (copied on
+        purpose: the model becomes a dense expanded model whose adapters can be merged).
+        Returns the bytes copied (0 without layer_replication)."""
+        from .replication import materialize
+
+        return materialize(self.model, self._replication)
 
     def _modules_to_save_names(self, config: LoraConfig) -> list[str]:
         if not config.modules_to_save:
@@ -262,6 +303,29 @@ class LoraModel(nn.Module):
         if remaining:
             self.set_adapter(remaining)
 
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: Optional[int] = None,
+        svd_clamp: Optional[float] = None,
+        svd_full_matrices: bool = True,
+        svd_driver: Optional[str] = None,
+        density: Optional[float] = None,
+        majority_sign_method: str = "total",
+        seed: Optional[int] = None,
+    ) -> None:
+        """Add ``adapter_name``, a weighted combination of ``adapters`` (PEFT's method, on
+        sharded adapters too; ``seed`` seeds DARE's masks); see :mod:`dist_lora.weighting`."""
+        from .weighting import add_weighted_adapter
+
+        add_weighted_adapter(
+            self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+            svd_full_matrices, svd_driver, density, majority_sign_method, seed,
+        )
+
     def _discard_adapter(self, adapter_name: str) -> None:
         """Undo a failed load: delete the adapter and unwrap the layers left with no adapter,
         so the module tree (and state-dict keys) are as before."""
@@ -272,6 +336,8 @@ class LoraModel(nn.Module):
         for name, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper) and not module.modules_to_save:
                 self._replace(name, module.original_module)
+        if not self.peft_config:
+            self._unreplicate()
 
     def enable_adapter_layers(self) -> None:
         self._set_enabled(True)
@@ -310,33 +376,53 @@ class LoraModel(nn.Module):
     # --- merging -------------------------------------------------------------------------
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        for _, layer in self.lora_layers():
-            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        """Merge adapters (default: the active ones) into the base weights in place, on each
+        rank's own shards; see :mod:`dist_lora.merge` (safe_merge is all-or-nothing on all ranks)."""
+        from .merge import merge_layers
+
+        self._check_merge_allowed()
+        merge_layers(list(self.lora_layers()), adapter_names, self._active_adapters, safe_merge)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.lora_layers():
             layer.unmerge()
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+        materialize: bool = False,
     ) -> nn.Module:
         """Merge adapters into the base weights and return the base model without LoRA modules.
 
         With ``safe_merge`` every merged weight is checked finite before any weight changes.
+        ``materialize`` (layer_replication only) first copies the shared base weights
+        (:meth:`materialize_replicated_layers`): the result is a dense expanded model.
         """
-        layers = list(self.lora_layers())
-        if safe_merge:
-            for name, layer in layers:  # check every layer first: a failure leaves all untouched
-                for adapter in self._merge_names(layer, adapter_names):
-                    if not torch.isfinite(layer.get_delta_weight(adapter)).all():
-                        raise ValueError(f"adapter {adapter!r} of {name} has NaN/Inf values; nothing was merged.")
-        for name, layer in _progress(layers, progressbar, "merging"):
-            layer.merge(adapter_names=self._merge_names(layer, adapter_names))
+        from .merge import merge_layers
+
+        if materialize:
+            self.materialize_replicated_layers()
+        self._check_merge_allowed()
+        progress = lambda items: _progress(items, progressbar, "merging")  # noqa: E731
+        merge_layers(list(self.lora_layers()), adapter_names, self._active_adapters, safe_merge, progress)
         return self.unload()
 
-    def _merge_names(self, layer: LoraLayer, adapter_names: Optional[list[str]]) -> list[str]:
-        names = self._active_adapters if adapter_names is None else adapter_names
-        return [n for n in names if n in layer.lora_A]
+    def _check_merge_allowed(self) -> None:
+        """Replicated layers share base weights: merging is refused until they are materialized."""
+        from .merge import MergeError, refuse_replicated_layers
+
+        if self._replication is not None and self._replication.materialized:
+            return
+        if self._replication is not None:
+            raise MergeError(
+                f"this model's layers are replicated (layer_replication={self._replication.ranges}): replicas "
+                "share their base weights, so merging would add every replica's adapter to the one shared "
+                "weight. Use merge_and_unload(materialize=True) (or materialize_replicated_layers() first) "
+                "to copy the shared weights into a dense expanded model and merge into that."
+            )
+        refuse_replicated_layers(self.peft_config.values())
 
     def unload(self) -> nn.Module:
         """The base model with every LoRA layer replaced by its base layer (no merge)."""

@@ -181,7 +181,7 @@ def consolidate(
         duplicated = sorted({n for n in names if names.count(n) > 1})
         raise ConsolidationError(f"several checkpoint tensors map to the same output tensor: {duplicated[:5]}.")
     if format == "peft" and hf_model_dir is not None:
-        _check_against_hf_model(groups, hf_model_dir)
+        _check_against_hf_model(groups, hf_model_dir, config.layer_replication)
 
     groups.sort(key=lambda group: -group[0].dtype.itemsize)  # keeps every tensor's data aligned
     with _staging(out_dir, overwrite) as staging:
@@ -442,23 +442,24 @@ def _check_geometry(sources: dict[str, _Source], arch: Any, config: LoraConfig, 
     from ..targeting import MEGATRON_GPT_DEFAULT_TARGETS, _name_matches, layer_index
 
     problems: dict[str, str] = {}
+    num_layers = _expanded_layers(config, arch.num_layers, hf_model_dir)
     layers = sorted({layer for s in sources.values() if (layer := _layer_of(s.module)) is not None})
-    if layers and layers[-1] >= arch.num_layers:
+    if layers and layers[-1] >= num_layers:
         problems["num_hidden_layers"] = (
-            f"the HF model has {arch.num_layers} layers, the checkpoint has adapters on layer {layers[-1]}"
+            f"the HF model has {num_layers} layers, the checkpoint has adapters on layer {layers[-1]}"
         )
     elif layers:  # would the adapter config have targeted the HF model's later layers too?
         spec = config.target_modules if config.target_modules is not None else MEGATRON_GPT_DEFAULT_TARGETS
         subs = sorted({sub for s in sources.values() if (sub := _layer_sub(s.module)) is not None})
         wanted = [
             layer
-            for layer in range(layers[-1] + 1, arch.num_layers)
+            for layer in range(layers[-1] + 1, num_layers)
             for sub in subs
             if _targets(config, spec, f"decoder.layers.{layer}.{sub}", _name_matches, layer_index)
         ]
         if wanted:
             problems["num_hidden_layers"] = (
-                f"the HF model has {arch.num_layers} layers, the checkpoint's adapters stop at layer {layers[-1]} "
+                f"the HF model has {num_layers} layers, the checkpoint's adapters stop at layer {layers[-1]} "
                 f"although its config targets layer {wanted[0]} too"
             )
     hidden, heads = arch.hidden_size, arch.num_attention_heads
@@ -495,6 +496,19 @@ def _check_geometry(sources: dict[str, _Source], arch: Any, config: LoraConfig, 
             + "; ".join(f"{field}: {text}" for field, text in problems.items())
             + "."
         )
+
+
+def _expanded_layers(config: LoraConfig, num_layers: int, hf_model_dir: str) -> int:
+    """The number of layers the adapters sit on: with layer_replication, the expanded stack's
+    (PEFT expands the HF model the same way before loading)."""
+    if not config.layer_replication:
+        return num_layers
+    from ..replication import expand_ranges
+
+    try:
+        return len(expand_ranges(config.layer_replication, num_layers))
+    except ConfigError as e:
+        raise ConsolidationError(f"the HF model at {hf_model_dir} does not fit the checkpoint's {e}") from None
 
 
 def _targets(config: LoraConfig, spec: Any, name: str, name_matches: Any, layer_index: Any) -> bool:
@@ -596,9 +610,10 @@ def _hf_config(
 # Check against the HF model
 
 
-def _check_against_hf_model(groups: list, hf_model_dir: str) -> None:
-    """Every output key must name a module (and parameter) of the HF model, with its shape."""
-    modules = _hf_modules(hf_model_dir)
+def _check_against_hf_model(groups: list, hf_model_dir: str, layer_replication: Optional[list] = None) -> None:
+    """Every output key must name a module (and parameter) of the HF model (its layers
+    replicated as PEFT will, with ``layer_replication``), with its shape."""
+    modules = _hf_modules(hf_model_dir, layer_replication)
     for _, outputs in groups:
         for out in outputs:
             name = out.name.removeprefix(PREFIX)
@@ -628,7 +643,9 @@ def _check_against_hf_model(groups: list, hf_model_dir: str) -> None:
                 )
 
 
-def _hf_modules(hf_model_dir: str) -> dict[str, tuple[Optional[tuple[int, int]], dict[str, tuple]]]:
+def _hf_modules(
+    hf_model_dir: str, layer_replication: Optional[list] = None
+) -> dict[str, tuple[Optional[tuple[int, int]], dict[str, tuple]]]:
     """module name -> ((in, out) for linear layers, {param: shape}) of the HF model, built on
     the meta device from its config.json (no weights are read)."""
     import transformers
@@ -639,6 +656,13 @@ def _hf_modules(hf_model_dir: str) -> dict[str, tuple[Optional[tuple[int, int]],
             model = transformers.AutoModelForCausalLM.from_config(hf_config)
     except (OSError, ValueError, KeyError) as e:
         raise ConsolidationError(f"cannot build the HF model from {hf_model_dir}/config.json: {e}") from None
+    if layer_replication:
+        from ..replication import replicate_layers
+
+        try:
+            replicate_layers(model, layer_replication)  # structural only: the meta model stays meta
+        except ConfigError as e:
+            raise ConsolidationError(f"the HF model at {hf_model_dir} does not fit the checkpoint's {e}") from None
     out = {}
     for name, module in model.named_modules():
         params = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False)}

@@ -50,3 +50,16 @@ def set_tp_attributes(param: torch.nn.Parameter, partition_dim: int, stride: int
 
 def partition_stride(param: torch.Tensor) -> int:
     return int(getattr(param, "partition_stride", 1) or 1)
+
+
+def gather_full(tensor: torch.Tensor, dim: int, group: Optional[dist.ProcessGroup], stride: int = 1) -> torch.Tensor:
+    """The full tensor from every rank's :func:`shard` along ``dim`` (its inverse): all-gather
+    the shards over ``group``, then put the strided pieces back in order (piece k of every
+    rank, for k = 0 .. stride-1)."""
+    rank, size = group_rank_size(group)
+    if size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    pieces = [part.chunk(stride, dim=dim) for part in parts]
+    return torch.cat([p[k] for k in range(stride) for p in pieces], dim=dim)

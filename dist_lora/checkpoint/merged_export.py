@@ -1,0 +1,199 @@
+"""Export a sharded adapter checkpoint merged into its Hugging Face base model.
+
+    dist-lora merge CHECKPOINT --hf-model HF_DIR OUT_DIR
+
+writes an HF checkpoint (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``,
+or one ``model.safetensors`` when it fits one shard; ``config.json`` and any generation /
+tokenizer files copied) that ``transformers.AutoModelForCausalLM.from_pretrained`` loads as
+the merged model.
+
+How, with bounded memory:
+  1. :func:`dist_lora.checkpoint.consolidate.consolidate` writes the PEFT adapter (HF module
+     names, fused QKV / gated fc1 split with the bridge's layouts) into a temporary directory
+     next to OUT_DIR (removed at the end). An adapter is small next to the base model.
+  2. The base checkpoint is streamed one tensor at a time: for a targeted module
+     W' = W + s·B·A (with lora_bias: b' = b + s·b_B) in fp32, cast back to W's dtype;
+     a modules_to_save tensor replaces the base tensor; anything else is copied unchanged.
+     At most one base tensor (plus its fp32 copy) and one module's factors are in memory.
+  3. Files go into a staging directory that is renamed to OUT_DIR at the end (as consolidate).
+Every adapter tensor must land on a base tensor, or the export fails (nothing is dropped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+
+from ..bridges.checkpoint_reader import CheckpointReader
+from ..config import LoraConfig
+from ..layers import math as lm
+from .consolidate import ConsolidationError, _check_out_dir, _staging, consolidate
+from .peft_format import PREFIX, WEIGHTS_NAME
+from .safetensors_stream import DTYPES, StreamWriter
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+COPIED_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+)
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class MergedExportError(ConsolidationError):
+    """The merged export cannot be written; the message says why."""
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like ``"5GB"``, ``"200MB"``, ``"64KiB"`` (HF's convention)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+        if not match or match.group(2) not in _UNITS:
+            raise MergedExportError(f"cannot read the size {size!r} (examples: 5GB, 500MB, 1048576).")
+        value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if value <= 0:
+        raise MergedExportError(f"the maximum shard size must be positive, got {size!r}.")
+    return value
+
+
+def merge_export(
+    checkpoint_dir: str | os.PathLike,
+    hf_model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    show_progress: bool = True,
+) -> str:
+    """Write the base model in ``hf_model_dir`` with the adapter of the sharded checkpoint
+    ``checkpoint_dir`` merged into it, as an HF safetensors checkpoint in ``out_dir``; return
+    ``out_dir``. A non-empty ``out_dir`` is refused unless ``overwrite``."""
+    checkpoint_dir, hf_model_dir, out_dir = map(os.fspath, (checkpoint_dir, hf_model_dir, out_dir))
+    limit = parse_size(max_shard_size)
+    _check_out_dir(out_dir, overwrite, checkpoint_dir)
+    real_out, real_hf = os.path.realpath(out_dir), os.path.realpath(hf_model_dir)
+    if real_out == real_hf or real_hf.startswith(real_out + os.sep) or real_out.startswith(real_hf + os.sep):
+        raise MergedExportError(f"the output directory {out_dir} must not be, contain or lie inside the base model {hf_model_dir}.")
+    if not os.path.isfile(os.path.join(hf_model_dir, "config.json")):
+        raise MergedExportError(f"{hf_model_dir} has no config.json: pass the Hugging Face model directory with --hf-model.")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    # next to OUT_DIR (same file system as the output), not in a possibly small /tmp
+    with tempfile.TemporaryDirectory(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.adapter-", dir=parent) as tmp:
+        adapter_dir = consolidate(checkpoint_dir, os.path.join(tmp, "adapter"), hf_model_dir=hf_model_dir,
+                                  show_progress=False)
+        config = LoraConfig.from_pretrained(adapter_dir)
+        with _AdapterFile(os.path.join(adapter_dir, WEIGHTS_NAME), config) as adapter, \
+                CheckpointReader(hf_model_dir) as reader, _staging(out_dir, overwrite) as staging:
+            _write_merged(staging, reader, adapter, limit, show_progress)
+            for name in COPIED_FILES:
+                if os.path.isfile(os.path.join(hf_model_dir, name)):
+                    shutil.copyfile(os.path.join(hf_model_dir, name), os.path.join(staging, name))
+    return out_dir
+
+
+class _AdapterFile:
+    """The consolidated PEFT adapter, read one module at a time; tracks what was used."""
+
+    def __init__(self, path: str, config: LoraConfig) -> None:
+        from safetensors import safe_open
+
+        self.config = config
+        self._file = safe_open(path, framework="pt").__enter__()
+        self.keys = frozenset(self._file.keys())
+        self.unused = set(self.keys)
+        self.modules = {k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in self.unused if ".lora_" in k}
+        if any(not k.startswith(PREFIX) for k in self.unused):
+            raise MergedExportError(f"unexpected adapter tensor names: {sorted(self.unused)[:5]}.")  # pragma: no cover
+
+    def _get(self, key: str) -> Optional[torch.Tensor]:
+        if key not in self.keys:
+            return None
+        self.unused.discard(key)
+        return self._file.get_tensor(key)
+
+    def merged(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Base tensor ``name`` (an HF checkpoint name) with the adapter applied."""
+        replaced = self._get(PREFIX + name)  # modules_to_save: the trained copy replaces the base
+        if replaced is not None:
+            return replaced.to(tensor.dtype)
+        module, _, kind = name.rpartition(".")
+        if module not in self.modules or kind not in ("weight", "bias"):
+            return tensor
+        a, b = self._get(f"{PREFIX}{module}.lora_A.weight"), self._get(f"{PREFIX}{module}.lora_B.weight")
+        scaling = lm.lora_scaling(self.config.alpha_for(module), a.shape[0], self.config.use_rslora)
+        if kind == "bias":
+            bias = self._get(f"{PREFIX}{module}.lora_B.bias")
+            return tensor if bias is None else (tensor.float() + bias.float() * scaling).to(tensor.dtype)
+        delta = lm.delta_weight(a, b, scaling, self.config.fan_in_fan_out)
+        if delta.shape != tensor.shape:
+            raise MergedExportError(f"{module}: ΔW is {tuple(delta.shape)}, the base weight {tuple(tensor.shape)}.")
+        return (tensor.float() + delta).to(tensor.dtype)
+
+    def close(self) -> None:
+        self._file.__exit__(None, None, None)
+
+    def __enter__(self) -> "_AdapterFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _plan(reader: CheckpointReader, limit: int) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+    """The base tensors grouped into output files of at most ``limit`` bytes each (a tensor
+    larger than ``limit`` gets a file of its own), in the checkpoint's name order."""
+    shards: list[list] = [[]]
+    size = 0
+    for name in reader.keys():
+        part = reader._slice(name)
+        dtype, shape = DTYPES[part.get_dtype()], tuple(part.get_shape())
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, dtype, shape))
+        size += nbytes
+    return shards
+
+
+def _write_merged(staging: str, reader: CheckpointReader, adapter: _AdapterFile, limit: int, show_progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    shards = _plan(reader, limit)
+    names = [SINGLE_NAME] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    weight_map, total = {}, 0
+    bar = tqdm(total=sum(map(len, shards)), unit="tensor", desc="merging", disable=not show_progress)
+    try:
+        for file_name, specs in zip(names, shards):
+            with StreamWriter(os.path.join(staging, file_name), specs, metadata={"format": "pt"}) as writer:
+                for name, dtype, shape in specs:
+                    tensor = adapter.merged(name, reader.read(name))
+                    if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                        raise MergedExportError(f"{name}: the adapter's tensor is {tuple(tensor.shape)}, the base {shape}.")
+                    writer.write(name, tensor)
+                    weight_map[name] = file_name
+                    total += tensor.numel() * tensor.element_size()
+                    bar.update(1)
+                    del tensor
+    finally:
+        bar.close()
+    if adapter.unused:
+        raise MergedExportError(
+            f"adapter tensors that match no tensor of the base model: {sorted(adapter.unused)[:5]}"
+            f"{' ...' if len(adapter.unused) > 5 else ''}; is --hf-model the model the adapter was trained on?"
+        )
+    if len(shards) > 1:
+        with open(os.path.join(staging, INDEX_NAME), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)

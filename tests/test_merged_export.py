@@ -1,0 +1,139 @@
+"""``dist-lora merge``: a sharded adapter checkpoint of a megatron model at TP=2, built from a
+tiny HF Llama (GQA, fused QKV and gated fc1 on the megatron side) and trained two steps,
+merged into the HF base checkpoint; transformers loads the output (several shards + index)
+with the megatron LoRA model's logits; bad input is refused and leaves OUT_DIR alone."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from dist_lora import LoraConfig, get_lora_model  # noqa: E402
+from dist_lora.bridges import build_megatron_gpt  # noqa: E402
+from dist_lora.checkpoint.merged_export import MergedExportError, merge_export, parse_size  # noqa: E402
+from dist_lora.checkpoint.sharded import save_sharded  # noqa: E402
+from dist_lora.cli import main as cli_main  # noqa: E402
+from dist_lora.parallel.grads import finalize_lora_grads  # noqa: E402
+from tests.harness import run_distributed  # noqa: E402
+from tests.hf_models import MEGATRON_LLAMA  # noqa: E402
+from tests.tp_utils import gather_tp  # noqa: E402
+
+VOCAB, BATCH, SEQ, TP = 128, 2, 16, 2
+LORA = dict(r=4, lora_alpha=8, init_lora_weights=False, rank_pattern={"linear_fc2": 2}, alpha_pattern={"linear_proj": 16})
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
+
+
+def _train_and_save(hf_dir: str, ckpt_dir: str, sp: bool = False, lora: dict = LORA) -> torch.Tensor:
+    model = get_lora_model(build_megatron_gpt(hf_dir, tp=TP, sequence_parallel=sp), LoraConfig(**lora), seed=0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(2):
+        ids = torch.randint(VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(100 + step))
+        loss = model(ids[:, :-1], position_ids=None, attention_mask=None, labels=ids[:, 1:]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        finalize_lora_grads(model)
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        logits = gather_tp(model(_ids(), None, None), dim=-1)
+    save_sharded(model, ckpt_dir)
+    return logits
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[str, str, torch.Tensor]:
+    """(HF base dir, sharded checkpoint dir, megatron LoRA logits)."""
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**MEGATRON_LLAMA, tie_word_embeddings=False))
+    hf_dir = str(tmp_path_factory.mktemp("llama"))
+    base.save_pretrained(hf_dir)
+    with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:  # a stand-in tokenizer file to copy
+        json.dump({"model_max_length": 64}, f)
+    ckpt = str(tmp_path_factory.mktemp("run") / "ckpt")
+    logits = run_distributed(_train_and_save, TP, tp=TP, args=(hf_dir, ckpt))
+    assert torch.equal(logits[0], logits[1])
+    return hf_dir, ckpt, logits[0]
+
+
+def _logits(model_dir: str) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    with torch.no_grad():
+        return model(_ids()).logits
+
+
+def test_cli_merge_matches_megatron_lora_logits(trained, tmp_path, capsys) -> None:
+    hf_dir, ckpt, megatron_logits = trained
+    out = str(tmp_path / "merged")
+    assert cli_main(["merge", ckpt, "--hf-model", hf_dir, out, "--max-shard-size", "100KB", "--no-progress"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files == sorted(n for n in os.listdir(out) if n.endswith(".safetensors"))
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging left behind
+    merged = _logits(out)
+    assert (merged - megatron_logits).abs().max().item() < 1e-4
+    assert (_logits(hf_dir) - megatron_logits).abs().max().item() > 1e-2  # the adapter mattered
+
+
+def test_non_empty_out_dir_needs_overwrite(trained, tmp_path, capsys) -> None:
+    hf_dir, ckpt, megatron_logits = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert cli_main(["merge", ckpt, "--hf-model", hf_dir, str(out), "--no-progress"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert os.listdir(out) == ["keep.txt"]
+    merge_export(ckpt, hf_dir, out, overwrite=True, show_progress=False)
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"]
+    assert (_logits(str(out)) - megatron_logits).abs().max().item() < 1e-4
+
+
+def test_bad_input_is_refused(trained, tmp_path) -> None:
+    hf_dir, ckpt, _ = trained
+    with pytest.raises(MergedExportError, match="base model"):
+        merge_export(ckpt, hf_dir, os.path.join(hf_dir, "inside"), show_progress=False)
+    with pytest.raises(MergedExportError, match="size"):
+        merge_export(ckpt, hf_dir, tmp_path / "x", max_shard_size="lots", show_progress=False)
+    assert not (tmp_path / "x").exists()
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("64KiB") == 65536 and parse_size(123) == 123
+
+
+def _qwen2_dir(directory: str) -> str:
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**MEGATRON_LLAMA, tie_word_embeddings=False))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # HF zeroes biases: give the q/k/v biases values
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_qwen2_lora_bias_on_fused_qkv_with_sequence_parallel(tmp_path) -> None:
+    """lora_bias on the fused QKV (split into q/k/v weights and biases), TP=2 with SP."""
+    hf_dir = _qwen2_dir(str(tmp_path / "qwen2"))
+    lora_qkv_bias = dict(LORA, target_modules=["linear_qkv"], lora_bias=True)
+    logits = run_distributed(_train_and_save, TP, tp=TP, args=(hf_dir, str(tmp_path / "ckpt"), True, lora_qkv_bias))
+    out = merge_export(tmp_path / "ckpt", hf_dir, tmp_path / "merged", max_shard_size="200KB", show_progress=False)
+    assert (_logits(out) - logits[0]).abs().max().item() < 1e-4
+    # lora_bias on a module whose base has no bias (o_proj) cannot be merged: refused, nothing written
+    run_distributed(_train_and_save, TP, tp=TP, args=(hf_dir, str(tmp_path / "ckpt2"), False,
+                                                     dict(LORA, target_modules=["linear_proj"], lora_bias=True)))
+    with pytest.raises(MergedExportError, match="o_proj.lora_B.bias"):
+        merge_export(tmp_path / "ckpt2", hf_dir, tmp_path / "merged2", show_progress=False)
+    assert not (tmp_path / "merged2").exists()
