@@ -28,9 +28,7 @@ _PISSA_NITER = re.compile(r"pissa_niter_(.*)")
 MEGATRON_CORE_ALLOWLIST = ("megatron.core",)
 
 # Features another issue delivers: validated here, refused by get_lora_model until then.
-NOT_YET_SUPPORTED = {
-    "use_dora": "DoRA",
-}
+NOT_YET_SUPPORTED: dict[str, str] = {}
 NOT_YET_SUPPORTED_INIT = ("eva", "olora", "pissa", "corda", "loftq")
 
 

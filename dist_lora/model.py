@@ -179,6 +179,7 @@ class LoraModel(nn.Module):
                 init_lora_weights=config.init_lora_weights,
                 use_rslora=config.use_rslora,
                 lora_bias=config.lora_bias,
+                use_dora=config.use_dora,
                 seed=lm.init_seed(self._seed, global_name, adapter_name),
                 device=device,
             )
@@ -268,9 +269,9 @@ class LoraModel(nn.Module):
         for _, layer in self.lora_layers():
             layer.set_adapter(active)
             for name in frozen:
-                if name in layer.lora_A:
-                    layer.lora_A[name].requires_grad_(False)
-                    layer.lora_B[name].requires_grad_(False)
+                for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+                    if name in store:
+                        store[name].requires_grad_(False)
         for wrapper in self._wrappers():
             wrapper.set_adapter(active)
         for name in active:

@@ -158,6 +158,8 @@ def _check_arguments(model, adapters, weights, adapter_name, combination_type, s
         config = model.peft_config[a]
         if config.lora_bias:
             raise NotImplementedError(f"add_weighted_adapter does not support lora_bias adapters ({a!r}).")
+        if config.use_dora:  # a sum of ΔW's has no single magnitude vector
+            raise NotImplementedError(f"add_weighted_adapter does not support DoRA adapters ({a!r}).")
         if config.modules_to_save:
             raise NotImplementedError(
                 f"add_weighted_adapter does not combine modules_to_save (adapter {a!r} has {config.modules_to_save})."

@@ -296,7 +296,6 @@ def test_default_targets_for_known_architecture():
 @pytest.mark.parametrize(
     "kwargs, feature",
     [
-        (dict(use_dora=True), "DoRA"),
         (dict(init_lora_weights="pissa"), "pissa"),
         (dict(init_lora_weights="pissa_niter_4"), "pissa_niter_4"),
         (dict(init_lora_weights="olora"), "olora"),

@@ -65,7 +65,7 @@ from .safetensors_stream import DTYPES, SafetensorsFormatError, ShardReader, Str
 from .sharded import FORMAT, MANIFEST, _sha256
 
 FORMATS = ("peft", "megatron")
-LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias")
+LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector")
 _SHARD_NAME = re.compile(r"shard-pp(\d+)-tp(\d+)\.safetensors")
 _LAYER = re.compile(r"(?:.*\.)?decoder\.layers\.(\d+)\.(.+)")
 # Init methods that change the base weights: the adapter is only valid with those weights.
@@ -150,8 +150,6 @@ def consolidate(
     config = LoraConfig.from_pretrained(checkpoint_dir)
     headers = _read_headers(checkpoint_dir, manifest)
     sources = _sources(checkpoint_dir, manifest, headers)
-    if config.use_dora or any(".lora_magnitude_vector" in key for key in sources):
-        raise ConsolidationError("consolidating DoRA adapters is not supported yet.")
     if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(_BASE_CHANGING_INIT):
         raise ConsolidationError(
             f"init_lora_weights={config.init_lora_weights!r} changes the base weights during training; "
@@ -288,6 +286,7 @@ def _check_factors(sources: dict[str, _Source], config: LoraConfig) -> None:
         if source.suffix in LORA_SUFFIXES:
             present.setdefault(source.module, set()).add(source.suffix)
     want = {"lora_A.weight", "lora_B.weight"} | ({"lora_B.bias"} if config.lora_bias else set())
+    want |= {"lora_magnitude_vector"} if config.use_dora else set()  # DoRA's m [out]: split like B's rows
     for module, suffixes in sorted(present.items()):
         if suffixes != want:
             missing, extra = sorted(want - suffixes), sorted(suffixes - want)
@@ -632,6 +631,7 @@ def _check_against_hf_model(groups: list, hf_model_dir: str, layer_replication: 
                     "lora_A.weight": (out.shape[0], n_in),
                     "lora_B.weight": (n_out, out.shape[-1]),
                     "lora_B.bias": (n_out,),
+                    "lora_magnitude_vector": (n_out,),
                 }[suffix]
             elif suffix in params:
                 want = params[suffix]

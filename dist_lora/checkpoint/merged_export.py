@@ -107,6 +107,8 @@ class _AdapterFile:
     def __init__(self, path: str, config: LoraConfig) -> None:
         from safetensors import safe_open
 
+        if config.use_dora:
+            raise MergedExportError("merged export of DoRA adapters is not supported (merge in memory with LoraModel.merge_and_unload).")
         self.config = config
         self._file = safe_open(path, framework="pt").__enter__()
         self.keys = frozenset(self._file.keys())

@@ -1,7 +1,7 @@
 """PEFT's adapter format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Saved keys are ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` /
-``.lora_B.bias`` (no adapter name), and ``base_model.model.<module>.<param>`` for
+``.lora_B.bias`` / ``.lora_magnitude_vector`` (DoRA's m, no ``.weight``; no adapter name), and ``base_model.model.<module>.<param>`` for
 modules_to_save. Loading slices full tensors to this rank's shard, so a PEFT file loads
 into a tensor-parallel model at any TP size.
 """
@@ -30,6 +30,8 @@ def _layer_tensors(layer: LoraLayer, adapter: str) -> dict[str, torch.Tensor]:
     out = {"lora_A.weight": layer.lora_A[adapter].weight, "lora_B.weight": layer.lora_B[adapter].weight}
     if layer.lora_B[adapter].bias is not None:
         out["lora_B.bias"] = layer.lora_B[adapter].bias
+    if adapter in layer.lora_magnitude_vector:  # DoRA's m: PEFT saves it without ".weight"
+        out["lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter].weight
     return out
 
 
@@ -129,6 +131,8 @@ def expected_keys(
 def resolve_parameter(module: torch.nn.Module, path: str, adapter: str) -> tuple[torch.nn.Module, str]:
     """(owning submodule, attribute name) of an ``expected_keys`` entry."""
     if isinstance(module, LoraLayer):
+        if path == "lora_magnitude_vector":
+            return module.lora_magnitude_vector[adapter], "weight"
         factor, _, pname = path.partition(".")
         return getattr(module, factor)[adapter], pname
     sub_name, _, pname = path.rpartition(".")

@@ -24,7 +24,7 @@ class LoraLayer(nn.Module):
     (``<module>.lora_A.<adapter>.weight``).
     """
 
-    adapter_layer_names = ("lora_A", "lora_B")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -34,11 +34,13 @@ class LoraLayer(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA: m [out] (or its row shard) as ``.weight``
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
         self.merged_adapters: list[str] = []
+        self._dora_merge_scale: dict[str, torch.Tensor] = {}  # m / ||W + ΔW|| used when merged
         self._active_adapters: list[str] = []
         self._disable_adapters = False
 
@@ -54,6 +56,10 @@ class LoraLayer(nn.Module):
 
     def _tag_parameters(self, adapter_name: str) -> None:
         """Attach sharding attributes to the new adapter's parameters (parallel layers)."""
+
+    def _reduce_norm_sq(self, norm_sq: torch.Tensor) -> torch.Tensor:
+        """Complete a row-wise squared norm over the shards of the input dim (row-parallel)."""
+        return norm_sq
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -74,6 +80,7 @@ class LoraLayer(nn.Module):
         init_lora_weights: lm.InitKind = True,
         use_rslora: bool = False,
         lora_bias: bool = False,
+        use_dora: bool = False,
         seed: int = 0,
         device: Optional[torch.device] = None,
     ) -> None:
@@ -108,6 +115,18 @@ class LoraLayer(nn.Module):
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = use_rslora
         self.scaling[adapter_name] = lm.lora_scaling(lora_alpha, r, use_rslora)
+        if use_dora:
+            if lora_bias:
+                raise ValueError("lora_bias is not supported together with use_dora.")
+            magnitude = nn.Module()
+            if on_meta:
+                m = torch.empty(b.shape[0], device="meta")
+            else:
+                m = self.dora_weight_norm(adapter_name).to(device=target, dtype=dtype)
+            magnitude.weight = nn.Parameter(m)
+            self.lora_magnitude_vector[adapter_name] = magnitude
+        elif adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
         self._tag_parameters(adapter_name)
         if adapter_name not in self._active_adapters and not self._active_adapters:
             self._active_adapters = [adapter_name]
@@ -121,7 +140,7 @@ class LoraLayer(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into {type(self).__name__}; unmerge it first.")
-        for store in (self.lora_A, self.lora_B, self.lora_dropout):
+        for store in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
             if adapter_name in store:  # nn.ModuleDict.pop takes no default
                 del store[adapter_name]
         for store in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
@@ -185,6 +204,21 @@ class LoraLayer(nn.Module):
             self.fan_in_fan_out,
         )
 
+    @torch.no_grad()
+    def dora_weight_norm(self, adapter_name: str, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """||W + ΔW||_row for this rank's output rows, fp32, no gradient; row-parallel shards
+        sum their squared norms over TP (one out-sized all-reduce)."""
+        weight = self.base_weight if weight is None else weight
+        norm_sq = lm.dora_norm_sq(weight, self.get_delta_weight(adapter_name), self.fan_in_fan_out)
+        return self._reduce_norm_sq(norm_sq).sqrt()
+
+    def is_dora(self, adapter_name: str) -> bool:
+        return adapter_name in self.lora_magnitude_vector
+
+    def _dora_scale(self, adapter_name: str) -> torch.Tensor:
+        """m / ||W + ΔW||_row (gradient to m only)."""
+        return lm.dora_scale(self.lora_magnitude_vector[adapter_name].weight, self.dora_weight_norm(adapter_name))
+
     def _delta_bias(self, adapter_name: str) -> Optional[torch.Tensor]:
         bias = self.lora_B[adapter_name].bias
         return None if bias is None else bias.float() * self.scaling[adapter_name]
@@ -204,7 +238,17 @@ class LoraLayer(nn.Module):
         if not names:
             return
         weight = self.base_weight
-        new_weight = weight.float() + sum(self.get_delta_weight(n) for n in names)
+        new_weight, dora_scales = weight.float(), {}
+        # DoRA: W' = m / ||W0 + ΔW|| · (W + ΔW), W the weight so far, W0 the base without any
+        # merged adapter (the norm forward uses; PEFT merges the same way).
+        unmerged = self._unmerged(new_weight) if any(self.is_dora(n) for n in names) else None
+        for n in names:
+            new_weight = new_weight + self.get_delta_weight(n)
+            if self.is_dora(n):
+                norm = self.dora_weight_norm(n, unmerged)
+                scale = self.lora_magnitude_vector[n].weight.detach().float() / norm
+                dora_scales[n] = scale
+                new_weight = new_weight * (scale[None, :] if self.fan_in_fan_out else scale[:, None])
         bias = getattr(self.base_layer, "bias", None)
         deltas = [d for d in (self._delta_bias(n) for n in names) if d is not None]
         if deltas and bias is None:
@@ -217,6 +261,7 @@ class LoraLayer(nn.Module):
         weight.copy_(new_weight.to(weight.dtype))
         if new_bias is not None:
             bias.copy_(new_bias.to(bias.dtype))
+        self._dora_merge_scale.update(dora_scales)
         self.merged_adapters.extend(names)
 
     @torch.no_grad()
@@ -225,13 +270,23 @@ class LoraLayer(nn.Module):
         if not self.merged_adapters:
             return
         weight = self.base_weight
-        new_weight = weight.float() - sum(self.get_delta_weight(n) for n in self.merged_adapters)
+        new_weight = self._unmerged(weight.float())
+        self._dora_merge_scale.clear()
         weight.copy_(new_weight.to(weight.dtype))
         bias = getattr(self.base_layer, "bias", None)
         deltas = [d for d in (self._delta_bias(n) for n in self.merged_adapters) if d is not None]
         if deltas:
             bias.copy_((bias.float() - sum(deltas)).to(bias.dtype))
         self.merged_adapters = []
+
+    def _unmerged(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (fp32) with the merged adapters taken out, last merged first."""
+        for n in reversed(self.merged_adapters):
+            if n in self._dora_merge_scale:
+                scale = self._dora_merge_scale[n]
+                weight = weight / (scale[None, :] if self.fan_in_fan_out else scale[:, None])
+            weight = weight - self.get_delta_weight(n)
+        return weight
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{a}: r={r}" for a, r in self.r.items())

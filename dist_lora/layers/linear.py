@@ -39,12 +39,29 @@ class LoraLinear(LoraLayer):
         adapters = self._forward_adapters()
         if adapters and not args and not kwargs and self._can_fuse(x, adapters):
             return self._forward_fused(x, adapters)
-        result = self.base_layer(x, *args, **kwargs)
+        result = base_out = self.base_layer(x, *args, **kwargs)
         for name in adapters:
             lora_b = self.lora_B[name]
+            if self.is_dora(name):
+                result = result + self._dora_forward(x, base_out, name).to(result.dtype)
+                continue
             h = lm.lora_down(x, self.lora_A[name].weight, self.scaling[name], self.lora_dropout[name])
             result = result + lm.lora_up(h, lora_b.weight, lora_b.bias, self.scaling[name]).to(result.dtype)
         return result
+
+    def _dora_forward(self, x: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
+        """(m/n - 1) · W x_d + (m/n) · s · B A x_d (see :mod:`dist_lora.layers.math`)."""
+        dropout = self.lora_dropout[name]
+        weight = self.base_weight.t() if self._fan_in_fan_out else self.base_weight
+        if self.training and isinstance(dropout, nn.Dropout):
+            x = dropout(x)
+            base_nobias = torch.nn.functional.linear(x.to(weight.dtype), weight)
+        else:
+            bias = getattr(self.base_layer, "bias", None)
+            base_nobias = base_out if bias is None else base_out - bias
+        h = lm.lora_down(x, self.lora_A[name].weight, self.scaling[name], nn.Identity())
+        lora_out = lm.lora_up(h, self.lora_B[name].weight, None, self.scaling[name])
+        return lm.dora_output(base_nobias, lora_out, self._dora_scale(name))
 
     def _can_fuse(self, x: torch.Tensor, adapters: list[str]) -> bool:
         """The one-function path needs a frozen plain Linear/Conv1D and one dtype throughout."""
@@ -52,6 +69,7 @@ class LoraLinear(LoraLayer):
         return (
             (type(base) is nn.Linear or self._fan_in_fan_out)
             and not base.weight.requires_grad
+            and not any(self.is_dora(n) for n in adapters)
             and all(self.lora_A[n].weight.dtype == x.dtype == base.weight.dtype for n in adapters)
         )
 

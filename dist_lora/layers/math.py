@@ -88,3 +88,31 @@ def delta_weight(
     """
     delta = (b.float() @ a.float()) * scaling
     return delta.T if fan_in_fan_out else delta
+
+
+# --- DoRA (weight-decomposed LoRA) -----------------------------------------------------------
+#
+# DoRA learns a magnitude vector m [out] on top of LoRA:
+#     W' = m / ||W + ΔW||_row · (W + ΔW),     ||·||_row: the L2 norm of each output row
+# The norm is treated as a constant (detached, as in the paper and PEFT), so in forward
+#     y = base(x) + (m/n - 1) · (W x_d) + (m/n) · s · B A x_d,     x_d = dropout(x), n = ||W + ΔW||_row
+# where W x_d is the base output without its bias (x_d = x without dropout).
+# Sharded: a column-parallel shard holds whole rows (its norm is local); a row-parallel shard
+# holds column blocks, so n² = Σ_i ||W_i + s·B·A_i||²_row is summed over TP.
+
+
+def dora_norm_sq(weight: torch.Tensor, delta: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """Σ_in (W + ΔW)² per output row, in fp32 (ΔW as :func:`delta_weight` returns it)."""
+    full = weight.float() + delta
+    return full.pow(2).sum(dim=0 if fan_in_fan_out else 1)
+
+
+def dora_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """m / ||W + ΔW||_row with the norm detached (no gradient through it)."""
+    return magnitude / norm.detach().to(magnitude.dtype)
+
+
+def dora_output(base_nobias: torch.Tensor, lora_out: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What DoRA adds to the base output: (m/n - 1) · W x_d + (m/n) · s · B A x_d."""
+    scale = scale.to(lora_out.dtype)
+    return (scale - 1) * base_nobias.to(lora_out.dtype) + scale * lora_out

@@ -77,10 +77,29 @@ class _ParallelLoraLayer(LoraLayer):
         return (
             self.tp_comm == "fused"
             and not base.weight.requires_grad
+            and not self.lora_magnitude_vector  # DoRA layers take the reference path
             and all(self.lora_A[n].weight.dtype == x.dtype == base.weight.dtype for n in adapters)
             and not getattr(base, "explicit_expert_comm", False)
             and not getattr(base, "disable_grad_reduce", False)
         )
+
+    def _uses_fused(self) -> bool:
+        """Whether forward takes the fused path (decides which gradients are partial sums)."""
+        return self.tp_comm == "fused" and not self.lora_magnitude_vector
+
+    def _dora_input(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
+        """(dropout(x), whether dropout was applied) for a DoRA adapter."""
+        dropout = self.lora_dropout[name]
+        if self.training and isinstance(dropout, torch.nn.Dropout):
+            return dropout(x), True
+        return x, False
+
+    def _base_nobias(self, base_out: torch.Tensor) -> torch.Tensor:
+        """The base output without the bias megatron added to it (none with skip_bias_add)."""
+        base = self.base_layer
+        if base.bias is None or base.skip_bias_add:
+            return base_out
+        return base_out - base.bias
 
     def _spec(self, adapters: list[str]) -> FusedSpec:
         return FusedSpec(
@@ -106,9 +125,11 @@ class LoraColumnParallelLinear(_ParallelLoraLayer):
     def _tag_parameters(self, adapter_name: str) -> None:
         for param in self.lora_B[adapter_name].parameters():
             tp.set_tp_attributes(param, 0, self.stride)
+        if adapter_name in self.lora_magnitude_vector:  # m is sharded with the output rows
+            tp.set_tp_attributes(self.lora_magnitude_vector[adapter_name].weight, 0, self.stride)
 
     def partial_grad_parameters(self) -> list[torch.nn.Parameter]:
-        if self.tp_size == 1 or self.tp_comm != "fused":
+        if self.tp_size == 1 or not self._uses_fused():
             return []
         return [self.lora_A[n].weight for n in self.lora_A]
 
@@ -123,7 +144,8 @@ class LoraColumnParallelLinear(_ParallelLoraLayer):
             kwargs["runtime_gather_output"] = runtime_gather_output
         out, out_bias = base(x, **kwargs)
         if adapters:
-            out = self._add_reference(out, x, adapters, gather)
+            w = base.weight if weight is None else weight
+            out = self._add_reference(out, x, adapters, gather, w)
         return out, out_bias
 
     def _forward_fused(self, x: torch.Tensor, adapters: list[str], weight: torch.Tensor, gather: bool):
@@ -139,15 +161,33 @@ class LoraColumnParallelLinear(_ParallelLoraLayer):
             out = _mappings().gather_from_tensor_model_parallel_region(out, group=self.tp_group)
         return out, (base.bias if base.skip_bias_add else None)
 
-    def _add_reference(self, out: torch.Tensor, x: torch.Tensor, adapters: list[str], gather: bool) -> torch.Tensor:
+    def _add_reference(
+        self, out: torch.Tensor, x: torch.Tensor, adapters: list[str], gather: bool, weight: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         m, group = _mappings(), self.tp_group
+        base_out = out
         if self.sequence_parallel:
             x = m.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=group)
         for name in adapters:
             lora_b = self.lora_B[name]
-            h = lm.lora_down(x, self.lora_A[name].weight, self.scaling[name], self.lora_dropout[name])
+            dora = self.is_dora(name)
+            if dora:
+                if gather:
+                    raise NotImplementedError("DoRA on a ColumnParallelLinear with gather_output=True is not supported.")
+                x_d, dropped = self._dora_input(x, name)
+                h = lm.lora_down(x_d, self.lora_A[name].weight, self.scaling[name], torch.nn.Identity())
+            else:
+                h = lm.lora_down(x, self.lora_A[name].weight, self.scaling[name], self.lora_dropout[name])
             h = m.copy_to_tensor_model_parallel_region(h, group=group)
             y = lm.lora_up(h, lora_b.weight, lora_b.bias, self.scaling[name])
+            if dora:
+                # m_i / n_i on this rank's rows: a column shard holds whole rows, the norm is local.
+                if dropped:  # W_i x_d: dx is a partial sum over TP, all-reduced by the copy
+                    x_c = m.copy_to_tensor_model_parallel_region(x_d, group=group)
+                    base_nobias = torch.nn.functional.linear(x_c.to(weight.dtype), weight)
+                else:
+                    base_nobias = self._base_nobias(base_out)
+                y = lm.dora_output(base_nobias, y, self._dora_scale(name))
             if gather:
                 y = m.gather_from_tensor_model_parallel_region(y, group=group)
             out = out + y.to(out.dtype)
@@ -167,11 +207,19 @@ class LoraRowParallelLinear(_ParallelLoraLayer):
     def _tag_parameters(self, adapter_name: str) -> None:
         tp.set_tp_attributes(self.lora_A[adapter_name].weight, 1, self.stride)
 
+    def _reduce_norm_sq(self, norm_sq: torch.Tensor) -> torch.Tensor:
+        """||W + ΔW||²_row = Σ_i ||W_i + s·B·A_i||²_row: one out-sized all-reduce over TP."""
+        if self.tp_size > 1:
+            torch.distributed.all_reduce(norm_sq, group=self.tp_group)
+        return norm_sq
+
     def partial_grad_parameters(self) -> list[torch.nn.Parameter]:
-        if self.tp_size == 1 or (self.tp_comm != "fused" and not self.sequence_parallel):
+        if self.tp_size == 1 or (not self._uses_fused() and not self.sequence_parallel):
             return []
-        if self.tp_comm != "fused":  # reference path under SP: B sees this rank's tokens only
-            return [p for n in self.lora_B for p in self.lora_B[n].parameters()]
+        if not self._uses_fused():  # reference path under SP: B and m see this rank's tokens only
+            return [p for n in self.lora_B for p in self.lora_B[n].parameters()] + [
+                self.lora_magnitude_vector[n].weight for n in self.lora_magnitude_vector
+            ]
         params = [self.lora_B[n].weight for n in self.lora_B]
         if self.sequence_parallel:  # the LoRA bias is added to this rank's sequence shard
             params += [self.lora_B[n].bias for n in self.lora_B if self.lora_B[n].bias is not None]
@@ -214,14 +262,31 @@ class LoraRowParallelLinear(_ParallelLoraLayer):
 
     def _add_reference(self, out: torch.Tensor, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         m, group = _mappings(), self.tp_group
+        base_out = out
         if not self.base_layer.input_is_parallel:
             x = m.scatter_to_tensor_model_parallel_region(x, group=group)
         for name in adapters:
             lora_b, dropout = self.lora_B[name], self.lora_dropout[name]
+            dora, dropped, x_d = self.is_dora(name), False, x
             with self._sharded_rng() if isinstance(dropout, torch.nn.Dropout) else contextlib.nullcontext():
-                h = lm.lora_down(x, self.lora_A[name].weight, self.scaling[name], dropout)
+                if dora:
+                    x_d, dropped = self._dora_input(x, name)
+                    h = lm.lora_down(x_d, self.lora_A[name].weight, self.scaling[name], torch.nn.Identity())
+                else:
+                    h = lm.lora_down(x, self.lora_A[name].weight, self.scaling[name], dropout)
             h = m.reduce_from_tensor_model_parallel_region(h, group=group)
             if self.sequence_parallel:
                 h = m.scatter_to_sequence_parallel_region(h, group=group)
-            out = out + lm.lora_up(h, lora_b.weight, lora_b.bias, self.scaling[name]).to(out.dtype)
+            y = lm.lora_up(h, lora_b.weight, lora_b.bias, self.scaling[name])
+            if dora:  # m replicated; the norm is all-reduced over TP (see _reduce_norm_sq)
+                if dropped:  # Σ_i W_i x_d,i, reduced like the base output
+                    partial = torch.nn.functional.linear(x_d.to(self.base_layer.weight.dtype), self.base_layer.weight)
+                    if self.sequence_parallel:
+                        base_nobias = m.reduce_scatter_to_sequence_parallel_region(partial, group=group)
+                    else:
+                        base_nobias = m.reduce_from_tensor_model_parallel_region(partial, group=group)
+                else:
+                    base_nobias = self._base_nobias(base_out)
+                y = lm.dora_output(base_nobias, y, self._dora_scale(name))
+            out = out + y.to(out.dtype)
         return out
