@@ -137,3 +137,17 @@ def test_qwen2_lora_bias_on_fused_qkv_with_sequence_parallel(tmp_path) -> None:
     with pytest.raises(MergedExportError, match="o_proj.lora_B.bias"):
         merge_export(tmp_path / "ckpt2", hf_dir, tmp_path / "merged2", show_progress=False)
     assert not (tmp_path / "merged2").exists()
+
+
+def test_dora_checkpoint_merges_to_the_megatron_logits(tmp_path) -> None:
+    """DoRA: W' = m / ||W + ΔW||_row · (W + ΔW), exported tensor by tensor."""
+    torch.manual_seed(0)
+    hf_dir = str(tmp_path / "llama")
+    LlamaForCausalLM(LlamaConfig(**MEGATRON_LLAMA, tie_word_embeddings=False)).save_pretrained(hf_dir)
+    ckpt = str(tmp_path / "ckpt")
+    lora = dict(LORA, use_dora=True)
+    megatron_logits = run_distributed(_train_and_save, TP, tp=TP, args=(hf_dir, ckpt), kwargs={"lora": lora})[0]
+    out = str(tmp_path / "merged")
+    merge_export(ckpt, hf_dir, out, show_progress=False)
+    torch.testing.assert_close(_logits(out), megatron_logits, atol=1e-4, rtol=0)
+    assert (_logits(hf_dir) - megatron_logits).abs().max() > 1e-3, "the adapter must change the logits"

@@ -107,8 +107,6 @@ class _AdapterFile:
     def __init__(self, path: str, config: LoraConfig) -> None:
         from safetensors import safe_open
 
-        if config.use_dora:
-            raise MergedExportError("merged export of DoRA adapters is not supported (merge in memory with LoraModel.merge_and_unload).")
         self.config = config
         self._file = safe_open(path, framework="pt").__enter__()
         self.keys = frozenset(self._file.keys())
@@ -139,7 +137,12 @@ class _AdapterFile:
         delta = lm.delta_weight(a, b, scaling, self.config.fan_in_fan_out)
         if delta.shape != tensor.shape:
             raise MergedExportError(f"{module}: ΔW is {tuple(delta.shape)}, the base weight {tuple(tensor.shape)}.")
-        return (tensor.float() + delta).to(tensor.dtype)
+        merged = tensor.float() + delta
+        magnitude = self._get(f"{PREFIX}{module}.lora_magnitude_vector")
+        if magnitude is not None:  # DoRA: W' = m / ||W + ΔW||_row · (W + ΔW); the bias is not rescaled
+            scale = lm.dora_scale(magnitude.float(), lm.dora_norm_sq(tensor, delta, self.config.fan_in_fan_out).sqrt())
+            merged = merged * (scale[None, :] if self.config.fan_in_fan_out else scale[:, None])
+        return merged.to(tensor.dtype)
 
     def close(self) -> None:
         self._file.__exit__(None, None, None)
