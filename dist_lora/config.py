@@ -29,7 +29,7 @@ MEGATRON_CORE_ALLOWLIST = ("megatron.core",)
 
 # Features another issue delivers: validated here, refused by get_lora_model until then.
 NOT_YET_SUPPORTED: dict[str, str] = {}
-NOT_YET_SUPPORTED_INIT = ("eva", "olora", "pissa", "corda", "loftq")
+NOT_YET_SUPPORTED_INIT = ("eva", "corda", "loftq")
 
 
 class ConfigError(ValueError):

@@ -20,6 +20,7 @@ from torch import nn
 from . import config as cfg
 from .config import ConfigError, LoraConfig
 from .layers import LoraLayer, LoraLinear
+from .init import is_weight_driven
 from .layers import math as lm
 from .modules_to_save import ModulesToSaveWrapper
 from .naming import global_module_name
@@ -48,10 +49,10 @@ def _refuse_unsupported(config: LoraConfig) -> None:
     for field_name, feature in cfg.NOT_YET_SUPPORTED.items():
         if getattr(config, field_name):
             raise NotImplementedError(f"{feature} ({field_name}) is not yet supported by dist_lora.")
-    if config.init_lora_weights in cfg.NOT_YET_SUPPORTED_INIT or str(config.init_lora_weights).startswith("pissa_niter_"):
+    if config.init_lora_weights in cfg.NOT_YET_SUPPORTED_INIT:
         raise NotImplementedError(
             f"init_lora_weights={config.init_lora_weights!r} is not yet supported by dist_lora; "
-            "use True, False or 'gaussian'."
+            "use True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' or 'olora'."
         )
 
 
@@ -160,6 +161,8 @@ class LoraModel(nn.Module):
         try:
             targets = _find_targets_on_all_stages(self.model, config)
             save_names = self._modules_to_save_names(config)  # may raise: before anything changes
+            if not low_cpu_mem_usage:
+                self._check_weight_driven(targets, config)  # PiSSA/OLoRA change base weights
         except Exception:
             if replicated_now:
                 self._unreplicate()
@@ -191,6 +194,30 @@ class LoraModel(nn.Module):
             module.add(adapter_name)
         self.peft_config[adapter_name] = config
         self._mark_trainable()
+
+    def _check_weight_driven(self, targets: list[str], config: LoraConfig) -> None:
+        """PiSSA / OLoRA rewrite each target's base weight: refuse before the first one changes."""
+        if not is_weight_driven(config.init_lora_weights):
+            return
+        for name in targets:
+            layer = self.model.get_submodule(name)
+            if isinstance(layer, LoraLayer):
+                sizes, weight = (layer.in_features, layer.out_features), layer.base_weight
+            else:
+                weight = layer.weight
+                sizes = (getattr(layer, "input_size", None), getattr(layer, "output_size", None))
+                sizes = tuple(weight.shape) if None in sizes else sizes
+            r = config.rank_for(global_module_name(self.model, name))
+            if r > min(sizes):
+                raise ValueError(
+                    f"init_lora_weights={config.init_lora_weights!r} needs r <= min(in_features, out_features) = "
+                    f"{min(sizes)} on {name!r}, got r={r}."
+                )
+            if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise TypeError(
+                    f"init_lora_weights={config.init_lora_weights!r} needs a float32/float16/bfloat16 base weight, "
+                    f"{name!r} has {weight.dtype}."
+                )
 
     def _replicate(self, config: LoraConfig) -> bool:
         """Apply ``config.layer_replication`` (see :mod:`dist_lora.replication`); True if the stack
@@ -443,6 +470,30 @@ class LoraModel(nn.Module):
         from .checkpoint.peft_format import adapter_state_dict
 
         return adapter_state_dict(self, adapter_name or self._active_adapters[0])
+
+    def subtract_mutated_init(
+        self, output_state_dict: dict[str, torch.Tensor], adapter_name: str, kwargs: Optional[dict] = None
+    ) -> dict[str, torch.Tensor]:
+        """Turn a trained PiSSA/OLoRA adapter into a plain LoRA adapter for the ORIGINAL base
+        (PEFT's ``LoraModel.subtract_mutated_init``).
+
+        ``output_state_dict`` holds the trained adapter (this rank's tensors under PEFT's saved
+        names, as :meth:`adapter_state_dict` gives them); ``adapter_name`` is an adapter of this
+        model holding the factors A0, B0 as they were at initialisation. With W = W_res + s·B0·A0
+        and the trained W_res + s·B·A, ΔW = s·(B·A - B0·A0) = s·[B, -B0]·[A; A0]: returns
+        A' = [A; A0] (rank 2r) and B' = [B, -B0] for every LoRA factor (other entries are
+        dropped, as PEFT does). Shard-wise under TP (A's rows / B's columns are never sharded).
+        The config to save with them is :func:`dist_lora.init.weight_driven.converted_config`
+        (r doubled, alpha so that the scaling is unchanged)."""
+        del kwargs  # PEFT's ``state_dict`` override; this model's adapters are read directly
+        initial = self.adapter_state_dict(adapter_name)
+        out = {}
+        for name, tensor in output_state_dict.items():
+            if ".lora_A." in name:
+                out[name] = torch.cat([tensor, initial[name].to(tensor.dtype)], dim=0)
+            elif ".lora_B." in name:
+                out[name] = torch.cat([tensor, -initial[name].to(tensor.dtype)], dim=1)
+        return out
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Optional[list[str]] = None) -> None:
         """Write PEFT's adapter files (``adapter_config.json`` + ``adapter_model.safetensors``);

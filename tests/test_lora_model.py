@@ -296,9 +296,6 @@ def test_default_targets_for_known_architecture():
 @pytest.mark.parametrize(
     "kwargs, feature",
     [
-        (dict(init_lora_weights="pissa"), "pissa"),
-        (dict(init_lora_weights="pissa_niter_4"), "pissa_niter_4"),
-        (dict(init_lora_weights="olora"), "olora"),
         (dict(init_lora_weights="eva"), "eva"),
         (dict(init_lora_weights="corda"), "corda"),
         (dict(init_lora_weights="loftq", loftq_config=LoftQConfig()), "loftq"),

@@ -13,6 +13,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from ..init import weight_driven as wd
 from . import math as lm
 
 
@@ -99,7 +100,13 @@ class LoraLayer(nn.Module):
             bias = torch.empty(self.out_features, device="meta") if lora_bias else None
         else:
             a, b, bias = lm.init_lora_factors(r, self.in_features, self.out_features, init_lora_weights, seed, lora_bias)
-        a, b = self.shard_a(a), self.shard_b(b)
+        scaling = lm.lora_scaling(lora_alpha, r, use_rslora)
+        residual = None
+        if wd.is_weight_driven(init_lora_weights) and not on_meta:
+            # this rank's parts of A and B, computed from (this rank's shard of) the base weight
+            a, b, residual = self._weight_driven_init(r, scaling, init_lora_weights, seed)
+        else:
+            a, b = self.shard_a(a), self.shard_b(b)
         bias = None if bias is None else self.shard_b(bias)
         target = "meta" if on_meta else (device or self.base_weight.device)
         lora_a = nn.Linear(a.shape[1], a.shape[0], bias=False, device="meta")
@@ -114,7 +121,10 @@ class LoraLayer(nn.Module):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = use_rslora
-        self.scaling[adapter_name] = lm.lora_scaling(lora_alpha, r, use_rslora)
+        self.scaling[adapter_name] = scaling
+        if residual is not None:  # PiSSA / OLoRA: W <- W - s·B·A, before DoRA's norm (as PEFT)
+            weight = self.base_weight
+            weight.data.copy_((residual.t() if self.fan_in_fan_out else residual).to(weight.dtype))
         if use_dora:
             if lora_bias:
                 raise ValueError("lora_bias is not supported together with use_dora.")
@@ -131,6 +141,27 @@ class LoraLayer(nn.Module):
         if adapter_name not in self._active_adapters and not self._active_adapters:
             self._active_adapters = [adapter_name]
         self._set_requires_grad()
+
+    def _weight_driven_init(
+        self, r: int, scaling: float, init: str, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """PiSSA / OLoRA: this rank's parts of A and B and of the residual W - s·B·A (fp32;
+        see :mod:`dist_lora.init.weight_driven`). Validates everything before any change."""
+        if r > min(self.in_features, self.out_features):
+            raise ValueError(
+                f"init_lora_weights={init!r} needs r <= min(in_features, out_features) = "
+                f"{min(self.in_features, self.out_features)}, got r={r}."
+            )
+        weight = self.base_weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"init_lora_weights={init!r} needs a float32/float16/bfloat16 base weight, got {weight.dtype}.")
+        return self._weight_driven_factors(weight, r, scaling, init, seed)
+
+    def _weight_driven_factors(
+        self, weight: torch.Tensor, r: int, scaling: float, init: str, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        weight = weight.t() if self.fan_in_fan_out else weight
+        return wd.weight_driven_factors(weight, r, scaling, init, seed)
 
     def _adapter_dtype(self) -> torch.dtype:
         """Adapters of a half-precision base are kept in fp32 (PEFT's autocast_adapter_dtype)."""

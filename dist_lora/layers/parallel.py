@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from ..parallel import tp
+from ..init import weight_driven as wd
 from . import math as lm
 from .base import LoraLayer
 from .fused import ColumnParallelLoRA, FusedSpec, RowParallelLoRA
@@ -53,6 +54,17 @@ class _ParallelLoraLayer(LoraLayer):
         # thing at every TP size.
         self.stride = tp.partition_stride(base_layer.weight)
         self.set_tp_comm(tp_comm, keep_gathered_input)
+
+    _layout = "column"
+
+    def _weight_driven_factors(
+        self, weight: torch.Tensor, r: int, scaling: float, init: str, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """PiSSA / OLoRA from the shards: Gram-eigh / TSQR over TP (never the full weight on a
+        rank), the same algorithm at every TP size; see :mod:`dist_lora.init.weight_driven`."""
+        return wd.sharded_weight_driven_factors(
+            weight, r, scaling, init, self._layout, self.tp_group, self.tp_rank, self.stride
+        )
 
     def set_tp_comm(self, mode: str, keep_gathered_input: bool = False) -> None:
         """Choose the communication: "fused" (default) or "reference"; see the module docstring.
@@ -200,6 +212,8 @@ class LoraRowParallelLinear(_ParallelLoraLayer):
     The input is a feature shard, so dropout draws from megatron's model-parallel RNG stream
     (different on each TP rank), as megatron does for its own sharded activations.
     """
+
+    _layout = "row"
 
     def shard_a(self, a: torch.Tensor) -> torch.Tensor:
         return tp.shard(a, 1, self.tp_rank, self.tp_size, self.stride)
