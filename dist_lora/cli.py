@@ -16,7 +16,7 @@ def _consolidate(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         out = consolidate(
             args.checkpoint, args.out_dir, hf_model_dir=args.hf_model, format=args.format,
-            overwrite=args.overwrite, show_progress=not args.no_progress,
+            overwrite=args.overwrite, show_progress=not args.no_progress, initial_checkpoint_dir=args.initial,
         )
     except (ValueError, OSError) as e:  # bad input: a message, not a traceback
         print(f"dist-lora consolidate: error: {e}", file=sys.stderr)
@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     consolidate.add_argument("out_dir", metavar="OUT_DIR", help="output directory (must be empty or absent unless --overwrite)")
     consolidate.add_argument("--hf-model", metavar="HF_DIR", help="HF model directory (config.json); needed to split fused QKV")
     consolidate.add_argument("--format", choices=("peft", "megatron"), default="peft", help="default: peft")
+    consolidate.add_argument(
+        "--initial", metavar="INITIAL_CHECKPOINT",
+        help="PiSSA/OLoRA/CorDA runs: the sharded checkpoint saved before training (dist-lora train writes "
+        "OUT/initial_adapter); the output is then a plain LoRA adapter of rank 2r for the original base model",
+    )
     consolidate.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     consolidate.add_argument("--no-progress", action="store_true", help="no progress bar")
     merge = commands.add_parser(

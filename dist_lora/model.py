@@ -474,34 +474,38 @@ class LoraModel(nn.Module):
     def subtract_mutated_init(
         self, output_state_dict: dict[str, torch.Tensor], adapter_name: str, kwargs: Optional[dict] = None
     ) -> dict[str, torch.Tensor]:
-        """Turn a trained PiSSA/OLoRA adapter into a plain LoRA adapter for the ORIGINAL base
-        (PEFT's ``LoraModel.subtract_mutated_init``).
+        """Turn a trained PiSSA/OLoRA/CorDA adapter into a plain LoRA adapter for the ORIGINAL
+        base (PEFT's ``LoraModel.subtract_mutated_init``): A' = [A; A0], B' = [B, -B0] (see
+        :mod:`dist_lora.checkpoint.conversion`).
 
         ``output_state_dict`` holds the trained adapter (this rank's tensors under PEFT's saved
         names, as :meth:`adapter_state_dict` gives them); ``adapter_name`` is an adapter of this
-        model holding the factors A0, B0 as they were at initialisation. With W = W_res + s·B0·A0
-        and the trained W_res + s·B·A, ΔW = s·(B·A - B0·A0) = s·[B, -B0]·[A; A0]: returns
-        A' = [A; A0] (rank 2r) and B' = [B, -B0] for every LoRA factor (other entries are
-        dropped, as PEFT does). Shard-wise under TP (A's rows / B's columns are never sharded).
-        The config to save with them is :func:`dist_lora.init.weight_driven.converted_config`
-        (r doubled, alpha so that the scaling is unchanged)."""
-        del kwargs  # PEFT's ``state_dict`` override; this model's adapters are read directly
-        initial = self.adapter_state_dict(adapter_name)
-        out = {}
-        for name, tensor in output_state_dict.items():
-            if ".lora_A." in name:
-                out[name] = torch.cat([tensor, initial[name].to(tensor.dtype)], dim=0)
-            elif ".lora_B." in name:
-                out[name] = torch.cat([tensor, -initial[name].to(tensor.dtype)], dim=1)
-        return out
+        model holding the factors A0, B0 as they were at initialisation. Non-factor entries are
+        dropped, as PEFT does. Works shard-wise under TP. Save the result with
+        :func:`dist_lora.checkpoint.conversion.converted_config`."""
+        from .checkpoint.conversion import mutated_to_plain
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Optional[list[str]] = None) -> None:
+        del kwargs  # PEFT's ``state_dict`` override; this model's adapters are read directly
+        return mutated_to_plain(output_state_dict, self.adapter_state_dict(adapter_name), keep_others=False)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: Optional[list[str]] = None,
+        path_initial_model_for_weight_conversion: Optional[str | os.PathLike] = None,
+    ) -> None:
         """Write PEFT's adapter files (``adapter_config.json`` + ``adapter_model.safetensors``);
-        adapters other than ``default`` go into ``<dir>/<adapter_name>/`` as in PEFT."""
+        adapters other than ``default`` go into ``<dir>/<adapter_name>/`` as in PEFT.
+
+        ``path_initial_model_for_weight_conversion``: the directory this PiSSA/OLoRA/CorDA
+        adapter was saved to before training; the adapter is then written as a plain LoRA
+        adapter of twice the rank that applies to the original base model
+        (:mod:`dist_lora.checkpoint.conversion`)."""
         from .checkpoint.peft_format import save_adapter
 
         for name in selected_adapters or list(self.peft_config):
-            save_adapter(self, save_directory if name == "default" else os.path.join(save_directory, name), name)
+            directory = save_directory if name == "default" else os.path.join(save_directory, name)
+            save_adapter(self, directory, name, initial_dir=path_initial_model_for_weight_conversion)
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False) -> None:
         """Load a PEFT adapter directory as ``adapter_name`` (sliced to this rank's shards)."""

@@ -150,6 +150,7 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
     model = get_lora_model(build_megatron_gpt(hf_dir, tp=p.tp, pp=p.pp, sequence_parallel=p.sp), config.lora_config(), seed=t.seed)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=tuple(config.optim.betas), weight_decay=config.optim.weight_decay)
+    initial = _save_initial_adapter(model, t.out_dir) if resume_path is None else _initial_adapter_dir(model, t.out_dir)
     start = 0
     if resume_path is not None:
         start = load_checkpoint(resume_path, model, optimizer)["step"]
@@ -201,7 +202,7 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
     }
     summary["probe"] = _save_probe_logits(model, dataset, config, t.out_dir)
     if t.consolidate and summary["checkpoint"]:
-        summary["adapter"] = _consolidate(summary["checkpoint"], os.path.join(t.out_dir, "adapter"), hf_dir)
+        summary["adapter"] = _consolidate(summary["checkpoint"], os.path.join(t.out_dir, "adapter"), hf_dir, initial)
     from .parallel.setup import shutdown_distributed
 
     shutdown_distributed()
@@ -253,10 +254,29 @@ def _save_probe_logits(model, dataset: PackedDataset, config: TrainConfig, out_d
     return path
 
 
-def _consolidate(checkpoint: str, out: str, hf_dir: str) -> str:
+def _initial_adapter_dir(model, out_dir: str) -> Optional[str]:
+    """Where a PiSSA/OLoRA/CorDA run keeps its adapter as initialised (None for other inits)."""
+    from .checkpoint.conversion import CONVERTIBLE_INITS
+
+    init = model.peft_config["default"].init_lora_weights
+    return os.path.join(out_dir, "initial_adapter") if isinstance(init, str) and init.startswith(CONVERTIBLE_INITS) else None
+
+
+def _save_initial_adapter(model, out_dir: str) -> Optional[str]:
+    """Save the adapter before training when its init rewrote the base weights, so that the
+    consolidated release is a plain LoRA adapter for the original base model."""
+    from .checkpoint.sharded import save_sharded
+
+    path = _initial_adapter_dir(model, out_dir)
+    if path is not None:
+        save_sharded(model, path)
+    return path
+
+
+def _consolidate(checkpoint: str, out: str, hf_dir: str, initial: Optional[str] = None) -> str:
     if dist.get_rank() == 0:
         from .checkpoint.consolidate import consolidate
 
-        consolidate(checkpoint, out, hf_model_dir=hf_dir, overwrite=True, show_progress=False)
+        consolidate(checkpoint, out, hf_model_dir=hf_dir, overwrite=True, show_progress=False, initial_checkpoint_dir=initial)
     dist.barrier()
     return out

@@ -131,9 +131,14 @@ def consolidate(
     overwrite: bool = False,
     show_progress: bool = True,
     verify: bool = True,
+    initial_checkpoint_dir: Optional[str | os.PathLike] = None,
 ) -> str:
     """Write the sharded adapter checkpoint in ``checkpoint_dir`` as one adapter into
     ``out_dir``; return ``out_dir``.
+
+    ``initial_checkpoint_dir``: for a PiSSA / OLoRA / CorDA run, the sharded checkpoint of the
+    adapter saved before training; the output is then the plain LoRA adapter (rank 2r) that
+    applies to the ORIGINAL base model (:mod:`.conversion`). Without it such runs are refused.
 
     ``hf_model_dir`` (an HF model directory with ``config.json``) gives the attention geometry
     needed to split a fused QKV adapter (required for ``format="peft"`` when there is one), is
@@ -146,14 +151,59 @@ def consolidate(
     if format not in FORMATS:
         raise ConsolidationError(f"format must be one of {FORMATS}, got {format!r}.")
     _check_out_dir(out_dir, overwrite, checkpoint_dir)
+    if initial_checkpoint_dir is not None:
+        initial_checkpoint_dir = os.fspath(initial_checkpoint_dir)
+        _check_out_dir(out_dir, overwrite, initial_checkpoint_dir)
+        options = dict(hf_model_dir=hf_model_dir, format=format, show_progress=show_progress, verify=verify)
+        return _consolidate_converted(checkpoint_dir, initial_checkpoint_dir, out_dir, overwrite, options)
+    return _consolidate(checkpoint_dir, out_dir, hf_model_dir, format, overwrite, show_progress, verify)
+
+
+def _consolidate_converted(checkpoint_dir: str, initial_dir: str, out_dir: str, overwrite: bool, options: dict) -> str:
+    """Consolidate the trained and the initial checkpoint, then convert (adapter-sized work)."""
+    from .conversion import ConversionError, check_convertible, convert_adapter_dir
+
+    run_config = LoraConfig.from_pretrained(checkpoint_dir)
+    try:
+        check_convertible(run_config)
+    except ConversionError as e:
+        raise ConsolidationError(f"{checkpoint_dir}: {e}") from None
+    with _staging(out_dir, overwrite) as staging:
+        with tempfile.TemporaryDirectory(dir=staging) as work:
+            trained, initial = os.path.join(work, "trained"), os.path.join(work, "initial")
+            _consolidate(checkpoint_dir, trained, overwrite=False, allow_base_changing=True, **options)
+            _consolidate(initial_dir, initial, overwrite=False, allow_base_changing=True, **options)
+            try:
+                convert_adapter_dir(trained, initial, staging, run_config=run_config)
+            except ConversionError as e:
+                raise ConsolidationError(f"{checkpoint_dir} with initial checkpoint {initial_dir}: {e}") from None
+    return out_dir
+
+
+def _consolidate(
+    checkpoint_dir: str,
+    out_dir: str,
+    hf_model_dir: Optional[str],
+    format: str,
+    overwrite: bool,
+    show_progress: bool,
+    verify: bool,
+    allow_base_changing: bool = False,
+) -> str:
     manifest = _load_manifest(checkpoint_dir, verify)
     config = LoraConfig.from_pretrained(checkpoint_dir)
     headers = _read_headers(checkpoint_dir, manifest)
     sources = _sources(checkpoint_dir, manifest, headers)
-    if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith(_BASE_CHANGING_INIT):
+    init = config.init_lora_weights
+    if not allow_base_changing and isinstance(init, str) and init.startswith(_BASE_CHANGING_INIT):
+        hint = (
+            " Pass the checkpoint saved before training as initial_checkpoint_dir (--initial) to release it "
+            "as a plain LoRA adapter of rank 2r."
+            if init.startswith(("pissa", "olora", "corda")) else ""
+        )
         raise ConsolidationError(
-            f"init_lora_weights={config.init_lora_weights!r} changes the base weights during training; "
-            "such an adapter cannot be released as a plain LoRA file for the original model."
+            f"init_lora_weights={init!r} changes the base weights during training; such an adapter is only "
+            f"valid on those changed weights.{hint}"
         )
 
     _check_factors(sources, config)

@@ -57,9 +57,13 @@ def _tensor_parallel(model: "LoraModel") -> bool:
     return any(getattr(layer, "tp_size", 1) > 1 for _, layer in model.lora_layers())
 
 
-def save_adapter(model: "LoraModel", directory: str | os.PathLike, adapter: str) -> None:
+def save_adapter(
+    model: "LoraModel", directory: str | os.PathLike, adapter: str, initial_dir: Optional[str | os.PathLike] = None
+) -> None:
     """Write one adapter in PEFT's format. Refuses a tensor-parallel model: its tensors are
-    shards; save a sharded checkpoint and consolidate it instead."""
+    shards; save a sharded checkpoint and consolidate it instead. With ``initial_dir`` (the
+    adapter as saved before training) a PiSSA/OLoRA/CorDA adapter is written converted to
+    plain LoRA (:mod:`.conversion`)."""
     if _tensor_parallel(model):
         raise ValueError(
             "save_pretrained writes one unsharded PEFT file, but this model is tensor parallel. "
@@ -68,10 +72,16 @@ def save_adapter(model: "LoraModel", directory: str | os.PathLike, adapter: str)
     tensors = {k: v.contiguous() for k, v in adapter_state_dict(model, adapter).items()}
     if any(t.is_meta for t in tensors.values()):
         raise ValueError(f"adapter {adapter!r} has uninitialised (meta) tensors; load weights before saving.")
+    config = model.peft_config[adapter]
+    if initial_dir is not None:
+        from .conversion import converted_config, mutated_to_plain
+
+        config = converted_config(config)
+        initial = read_adapter_file(os.path.join(initial_dir, WEIGHTS_NAME))
+        tensors = {k: v.contiguous() for k, v in mutated_to_plain(tensors, initial).items()}
     os.makedirs(directory, exist_ok=True)
     with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-    config = model.peft_config[adapter]
     config_to_save = LoraConfig.from_dict({**config.to_dict(), "inference_mode": True})
     config_to_save.save_pretrained(directory)
 

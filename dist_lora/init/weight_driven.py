@@ -175,25 +175,3 @@ def sharded_weight_driven_factors(
     a, b = a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()
     residual = shard.detach().to(torch.float32) - scaling * (b @ a)
     return a, b, residual
-
-
-def converted_config(config):
-    """The config of an adapter converted by ``LoraModel.subtract_mutated_init`` (as PEFT's
-    ``save_pretrained(path_initial_model_for_weight_conversion=...)`` writes it): plain init,
-    r (and rank_pattern) doubled, lora_alpha x2 (x√2 with rsLoRA) so that every scaling is kept."""
-    import copy
-
-    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
-        raise ValueError(
-            "converting a PiSSA/OLoRA adapter is not supported when rank_pattern or alpha_pattern "
-            "is used together with use_rslora=True (as in PEFT)."
-        )
-    config = copy.deepcopy(config)
-    config.init_lora_weights = True
-    config.r *= 2
-    config.lora_alpha *= 2**0.5 if config.use_rslora else 2
-    if config.rank_pattern:
-        config.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
-    if config.alpha_pattern:
-        config.alpha_pattern = {k: 2 * v for k, v in config.alpha_pattern.items()}
-    return config

@@ -1,0 +1,138 @@
+"""Release a PiSSA / OLoRA / CorDA adapter as a plain LoRA adapter for the ORIGINAL base model.
+
+These inits move the top of the base weight into the adapter: training runs on
+W_res = W - s·B0·A0 with the adapter starting at (A0, B0). After training the model computes
+W_res + s·B·A, so relative to the original W the update is
+
+    ΔW = s·(B·A - B0·A0) = s·[B, -B0] · [A; A0]
+
+which is a plain LoRA adapter of rank 2r: A' = [A; A0] (rows), B' = [B, -B0] (columns). The
+config is rewritten so that every scaling is unchanged (:func:`converted_config`: r doubled,
+alpha x2, or x√2 with rsLoRA). PEFT calls this ``path_initial_model_for_weight_conversion``.
+
+A' and B' are computed per tensor, so the conversion works on a rank's shards as well as on
+whole tensors: A's rows and B's columns (the rank dimension) are never tensor-parallel sharded.
+modules_to_save tensors are kept as trained (they replace their module whatever the base);
+PEFT drops them here, which silently loses them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Optional
+
+import torch
+
+from ..config import ConfigError, LoraConfig
+from ..io import atomic_path
+
+# init_lora_weights values whose adapters convert; LoftQ's base is quantised, not W - s·B0·A0.
+CONVERTIBLE_INITS = ("pissa", "olora", "corda")
+
+
+class ConversionError(ConfigError):
+    """The trained and initial adapters do not describe one PiSSA/OLoRA/CorDA run."""
+
+
+def check_convertible(config: LoraConfig) -> None:
+    """Raise unless an adapter trained with ``config`` can be released as plain LoRA."""
+    init = config.init_lora_weights
+    if not (isinstance(init, str) and init.startswith(CONVERTIBLE_INITS)):
+        raise ConversionError(
+            f"only PiSSA / OLoRA / CorDA adapters convert to plain LoRA, this one has init_lora_weights={init!r}."
+        )
+    if config.use_dora:
+        raise ConversionError(
+            "a DoRA adapter does not convert to plain LoRA: its magnitude is relative to the modified base weight."
+        )
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ConversionError(
+            "converting is not supported when rank_pattern or alpha_pattern is used together with "
+            "use_rslora=True (as in PEFT): alpha·√2 would not keep every per-module scaling."
+        )
+
+
+def converted_config(config: LoraConfig) -> LoraConfig:
+    """The config of the converted adapter: plain init, r (and rank_pattern) doubled,
+    lora_alpha (and alpha_pattern) x2 (x√2 with rsLoRA), so that every scaling is kept."""
+    check_convertible(config)
+    return _doubled_rank(config)
+
+
+def _doubled_rank(config: LoraConfig) -> LoraConfig:
+    config = copy.deepcopy(config)
+    config.init_lora_weights = True
+    config.r *= 2
+    config.lora_alpha *= 2**0.5 if config.use_rslora else 2
+    if config.rank_pattern:
+        config.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
+    if config.alpha_pattern:
+        config.alpha_pattern = {k: 2 * v for k, v in config.alpha_pattern.items()}
+    return config
+
+
+def mutated_to_plain(
+    trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], keep_others: bool = True
+) -> dict[str, torch.Tensor]:
+    """A' = [A; A0], B' = [B, -B0] for every LoRA factor of ``trained`` (PEFT-named keys);
+    other entries are kept (``keep_others``) or dropped. ``initial`` must hold the same
+    factors with the same shapes."""
+    out = {}
+    for key, tensor in trained.items():
+        is_a, is_b = key.endswith(".lora_A.weight"), key.endswith(".lora_B.weight")
+        if not (is_a or is_b):
+            if key.endswith((".lora_B.bias", ".lora_magnitude_vector")):
+                raise ConversionError(f"{key}: lora_bias / DoRA adapters do not convert to plain LoRA.")
+            if keep_others:
+                out[key] = tensor
+            continue
+        start = initial.get(key)
+        if start is None:
+            raise ConversionError(f"the initial adapter has no {key}: is it the initial state of this run?")
+        if start.shape != tensor.shape:
+            raise ConversionError(
+                f"{key} has shape {list(tensor.shape)} after training but {list(start.shape)} initially: "
+                "the initial adapter is not from this run."
+            )
+        start = start.to(tensor.dtype)
+        out[key] = torch.cat([tensor, start], dim=0) if is_a else torch.cat([tensor, -start], dim=1)
+    return out
+
+
+def convert_adapter_dir(
+    trained_dir: str | os.PathLike,
+    initial_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    run_config: Optional[LoraConfig] = None,
+) -> str:
+    """Convert the PEFT adapter in ``trained_dir`` using the same adapter as saved before
+    training (``initial_dir``) and write the plain-LoRA adapter into ``out_dir``.
+
+    ``run_config`` is the config the run was trained with (default: ``initial_dir``'s); it
+    must be a convertible init. The written config is ``trained_dir``'s with r and alpha
+    doubled as in :func:`converted_config`."""
+    from safetensors.torch import save_file
+
+    from .peft_format import WEIGHTS_NAME, read_adapter_file
+
+    trained_config = LoraConfig.from_pretrained(trained_dir)
+    initial_config = LoraConfig.from_pretrained(initial_dir)
+    check_convertible(run_config or initial_config)
+    if (trained_config.r, trained_config.lora_alpha, trained_config.rank_pattern) != (
+        initial_config.r, initial_config.lora_alpha, initial_config.rank_pattern
+    ):
+        raise ConversionError(
+            f"{trained_dir} and {initial_dir} have different r / lora_alpha / rank_pattern: not the same run."
+        )
+    trained = read_adapter_file(os.path.join(trained_dir, WEIGHTS_NAME))
+    initial = read_adapter_file(os.path.join(initial_dir, WEIGHTS_NAME))
+    tensors = {k: v.contiguous() for k, v in mutated_to_plain(trained, initial).items()}
+    config = _doubled_rank(trained_config)
+    config.inference_mode = True
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    with atomic_path(os.path.join(out_dir, WEIGHTS_NAME)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    config.save_pretrained(out_dir)
+    return out_dir
