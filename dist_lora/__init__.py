@@ -2,6 +2,8 @@
 
 from .config import ConfigError, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig
 from .model import LoraModel, get_lora_model
+from .init import preprocess_corda, replace_lora_weights_loftq
+from .init.eva import get_eva_state_dict, initialize_lora_eva_weights
 
 __version__ = "0.1.0"
 
@@ -13,5 +15,9 @@ __all__ = [
     "LoraConfig",
     "LoraModel",
     "LoraRuntimeConfig",
+    "get_eva_state_dict",
     "get_lora_model",
+    "initialize_lora_eva_weights",
+    "preprocess_corda",
+    "replace_lora_weights_loftq",
 ]

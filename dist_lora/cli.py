@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -12,8 +13,28 @@ def _consolidate(args: argparse.Namespace, rest: list[str]) -> int:
         print(f"dist-lora consolidate: error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
         return 2
     from .checkpoint.consolidate import consolidate
+    from .checkpoint.deepspeed_reader import is_deepspeed_checkpoint
 
+    deepspeed = args.deepspeed or (
+        not os.path.isfile(os.path.join(args.checkpoint, "manifest.json")) and is_deepspeed_checkpoint(args.checkpoint)
+    )
+    if not deepspeed and (args.config or args.tag or args.adapter != "default"):
+        print("dist-lora consolidate: error: --config/--tag/--adapter apply to DeepSpeed checkpoints only", file=sys.stderr)
+        return 2
+    if deepspeed and (args.format != "peft" or args.initial):
+        print("dist-lora consolidate: error: a DeepSpeed checkpoint is written as a PEFT adapter only "
+              "(no --format megatron, no --initial)", file=sys.stderr)
+        return 2
     try:
+        if deepspeed:
+            from .checkpoint.deepspeed_adapter import consolidate_deepspeed
+
+            out = consolidate_deepspeed(
+                args.checkpoint, args.out_dir, config=args.config, adapter=args.adapter, hf_model_dir=args.hf_model,
+                tag=args.tag, overwrite=args.overwrite, show_progress=not args.no_progress,
+            )
+            print(f"wrote {out}")
+            return 0
         out = consolidate(
             args.checkpoint, args.out_dir, hf_model_dir=args.hf_model, format=args.format,
             overwrite=args.overwrite, show_progress=not args.no_progress, initial_checkpoint_dir=args.initial,
@@ -82,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         "loads onto the Hugging Face model (megatron names mapped, fused QKV / fc1 split), or with "
         "--format megatron one file under the global megatron names. One process, streaming.",
     )
-    consolidate.add_argument("checkpoint", metavar="CHECKPOINT", help="sharded checkpoint directory (with manifest.json)")
+    consolidate.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="sharded checkpoint directory (with manifest.json), or a DeepSpeed checkpoint"
+    )
     consolidate.add_argument("out_dir", metavar="OUT_DIR", help="output directory (must be empty or absent unless --overwrite)")
     consolidate.add_argument("--hf-model", metavar="HF_DIR", help="HF model directory (config.json); needed to split fused QKV")
     consolidate.add_argument("--format", choices=("peft", "megatron"), default="peft", help="default: peft")
@@ -93,6 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     consolidate.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     consolidate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    deepspeed = consolidate.add_argument_group(
+        "DeepSpeed checkpoints",
+        "CHECKPOINT may be the directory given to engine.save_checkpoint (with 'latest'), or a tag directory with "
+        "*_model_states.pt / zero_pp_rank_*_optim_states.pt (ZeRO 1-3, adapter-only training); it is detected "
+        "by its layout. Its LoRA config is read from adapter_config.json in CHECKPOINT or the tag directory "
+        "unless --config is given.",
+    )
+    deepspeed.add_argument("--deepspeed", action="store_true", help="treat CHECKPOINT as a DeepSpeed checkpoint")
+    deepspeed.add_argument("--config", metavar="DIR", help="directory (or file) with the run's adapter_config.json")
+    deepspeed.add_argument("--tag", help="checkpoint tag (default: the one in CHECKPOINT/latest)")
+    deepspeed.add_argument("--adapter", default="default", help="adapter name in the checkpoint (default: default)")
     merge = commands.add_parser(
         "merge",
         help="merge a sharded adapter checkpoint into its HF base model (HF safetensors checkpoint)",

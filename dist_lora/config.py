@@ -29,7 +29,7 @@ MEGATRON_CORE_ALLOWLIST = ("megatron.core",)
 
 # Features another issue delivers: validated here, refused by get_lora_model until then.
 NOT_YET_SUPPORTED: dict[str, str] = {}
-NOT_YET_SUPPORTED_INIT = ("eva", "corda", "loftq")
+NOT_YET_SUPPORTED_INIT: tuple[str, ...] = ()
 
 
 class ConfigError(ValueError):
@@ -83,10 +83,20 @@ class EvaConfig:
     adjust_scaling_factors: bool = True
 
     def __post_init__(self) -> None:
-        if not self.rho >= 1.0:
-            raise ConfigError(f"EvaConfig.rho must be >= 1.0, got {self.rho!r}.")
+        for name in ("rho", "tau"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"EvaConfig.{name} must be a number, got {value!r}.")
+        if not 1.0 <= self.rho < math.inf:
+            raise ConfigError(
+                f"EvaConfig.rho must be >= 1.0 and finite (each layer may get up to round(r·rho) components), "
+                f"got {self.rho!r}."
+            )
         if not 0.0 < self.tau <= 1.0:
-            raise ConfigError(f"EvaConfig.tau must be in (0, 1], got {self.tau!r}.")
+            raise ConfigError(
+                f"EvaConfig.tau must be in (0, 1] (the cosine similarity at which a component has converged), "
+                f"got {self.tau!r}."
+            )
 
 
 @dataclass

@@ -13,6 +13,9 @@ Structural refusals (base weights shared by replicated layers, lora_bias on a ba
 without bias) are found before any weight changes too, and on a megatron model all ranks
 agree on them through the same one-flag all-reduce (so even a plain merge of a megatron model
 costs one tiny collective; all ranks must call it, as they do every model-level method).
+
+Under DeepSpeed ZeRO-3 each layer is gathered for its check and its merge (one layer at a
+time), and rank 0's merged weight is the one re-partitioned (:mod:`dist_lora.deepspeed.zero`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from .deepspeed import zero
 from .layers import LoraLayer
 
 
@@ -77,7 +81,8 @@ def check_finite(
     for name, layer in layers if finite and not bad else []:
         names = names_of(layer)
         if names:
-            which = _first_non_finite(layer, names)
+            with zero.gathered(layer.parameters()):  # ZeRO-3: read the full weight
+                which = _first_non_finite(layer, names)
             if which is not None:
                 bad.append(f"merging adapters {names} gives NaN or Inf values in {name}.{which}")
     if group is not None:
@@ -126,8 +131,9 @@ def merge_layers(
         warnings.warn(f"adapters {already} are already merged; they are not merged again.", UserWarning, stacklevel=3)
     for _, layer in (progress or (lambda items: items))(layers):
         names = names_of(layer)
-        if names:
-            layer.merge(adapter_names=names)
+        if names:  # ZeRO-3: the layer gathered, rank 0's merged weight re-partitioned
+            with zero.gathered(layer.parameters(), modifier_rank=0):
+                layer.merge(adapter_names=names)
 
 
 def refuse_shared_weights(layers: list[tuple[str, LoraLayer]]) -> None:

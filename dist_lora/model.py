@@ -19,8 +19,9 @@ from torch import nn
 
 from . import config as cfg
 from .config import ConfigError, LoraConfig
+from .deepspeed.zero import full_shape, gathered
 from .layers import LoraLayer, LoraLinear
-from .init import is_weight_driven
+from .init import check_data_driven_init, is_weight_driven
 from .layers import math as lm
 from .modules_to_save import ModulesToSaveWrapper
 from .naming import global_module_name
@@ -163,6 +164,7 @@ class LoraModel(nn.Module):
             save_names = self._modules_to_save_names(config)  # may raise: before anything changes
             if not low_cpu_mem_usage:
                 self._check_weight_driven(targets, config)  # PiSSA/OLoRA change base weights
+                check_data_driven_init(self.model, targets, config)  # CorDA/LoftQ too
         except Exception:
             if replicated_now:
                 self._unreplicate()
@@ -184,6 +186,7 @@ class LoraModel(nn.Module):
                 lora_bias=config.lora_bias,
                 use_dora=config.use_dora,
                 seed=lm.init_seed(self._seed, global_name, adapter_name),
+                loftq_config=config.loftq_config or None,
                 device=device,
             )
         for name in save_names:
@@ -206,7 +209,7 @@ class LoraModel(nn.Module):
             else:
                 weight = layer.weight
                 sizes = (getattr(layer, "input_size", None), getattr(layer, "output_size", None))
-                sizes = tuple(weight.shape) if None in sizes else sizes
+                sizes = tuple(full_shape(weight)) if None in sizes else sizes  # ZeRO-3: ds_shape
             r = config.rank_for(global_module_name(self.model, name))
             if r > min(sizes):
                 raise ValueError(
@@ -376,7 +379,11 @@ class LoraModel(nn.Module):
 
     def _set_enabled(self, enabled: bool) -> None:
         for _, layer in self.lora_layers():
-            layer.enable_adapters(enabled)
+            if enabled or not layer.merged_adapters:
+                layer.enable_adapters(enabled)
+                continue
+            with gathered(layer.parameters(), modifier_rank=0):  # disabling unmerges (ZeRO-3: gathered)
+                layer.enable_adapters(enabled)
         for wrapper in self._wrappers():
             wrapper.disabled = not enabled
 
@@ -413,7 +420,8 @@ class LoraModel(nn.Module):
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.lora_layers():
-            layer.unmerge()
+            with gathered(layer.parameters(), modifier_rank=0):  # ZeRO-3 (else a no-op)
+                layer.unmerge()
 
     def merge_and_unload(
         self,

@@ -120,7 +120,7 @@ def _gpt_weight_init():
     from megatron.core import parallel_state
 
     from tests.models import build_tiny_gpt, random_batch, tiny_gpt_config
-    from tests.tp_utils import all_tp_copies, gather_param
+    from tests.tp_utils import gather_param, gathered_adapters
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tokens, _ = random_batch(0)
@@ -135,15 +135,8 @@ def _gpt_weight_init():
         model = get_lora_model(base, config, seed=0)
         with torch.no_grad():
             got = model(tokens, position_ids=None, attention_mask=None)
-        products, weights, replicated_equal = {}, {}, True
-        for name, layer in model.lora_layers():
-            assert layer.tp_size == tp
-            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-            for factor in (a, b):
-                if not getattr(factor, "tensor_model_parallel", False):
-                    replicated_equal &= all(torch.equal(c, factor) for c in all_tp_copies(factor.detach()))
-            products[name] = layer.scaling["default"] * gather_param(b) @ gather_param(a)
-            weights[name] = gather_param(layer.base_weight)
+        assert all(layer.tp_size == tp for _, layer in model.lora_layers())
+        products, weights, replicated_equal = gathered_adapters(model)
         out[init] = dict(
             originals={n.removesuffix(".weight").replace(".base_layer", ""): w for n, w in originals.items()},
             products=products,

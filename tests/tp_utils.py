@@ -46,3 +46,17 @@ def tp_chunk(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     size = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     return tensor.chunk(size, dim=dim)[rank]
+
+
+def gathered_adapters(model) -> tuple[dict, dict, bool]:
+    """For every LoRA layer of ``model`` (adapter "default"): the full product s·B·A, the
+    full base weight, and whether every replicated factor is identical on all TP ranks."""
+    products, weights, replicated_equal = {}, {}, True
+    for name, layer in model.lora_layers():
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        for factor in (a, b):
+            if not getattr(factor, "tensor_model_parallel", False):
+                replicated_equal &= all(torch.equal(c, factor) for c in all_tp_copies(factor.detach()))
+        products[name] = layer.scaling["default"] * gather_param(b) @ gather_param(a)
+        weights[name] = gather_param(layer.base_weight)
+    return products, weights, replicated_equal

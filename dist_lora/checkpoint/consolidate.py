@@ -55,7 +55,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -788,18 +788,26 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write(path: str, groups: list, checkpoint_dir: str, show_progress: bool) -> None:
+def _write(
+    path: str, groups: list, checkpoint_dir: str, show_progress: bool, fetch: Optional[Callable[[_Source], torch.Tensor]] = None
+) -> None:
+    """Stream every group's outputs into one safetensors file. A source's tensor is assembled
+    from its shard pieces, or (``fetch``, for sources with no pieces, e.g. a DeepSpeed
+    checkpoint's) returned by ``fetch(source)``."""
     from tqdm.auto import tqdm
 
     specs = [(out.name, src.dtype, out.shape) for src, outs in groups for out in outs]
     readers = _Readers(checkpoint_dir)
     largest = max(torch.Size(src.global_shape).numel() * src.dtype.itemsize for src, _ in groups)
-    tensors, pieces = _Scratch(largest), _Scratch(0)
+    tensors, pieces = _Scratch(largest if fetch is None else 0), _Scratch(0)
     bar = tqdm(total=len(specs), unit="tensor", desc="consolidating", disable=not show_progress)
     try:
         with StreamWriter(path, specs, metadata={"format": "pt"}) as writer:
             for source, outputs in groups:
-                tensor = _assemble(source, readers, tensors.tensor(source.global_shape, source.dtype), pieces)
+                if fetch is not None:
+                    tensor = fetch(source)
+                else:
+                    tensor = _assemble(source, readers, tensors.tensor(source.global_shape, source.dtype), pieces)
                 for out in outputs:
                     chunks = [tensor] if out.runs is None else [tensor[a:b] for a, b in out.runs]
                     writer.write(out.name, *chunks)

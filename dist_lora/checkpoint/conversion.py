@@ -63,6 +63,7 @@ def converted_config(config: LoraConfig) -> LoraConfig:
 def _doubled_rank(config: LoraConfig) -> LoraConfig:
     config = copy.deepcopy(config)
     config.init_lora_weights = True
+    config.corda_config = None  # the released adapter needs no data pass
     config.r *= 2
     config.lora_alpha *= 2**0.5 if config.use_rslora else 2
     if config.rank_pattern:

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError, LoraConfig
+from ..deepspeed import zero
 from ..io import atomic_path
 from ..layers.base import LoraLayer
 
@@ -35,8 +36,9 @@ def _layer_tensors(layer: LoraLayer, adapter: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def adapter_state_dict(model: "LoraModel", adapter: str) -> dict[str, torch.Tensor]:
-    """This rank's tensors of ``adapter`` under PEFT's saved names (detached, not copied)."""
+def adapter_state_dict(model: "LoraModel", adapter: str, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """This rank's tensors of ``adapter`` under PEFT's saved names (detached, not copied;
+    ``keep_vars``: the parameters themselves, as ZeRO-3 gathering needs them)."""
     from ..modules_to_save import ModulesToSaveWrapper
 
     if adapter not in model.peft_config:
@@ -45,11 +47,11 @@ def adapter_state_dict(model: "LoraModel", adapter: str) -> dict[str, torch.Tens
     for name, layer in model.lora_layers():
         if adapter in layer.lora_A:
             for key, tensor in _layer_tensors(layer, adapter).items():
-                out[f"{PREFIX}{name}.{key}"] = tensor.detach()
+                out[f"{PREFIX}{name}.{key}"] = tensor if keep_vars else tensor.detach()
     for name, module in model.model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
-            for key, tensor in module.modules_to_save[adapter].state_dict().items():
-                out[f"{PREFIX}{name}.{key}"] = tensor.detach()
+            for key, tensor in module.modules_to_save[adapter].state_dict(keep_vars=keep_vars).items():
+                out[f"{PREFIX}{name}.{key}"] = tensor
     return out
 
 
@@ -69,7 +71,8 @@ def save_adapter(
             "save_pretrained writes one unsharded PEFT file, but this model is tensor parallel. "
             "Use dist_lora.checkpoint.sharded.save_sharded (per rank), then consolidate."
         )
-    tensors = {k: v.contiguous() for k, v in adapter_state_dict(model, adapter).items()}
+    # ZeRO-3: the full tensors gathered from their partitions (every rank must call this)
+    tensors = zero.full_tensors(adapter_state_dict(model, adapter, keep_vars=True))
     if any(t.is_meta for t in tensors.values()):
         raise ValueError(f"adapter {adapter!r} has uninitialised (meta) tensors; load weights before saving.")
     config = model.peft_config[adapter]
@@ -79,11 +82,13 @@ def save_adapter(
         config = converted_config(config)
         initial = read_adapter_file(os.path.join(initial_dir, WEIGHTS_NAME))
         tensors = {k: v.contiguous() for k, v in mutated_to_plain(tensors, initial).items()}
-    os.makedirs(directory, exist_ok=True)
-    with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    config_to_save = LoraConfig.from_dict({**config.to_dict(), "inference_mode": True})
-    config_to_save.save_pretrained(directory)
+    with zero.single_writer(model) as writes:  # ZeRO-3: rank 0 writes, every rank waits for it
+        if writes:
+            os.makedirs(directory, exist_ok=True)
+            with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
+                save_file(tensors, tmp, metadata={"format": "pt"})
+            config_to_save = LoraConfig.from_dict({**config.to_dict(), "inference_mode": True})
+            config_to_save.save_pretrained(directory)
 
 
 def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -96,11 +96,11 @@ def _broadcast(tensor: torch.Tensor, group) -> torch.Tensor:
     return tensor
 
 
-def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
+def _all_reduce(tensor: torch.Tensor, group, op=None) -> torch.Tensor:
     import torch.distributed as dist
 
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, group=group)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
     return tensor
 
 
@@ -124,9 +124,17 @@ def _fix_signs(vectors: torch.Tensor) -> torch.Tensor:
 
 def _top_eigen(gram: torch.Tensor, r: int, group) -> tuple[torch.Tensor, torch.Tensor]:
     """(vectors [n, r], singular values [r]) of the r largest eigenvalues of a Gram matrix."""
-    evals, evecs = torch.linalg.eigh(gram)
-    vecs = _fix_signs(evecs[:, -r:].flip(-1).contiguous())
-    sing = evals[-r:].flip(0).clamp_min(0).sqrt().contiguous()
+    return _eigen_range(gram, 0, r, group)
+
+
+def _eigen_range(gram: torch.Tensor, start: int, stop: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs ``start:stop`` of a Gram matrix in descending order of eigenvalue:
+    (vectors [n, stop - start], singular values sqrt(eigenvalue) [stop - start]), with
+    deterministic signs, broadcast from the group's first rank (bit-identical everywhere)."""
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    evals, evecs = evals.flip(0), evecs.flip(-1)
+    vecs = _fix_signs(evecs[:, start:stop].contiguous())
+    sing = evals[start:stop].clamp_min(0).sqrt().contiguous()
     return _broadcast(vecs, group), _broadcast(sing, group)
 
 

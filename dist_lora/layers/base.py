@@ -84,11 +84,13 @@ class LoraLayer(nn.Module):
         use_dora: bool = False,
         seed: int = 0,
         device: Optional[torch.device] = None,
+        loftq_config=None,
     ) -> None:
         """Add (or re-create) adapter ``adapter_name`` of rank ``r``.
 
         ``device="meta"`` creates empty parameters (``low_cpu_mem_usage``); they are
-        materialised when a state dict is loaded with ``assign=True``.
+        materialised when a state dict is loaded with ``assign=True``. ``loftq_config``
+        (a LoftQConfig) is used by ``init_lora_weights="loftq"``.
         """
         if r < 1:
             raise ValueError(f"r must be >= 1, got {r}.")
@@ -105,6 +107,9 @@ class LoraLayer(nn.Module):
         if wd.is_weight_driven(init_lora_weights) and not on_meta:
             # this rank's parts of A and B, computed from (this rank's shard of) the base weight
             a, b, residual = self._weight_driven_init(r, scaling, init_lora_weights, seed)
+        elif init_lora_weights in ("corda", "loftq") and not on_meta:
+            # CorDA / LoftQ: this rank's A and B parts and its new base weight shard
+            a, b, residual = self._data_driven_init(r, scaling, init_lora_weights, loftq_config)
         else:
             a, b = self.shard_a(a), self.shard_b(b)
         bias = None if bias is None else self.shard_b(bias)
@@ -122,9 +127,11 @@ class LoraLayer(nn.Module):
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = use_rslora
         self.scaling[adapter_name] = scaling
-        if residual is not None:  # PiSSA / OLoRA: W <- W - s·B·A, before DoRA's norm (as PEFT)
+        if residual is not None:  # PiSSA/OLoRA/CorDA: W <- W - s·B·A (LoftQ: Q), before DoRA's norm (as PEFT)
             weight = self.base_weight
             weight.data.copy_((residual.t() if self.fan_in_fan_out else residual).to(weight.dtype))
+            if init_lora_weights == "corda":
+                del self.base_layer.corda_eigens  # used up, as in PEFT
         if use_dora:
             if lora_bias:
                 raise ValueError("lora_bias is not supported together with use_dora.")
@@ -162,6 +169,36 @@ class LoraLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         weight = weight.t() if self.fan_in_fan_out else weight
         return wd.weight_driven_factors(weight, r, scaling, init, seed)
+
+    def _shard_info(self) -> dict:
+        """How the base weight is split over TP (see :mod:`dist_lora.init.loftq`); none here."""
+        return {}
+
+    def _data_driven_init(
+        self, r: int, scaling: float, init: str, loftq_config
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CorDA (from ``base_layer.corda_eigens``, left by ``preprocess_corda``) or LoftQ:
+        this rank's A and B parts and its new base weight shard (fp32)."""
+        weight = self.base_weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"init_lora_weights={init!r} needs a float32/float16/bfloat16 base weight, got {weight.dtype}.")
+        weight = weight.t() if self.fan_in_fan_out else weight
+        if init == "corda":
+            from ..init.corda import corda_factors
+
+            eigens = getattr(self.base_layer, "corda_eigens", None)
+            if eigens is None:
+                raise ValueError("init_lora_weights='corda' needs dist_lora.init.preprocess_corda(model, config, run_model) first.")
+            if tuple(eigens.s.shape) != (r,):
+                raise ValueError(f"the CorDA data has rank {eigens.s.shape[0]}, the adapter r={r}; rerun preprocess_corda.")
+            return corda_factors(eigens, weight, scaling)
+        from ..init.loftq import loftq_factors
+
+        if loftq_config is None:
+            raise ValueError("init_lora_weights='loftq' needs loftq_config (a LoftQConfig).")
+        return loftq_factors(
+            weight, r, scaling, loftq_config.loftq_bits, loftq_config.loftq_iter, **self._shard_info()
+        )
 
     def _adapter_dtype(self) -> torch.dtype:
         """Adapters of a half-precision base are kept in fp32 (PEFT's autocast_adapter_dtype)."""

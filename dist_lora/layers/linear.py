@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
 from torch import nn
 
+from ..deepspeed import zero
 from . import math as lm
 from .base import LoraLayer
 from .fused import ColumnParallelLoRA, FusedSpec
@@ -15,6 +17,11 @@ from .fused import ColumnParallelLoRA, FusedSpec
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (a linear layer whose weight is stored [in, out])."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_linear4bit(module: nn.Module) -> bool:
+    """bitsandbytes' Linear4bit (checked by class name: bitsandbytes is optional)."""
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
 
 
 class LoraLinear(LoraLayer):
@@ -26,14 +33,48 @@ class LoraLinear(LoraLayer):
             warnings.warn("fan_in_fan_out is False but the target is a Conv1D ([in, out] weight); using True.")
         elif not conv1d and fan_in_fan_out:
             warnings.warn("fan_in_fan_out is True but the target is an nn.Linear ([out, in] weight); using False.")
-        weight = base_layer.weight
-        in_features, out_features = (weight.shape[0], weight.shape[1]) if conv1d else (weight.shape[1], weight.shape[0])
+        zero.refuse_registered(base_layer, f"cannot wrap {type(base_layer).__name__} in LoRA")
+        shape = zero.full_shape(base_layer.weight)  # ZeRO-3: param.shape is the empty local piece
+        in_features, out_features = (shape[0], shape[1]) if conv1d else (shape[1], shape[0])
+        quantized = is_linear4bit(base_layer)
+        if quantized:  # bitsandbytes 4-bit: the packed weight's shape is not [out, in]
+            in_features, out_features = base_layer.in_features, base_layer.out_features
         super().__init__(base_layer, in_features, out_features)
         self._fan_in_fan_out = conv1d
+        self.quantized = quantized
+        zero.mark_leaf(self)  # ZeRO-3: forward reads base weight and factors directly
+
+    def update_layer(self, adapter_name: str, *args, **kwargs) -> None:
+        """:meth:`LoraLayer.update_layer`, with the base weight gathered under ZeRO-3 when the
+        init may read it (PiSSA/OLoRA and any other named init but "gaussian", DoRA's norm);
+        rank 0's rewrite of it (e.g. PiSSA/OLoRA's residual) is the one re-partitioned (see
+        :mod:`dist_lora.deepspeed.zero`). Without ZeRO-3 this is the plain call."""
+        zero.refuse_registered(self, f"cannot add adapter {adapter_name!r}")
+        bound = inspect.signature(LoraLayer.update_layer).bind(self, adapter_name, *args, **kwargs)
+        bound.apply_defaults()
+        init = bound.arguments["init_lora_weights"]
+        if self.quantized and (bound.arguments["use_dora"] or init not in (True, False, "gaussian")):
+            raise NotImplementedError(
+                f"on a bitsandbytes 4-bit base layer only init_lora_weights=True/False/'gaussian' without DoRA is "
+                f"supported, got init_lora_weights={init!r}, use_dora={bound.arguments['use_dora']} (for LoftQ on a "
+                "4-bit model use dist_lora.init.replace_lora_weights_loftq after adding the adapter)."
+            )
+        rewrites = isinstance(init, str) and init != "gaussian"  # weight-driven inits may rewrite W
+        reads = rewrites or bound.arguments["use_dora"]
+        device = bound.arguments["device"]
+        on_meta = device is not None and torch.device(device).type == "meta"
+        weights = [self.base_weight] if reads and not on_meta else []
+        with zero.gathered(weights, modifier_rank=0 if rewrites else None):
+            super().update_layer(adapter_name, *args, **kwargs)
 
     @property
     def fan_in_fan_out(self) -> bool:
         return self._fan_in_fan_out
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        if self.quantized:
+            raise NotImplementedError("merging into a bitsandbytes 4-bit base layer is not supported; dequantise the model first.")
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapters = self._forward_adapters()

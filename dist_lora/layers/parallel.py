@@ -66,6 +66,9 @@ class _ParallelLoraLayer(LoraLayer):
             weight, r, scaling, init, self._layout, self.tp_group, self.tp_rank, self.stride
         )
 
+    def _shard_info(self) -> dict:
+        return dict(layout=self._layout, group=self.tp_group, rank=self.tp_rank, size=self.tp_size, stride=self.stride)
+
     def set_tp_comm(self, mode: str, keep_gathered_input: bool = False) -> None:
         """Choose the communication: "fused" (default) or "reference"; see the module docstring.
         ``keep_gathered_input`` (fused, SP on): keep the gathered input for dA instead of

@@ -1,0 +1,187 @@
+"""A DeepSpeed ZeRO checkpoint of LoRA training -> one PEFT adapter (``dist-lora consolidate``).
+
+One process, no process group, no DeepSpeed code run (see :mod:`.deepspeed_reader` for the
+layout and the safe loading). Input: the directory given to ``engine.save_checkpoint(dir)``
+(or one of its tag directories) of a run where only adapter parameters were trainable, at
+ZeRO stage 1, 2 or 3, any data-parallel size, no model parallelism. Output, into ``out_dir``:
+``adapter_model.safetensors`` (fp32 master weights) + ``adapter_config.json``, which
+``peft.PeftModel.from_pretrained`` loads onto the Hugging Face model.
+
+Parameter names -> PEFT keys. The engine's module is a dist_lora ``LoraModel`` (names
+``model.<hf module>...``) or a PEFT ``PeftModel`` (``base_model.model.<hf module>...``): a
+prefix shared by every parameter name (trainable and frozen) is dropped. ``model.`` alone is
+ambiguous (an HF CausalLM with tied embeddings names all its parameters ``model.*``): with
+``hf_model_dir`` the reading under which the adapted modules exist in the HF model wins,
+without it the LoraModel reading is taken. Then::
+
+    <m>.lora_A.<adapter>.weight                -> base_model.model.<m>.lora_A.weight
+    <m>.lora_B.<adapter>.weight / .bias        -> base_model.model.<m>.lora_B.weight / .bias
+    <m>.lora_magnitude_vector.<adapter>.weight -> base_model.model.<m>.lora_magnitude_vector
+    <m>.modules_to_save.<adapter>.<p>          -> base_model.model.<m>.<p>
+
+The LoraConfig is not in a DeepSpeed checkpoint. It is read from ``config`` (a directory with
+``adapter_config.json`` or the file itself), else from ``adapter_config.json`` in the save
+directory or the tag directory: save it there when you save the checkpoint, e.g.
+``model.peft_config["default"].save_pretrained(save_dir)`` (dist_lora and PEFT alike).
+
+Checks before anything is written: every rank's optimizer partition is present and readable
+(the error names a missing file and its rank), the trainable tensors are adapter tensors of
+``adapter`` (else the error lists what was found), every adapted module has its factors, ranks
+agree with the config, at ZeRO-1/2 the fp32 masters equal the saved module weights, and with
+``hf_model_dir`` every key names a module of the HF model with the right shape. The output is
+staged and renamed into place by :mod:`.consolidate`'s writer (with its progress bar), so a
+failure leaves ``out_dir`` as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+import torch
+
+from ..config import CONFIG_NAME, LoraConfig
+from . import consolidate as cons
+from .deepspeed_reader import DeepSpeedCheckpoint, DeepSpeedCheckpointError
+from .peft_format import PREFIX, WEIGHTS_NAME
+
+_WRAPPER_PREFIXES = ("base_model.model.", "model.")  # PeftModel, dist_lora LoraModel
+_ADAPTER_KEY = re.compile(
+    r"(?P<module>.+)\.(?:(?P<factor>lora_A|lora_B|lora_magnitude_vector)\.(?P<a1>[^.]+)\.(?P<param>weight|bias)"
+    r"|modules_to_save\.(?P<a2>[^.]+)\.(?P<saved>.+))"
+)
+
+
+def consolidate_deepspeed(
+    checkpoint_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: Optional[str | os.PathLike] = None,
+    adapter: str = "default",
+    hf_model_dir: Optional[str | os.PathLike] = None,
+    tag: Optional[str] = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> str:
+    """Write adapter ``adapter`` of the DeepSpeed checkpoint in ``checkpoint_dir`` (the
+    ``latest`` tag unless ``tag``) as one PEFT adapter into ``out_dir``; return ``out_dir``.
+    Raises :class:`~dist_lora.checkpoint.consolidate.ConsolidationError` (a ``ValueError``)."""
+    checkpoint_dir, out_dir = os.fspath(checkpoint_dir), os.fspath(out_dir)
+    hf_model_dir = None if hf_model_dir is None else os.fspath(hf_model_dir)
+    cons._check_out_dir(out_dir, overwrite, checkpoint_dir)
+    try:
+        checkpoint = DeepSpeedCheckpoint(checkpoint_dir, tag)
+    except DeepSpeedCheckpointError as e:
+        raise cons.ConsolidationError(str(e)) from None
+    lora_config = _load_config(config, checkpoint_dir, checkpoint.dir)
+    init = lora_config.init_lora_weights
+    if isinstance(init, str) and init.startswith(cons._BASE_CHANGING_INIT):
+        raise cons.ConsolidationError(
+            f"init_lora_weights={init!r} changes the base weights during training; such an "
+            "adapter cannot be released as a plain LoRA file for the original model."
+        )
+    hf_modules = set(cons._hf_modules(hf_model_dir, lora_config.layer_replication)) if hf_model_dir else None
+    trainable = list(checkpoint.shapes)
+    names = adapter_names(trainable, adapter, checkpoint.dir, trainable + checkpoint.frozen_names, hf_modules)
+    try:
+        checkpoint.check_against_module_state(list(names))
+    except DeepSpeedCheckpointError as e:
+        raise cons.ConsolidationError(str(e)) from None
+
+    sources = {
+        key: cons._Source(key, tuple(checkpoint.shapes[name]), torch.float32, []) for name, key in names.items()
+    }
+    by_key = {key: name for name, key in names.items()}
+    cons._check_factors(sources, lora_config)
+    out_config = cons._identity_config(lora_config, sources, hf_model_dir, rename=True)
+    groups = [(src, [cons._Output(PREFIX + src.key, src.global_shape, None)]) for src in sources.values()]
+    if hf_model_dir is not None:
+        cons._check_against_hf_model(groups, hf_model_dir, lora_config.layer_replication)
+
+    def fetch(source: cons._Source) -> torch.Tensor:
+        return checkpoint.tensor(by_key[source.key])
+
+    with cons._staging(out_dir, overwrite) as staging:
+        cons._write(os.path.join(staging, WEIGHTS_NAME), groups, checkpoint.dir, show_progress, fetch=fetch)
+        out_config.save_pretrained(staging)
+    return out_dir
+
+
+def adapter_names(
+    trainable: list[str], adapter: str, where: str, all_names: Optional[list[str]] = None,
+    hf_modules: Optional[set[str]] = None,
+) -> dict[str, str]:
+    """Trainable parameter name -> adapter key (``<hf module>.lora_A.weight`` ..., no prefix).
+
+    Every trainable tensor must belong to some adapter; those of ``adapter`` are returned.
+    ``all_names`` (trainable and frozen) and ``hf_modules`` decide the wrapper prefix."""
+    prefix = _wrapper_prefix(all_names or trainable, hf_modules)
+    found_adapters, others, out = set(), [], {}
+    for name in trainable:
+        m = _ADAPTER_KEY.fullmatch(name)
+        if m is None:
+            others.append(name)
+            continue
+        module = m["module"].removeprefix(prefix)
+        if m["factor"]:
+            found_adapters.add(m["a1"])
+            suffix = "lora_magnitude_vector" if m["factor"] == "lora_magnitude_vector" else f"{m['factor']}.{m['param']}"
+            key, name_adapter = f"{module}.{suffix}", m["a1"]
+        else:
+            found_adapters.add(m["a2"])
+            key, name_adapter = f"{module}.{m['saved']}", m["a2"]
+        if name_adapter == adapter:
+            out[name] = key
+    if others:
+        raise cons.ConsolidationError(
+            f"checkpoint {where} has {len(others)} trainable tensors that are not LoRA adapter tensors, e.g. "
+            f"{others[:3]}: this is not adapter-only training (for a full fine-tune use DeepSpeed's zero_to_fp32)."
+        )
+    if not out:
+        what = f"adapters {sorted(found_adapters)}" if found_adapters else f"trainable tensors {trainable[:3] or 'none'}"
+        raise cons.ConsolidationError(
+            f"checkpoint {where} has no tensors of adapter {adapter!r}; it holds {what}"
+            + (" (pass --adapter)" if found_adapters else "")
+            + "."
+        )
+    return out
+
+
+def _wrapper_prefix(names: list[str], hf_modules: Optional[set[str]] = None) -> str:
+    """The wrapper prefix shared by every parameter name (trainable and frozen): PEFT's
+    ``base_model.model.``, dist_lora's ``model.`` or none. ``model.`` is ambiguous (an HF
+    CausalLM with tied embeddings has only ``model.*`` parameters too): with the HF model's
+    module names the prefix under which the adapted modules exist wins; without them the
+    LoraModel reading is taken."""
+    candidates = [p for p in _WRAPPER_PREFIXES if names and all(n.startswith(p) for n in names)] + [""]
+    if hf_modules is not None:
+        for prefix in candidates:
+            modules = {m["module"].removeprefix(prefix) for n in names if (m := _ADAPTER_KEY.fullmatch(n))}
+            if modules and modules <= hf_modules:
+                return prefix
+    return candidates[0]
+
+
+def _load_config(config: Optional[str | os.PathLike], save_dir: str, tag_dir: str) -> LoraConfig:
+    if config is not None:
+        config = os.fspath(config)
+        directory = os.path.dirname(config) if os.path.basename(config) == CONFIG_NAME else config
+        if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+            raise cons.ConsolidationError(f"--config {config}: no {CONFIG_NAME} there.")
+        candidates = [directory]
+    else:
+        candidates = [save_dir, tag_dir]
+    for directory in candidates:
+        if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+            try:
+                return LoraConfig.from_pretrained(directory)
+            except ValueError as e:
+                raise cons.ConsolidationError(f"{directory}/{CONFIG_NAME}: {e}") from None
+    raise cons.ConsolidationError(
+        f"a DeepSpeed checkpoint holds no LoRA config and there is no {CONFIG_NAME} in {save_dir} or {tag_dir}: "
+        "pass --config DIR (a directory with the adapter_config.json of the run), or save it next to the "
+        "checkpoint: model.peft_config['default'].save_pretrained(save_dir)."
+    )
+
+
+__all__ = ["consolidate_deepspeed", "adapter_names"]

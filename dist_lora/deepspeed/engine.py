@@ -1,0 +1,40 @@
+"""``deepspeed.initialize`` for a LoRA model, with the config checked first.
+
+Order matters under ZeRO-3: build the base model (ideally under ``deepspeed.zero.Init``),
+inject the adapters (``get_lora_model``), then call :func:`initialize`. DeepSpeed registers
+its fetch/release hooks on the modules that exist at that moment and partitions the new
+adapter parameters like every other parameter; adapters injected afterwards would be invisible
+to it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+
+from .config import check_ds_config, load_ds_config
+from .setup import prepare_deepspeed
+
+
+def initialize(
+    model: torch.nn.Module,
+    config: dict[str, Any] | str | os.PathLike,
+    allow_jit: Optional[bool] = None,
+    **kwargs: Any,
+) -> tuple:
+    """``deepspeed.initialize(model=model, model_parameters=<trainable>, config=config, **kwargs)``
+    after :func:`~dist_lora.deepspeed.setup.prepare_deepspeed` and
+    :func:`~dist_lora.deepspeed.config.check_ds_config`. Only trainable parameters (the
+    adapters, biases or modules_to_save they enable) go to the optimizer. Returns DeepSpeed's
+    ``(engine, optimizer, dataloader, lr_scheduler)``."""
+    prepare_deepspeed()
+    config = load_ds_config(config) if isinstance(config, (str, os.PathLike)) else dict(config)
+    check_ds_config(config, allow_jit=allow_jit)
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: inject adapters (get_lora_model) before initialize.")
+    return deepspeed.initialize(model=model, model_parameters=params, config=config, **kwargs)
