@@ -62,6 +62,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, CordaConfig, LoraConfig
+from ..deepspeed import zero
 from ..parallel import tp
 from .weight_driven import _all_gather, _all_reduce, _broadcast, _eigen_range
 
@@ -95,11 +96,18 @@ class _Geometry:
     sequence_parallel: bool
 
     def weight(self, module: nn.Module) -> torch.Tensor:
-        """The local weight as [out(_i), in(_i)]."""
+        """The local weight as [out(_i), in(_i)] (under ZeRO-3: call inside ``zero.gathered``)."""
         from ..layers.linear import is_conv1d
 
         w = module.weight
         return w.t() if is_conv1d(module) else w
+
+    def local_shape(self, module: nn.Module) -> tuple[int, int]:
+        """(out(_i), in(_i)) of the local weight, from ZeRO-3's full shape when partitioned."""
+        from ..layers.linear import is_conv1d
+
+        shape = tuple(zero.full_shape(module.weight))
+        return (shape[1], shape[0]) if is_conv1d(module) else (shape[0], shape[1])
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -114,8 +122,8 @@ def _geometry(module: nn.Module) -> _Geometry:
 
     kind = parallel_linear_kind(module)
     if kind is None:
-        w = module.weight
-        out_f, in_f = (w.shape[1], w.shape[0]) if is_conv1d(module) else (w.shape[0], w.shape[1])
+        shape = zero.full_shape(module.weight)  # ZeRO-3: .shape is the empty local piece
+        out_f, in_f = (shape[1], shape[0]) if is_conv1d(module) else (shape[0], shape[1])
         return _Geometry(None, None, 0, 1, 1, in_f, out_f, False)
     group = tp.tp_group_of(module)
     rank, size = tp.group_rank_size(group)
@@ -453,6 +461,9 @@ def preprocess_corda(
                 "or set corda_config.covariance_file / cache_file to an existing file."
             )
         else:
+            from ..deepspeed.data_driven import check_forward_ready
+
+            check_forward_ready(model if hooked_model is None else hooked_model, "CorDA data pass (preprocess_corda)")
             found = _collect_covariances(model, names, lora_config, run_model, hooked_model)
             covs = [found[k] for k in keys]
             if corda.covariance_file is not None:
@@ -463,11 +474,12 @@ def preprocess_corda(
         eigens = []
         items = list(zip(keys, modules, geometries, ranks, covs))
         for key, module, g, r, cov in _progress(items, corda.verbose and _is_first_rank(), "CorDA decompositions"):
-            w = g.weight(module)
-            if g.layout is None:
-                eigens.append(dense_corda_eigens(w, cov, r, corda.corda_method, key))
-            else:
-                eigens.append(sharded_corda_eigens(w, cov, r, corda.corda_method, g.layout, g.group, g.rank, g.size, key))
+            with zero.gathered([module.weight]):  # ZeRO-3: the full weight, read only (collective)
+                w = g.weight(module)
+                if g.layout is None:
+                    eigens.append(dense_corda_eigens(w, cov, r, corda.corda_method, key))
+                else:
+                    eigens.append(sharded_corda_eigens(w, cov, r, corda.corda_method, g.layout, g.group, g.rank, g.size, key))
         if corda.cache_file is not None:
             _save_tensor_file(corda.cache_file, _cache_entries(keys, geometries, eigens))
     for module, e in zip(modules, eigens):
@@ -571,8 +583,8 @@ def check_corda_ready(model: nn.Module, targets: list[str], config: LoraConfig) 
                 "dist_lora.init.preprocess_corda(model, config, run_model) first."
             )
         r = config.rank_for(key)
-        w = _geometry(module).weight(module)
-        want = {"u": (w.shape[0], r), "s": (r,), "v": (w.shape[1], r)}
+        out_local, in_local = _geometry(module).local_shape(module)
+        want = {"u": (out_local, r), "s": (r,), "v": (in_local, r)}
         for field, shape in want.items():
             t = getattr(e, field)
             if tuple(t.shape) != shape:

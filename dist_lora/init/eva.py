@@ -423,6 +423,9 @@ def get_eva_state_dict(
         raise ValueError(f"svd must be one of {SVD_MODES}, got {svd!r}.")
     if forward_fn is None:
         raise ValueError("forward_fn must be given (forward_fn_default runs HF and megatron-style batches).")
+    from ..deepspeed.data_driven import check_forward_ready
+
+    check_forward_ready(model, "EVA data pass (get_eva_state_dict)")
     started = time.perf_counter()
     topo = eg.current_topology(gather_distributed_inputs)
     run = _Run(model, config, adapter_name, topo, prepare_model_inputs_fn, prepare_layer_inputs_fn, svd)

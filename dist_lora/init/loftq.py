@@ -126,6 +126,7 @@ def loftq_factors(
 
 def check_loftq_ready(model: nn.Module, targets: list[str], config) -> None:
     """bitsandbytes importable, a supported bit width, float base weights, whole NF4 blocks per shard."""
+    from ..deepspeed.zero import full_shape
     from ..layers.base import LoraLayer
     from ..naming import global_module_name
     from ..parallel import tp
@@ -144,7 +145,7 @@ def check_loftq_ready(model: nn.Module, targets: list[str], config) -> None:
             )
         kind = parallel_linear_kind(module)
         if kind is None:
-            sizes = tuple(module.weight.shape)
+            sizes = tuple(full_shape(module.weight))  # ZeRO-3: .shape is the empty local piece
         else:
             sizes = (module.input_size, module.output_size)
         r = config.rank_for(key)
@@ -152,7 +153,7 @@ def check_loftq_ready(model: nn.Module, targets: list[str], config) -> None:
             raise ValueError(f"init_lora_weights='loftq' needs r <= min(in_features, out_features) = {min(sizes)} on {key!r}, got r={r}.")
         if kind is not None:
             _, size = tp.group_rank_size(tp.tp_group_of(module))
-            shape = module.weight.shape
+            shape = full_shape(module.weight)
             check_shard_blocks(shape[0], shape[1], kind, size, tp.partition_stride(module.weight), key)
 
 

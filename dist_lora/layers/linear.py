@@ -59,7 +59,7 @@ class LoraLinear(LoraLayer):
                 f"supported, got init_lora_weights={init!r}, use_dora={bound.arguments['use_dora']} (for LoftQ on a "
                 "4-bit model use dist_lora.init.replace_lora_weights_loftq after adding the adapter)."
             )
-        rewrites = isinstance(init, str) and init != "gaussian"  # weight-driven inits may rewrite W
+        rewrites = isinstance(init, str) and init not in ("gaussian", "eva")  # weight-driven inits may rewrite W
         reads = rewrites or bound.arguments["use_dora"]
         device = bound.arguments["device"]
         on_meta = device is not None and torch.device(device).type == "meta"
