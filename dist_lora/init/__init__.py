@@ -2,7 +2,8 @@
 LoftQ (loftq); and EVA (eva), which reads the layers' inputs."""
 
 from ..checkpoint.conversion import converted_config
-from .corda import CordaEigens, check_corda_ready, preprocess_corda
+from .corda import check_corda_ready, preprocess_corda
+from .corda_math import CordaEigens
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
 from .loftq import check_loftq_ready, loftq_factors, replace_lora_weights_loftq
 from .weight_driven import is_weight_driven, sharded_weight_driven_factors, weight_driven_factors

@@ -41,6 +41,8 @@ Tensor parallelism (megatron activations are [seq, batch, hidden]; tokens are fl
   Data parallelism: covariances and call counts are summed over the data-parallel group.
 
 Unsharded nn.Linear / Conv1D layers use PEFT's exact fp32 calls (torch.linalg.svd of W Ĉ).
+The decomposition and the factors are in :mod:`.corda_math`; this module has the data pass,
+the files and the entry point.
 
 Files: ``covariance_file`` holds {module name: C}, ``cache_file`` holds
 {"<module name>.eigens.S_WC" / "U_WC" / "V_WC": full (TP-gathered) tensors}, PEFT's keys, so a
@@ -64,21 +66,12 @@ from torch import nn
 from ..config import ConfigError, CordaConfig, LoraConfig
 from ..deepspeed import zero
 from ..parallel import tp
-from .weight_driven import _all_gather, _all_reduce, _broadcast, _eigen_range
+from .corda_math import CordaEigens, dense_corda_eigens, sharded_corda_eigens
+from .weight_driven import _all_gather, _all_reduce, _broadcast
 
 logger = logging.getLogger(__name__)
 
 CORDA_METHODS = ("ipm", "kpm")
-
-
-@dataclass
-class CordaEigens:
-    """This rank's part of PEFT's ``eigens``: ``u`` ~ U_WC [out(_i), r] (sharded like B),
-    ``s`` ~ S_WC [r], ``v`` ~ V_WC [in(_i), r] (sharded like Aᵀ)."""
-
-    u: torch.Tensor
-    s: torch.Tensor
-    v: torch.Tensor
 
 
 # --- layer geometry -------------------------------------------------------------------------
@@ -243,117 +236,6 @@ def _collect_covariances(
             handle.remove()
         hooked.train(was_training)
     return {key: acc.finish(key) for key, acc in accumulators.items()}
-
-
-# --- the decomposition ------------------------------------------------------------------------
-
-
-def damped_covariance(cov: torch.Tensor, name: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
-    """(Ĉ, Ĉ⁻¹) in fp64, with PEFT's damping rule (decided in fp32, as PEFT does)."""
-    n = cov.shape[0]
-    c32 = cov.float()
-    eye32 = torch.eye(n)
-    mean = torch.mean(torch.diag(c32))
-    damp = 0.01
-    for _ in range(64):
-        fixed = c32 + eye32 * mean * damp
-        try:
-            ok = torch.dist(fixed @ torch.linalg.inv(fixed), eye32).item() < 0.05
-        except RuntimeError:  # singular in fp32
-            ok = False
-        if ok:
-            break
-        damp *= 2
-    else:
-        raise ValueError(f"CorDA: the covariance of {name!r} cannot be inverted even with damping (NaN, Inf or all zero?).")
-    c64 = cov.double()
-    fixed = c64 + torch.eye(n, dtype=torch.float64) * torch.mean(torch.diag(c64)) * damp
-    return fixed, torch.linalg.inv(fixed)
-
-
-def _crop(k: int, r: int, method: str) -> tuple[int, int]:
-    if method == "ipm":
-        return 0, r
-    if method == "kpm":
-        return k - r, k
-    raise ConfigError(f"corda_method must be 'ipm' or 'kpm', got {method!r}.")
-
-
-@torch.no_grad()
-def dense_corda_eigens(weight: torch.Tensor, cov: torch.Tensor, r: int, method: str, name: str = "layer") -> CordaEigens:
-    """PEFT's fp32 computation for an unsharded [out, in] weight."""
-    w = weight.detach().float()
-    c = cov.float()
-    eye = torch.eye(c.shape[0])
-    damp = 0.01
-    for _ in range(64):
-        fixed = c + eye * torch.mean(torch.diag(c)) * damp
-        inv = torch.linalg.inv(fixed)
-        if torch.dist(fixed @ inv, eye).item() < 0.05:
-            break
-        damp *= 2
-    else:
-        raise ValueError(f"CorDA: the covariance of {name!r} cannot be inverted even with damping.")
-    u, s, vh = torch.linalg.svd(w @ fixed, full_matrices=False)
-    v = (vh @ inv).t()
-    lo, hi = _crop(s.shape[0], r, method)
-    return CordaEigens(u[:, lo:hi].contiguous(), s[lo:hi].contiguous(), v[:, lo:hi].contiguous())
-
-
-@torch.no_grad()
-def sharded_corda_eigens(
-    shard: torch.Tensor, cov: torch.Tensor, r: int, method: str, layout: str, group=None, rank: int = 0, size: int = 1, name: str = "layer"
-) -> CordaEigens:
-    """This rank's :class:`CordaEigens` for a TP weight shard ([out_i, in] column, [out, in_i]
-    row) and the full covariance ``cov`` (in × in, identical on every rank)."""
-    w = shard.detach().double()
-    fixed, inv = damped_covariance(cov, name)
-    if layout == "column":
-        n_in, out_i = w.shape[1], w.shape[0]
-        out = out_i * size
-        k = min(n_in, out)
-        lo, hi = _crop(k, r, method)
-        m = w @ fixed
-        v_m, sing = _eigen_range(_all_reduce(m.t() @ m, group), lo, hi, group)
-        _check_positive(sing, name)
-        u = (m @ v_m) / sing[None, :]
-        v = inv @ v_m
-    elif layout == "row":
-        n_loc, out = w.shape[1], w.shape[0]
-        k = min(n_loc * size, out)
-        lo, hi = _crop(k, r, method)
-        m = None
-        for j in range(size):  # M_j = Σ_i W_i Ĉ_ij, reduced onto rank j one block at a time
-            part = w @ fixed[rank * n_loc : (rank + 1) * n_loc, j * n_loc : (j + 1) * n_loc]
-            if size > 1:
-                dist.reduce(part, dst=dist.get_global_rank(group, j), group=group)
-            if j == rank:
-                m = part
-        u, sing = _eigen_range(_all_reduce(m @ m.t(), group), lo, hi, group)
-        _check_positive(sing, name)
-        vh_loc = (u.t() @ m) / sing[:, None]
-        vh = torch.cat(_all_gather(vh_loc.contiguous(), group), dim=1)
-        v = (vh @ inv).t()[rank * n_loc : (rank + 1) * n_loc]
-    else:
-        raise ValueError(f"layout must be 'column' or 'row', got {layout!r}.")
-    return CordaEigens(u.float().contiguous(), sing.float().contiguous(), v.float().contiguous())
-
-
-def _check_positive(sing: torch.Tensor, name: str) -> None:
-    if not (sing > 0).all():
-        raise ValueError(
-            f"CorDA: {name!r}: W·C has fewer non-zero singular values than the rank asks for; "
-            "lower r or use corda_method='ipm'."
-        )
-
-
-def corda_factors(eigens: CordaEigens, weight: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A part [r, in(_i)], B part [out(_i), r], W_i - s·B·A_i) for this rank, fp32; ``weight``
-    is this rank's [out(_i), in(_i)] shard. Local: no communication."""
-    root = torch.sqrt(eigens.s.float() / scaling)
-    a = (eigens.v.float().t() * root[:, None]).contiguous()
-    b = (eigens.u.float() * root[None, :]).contiguous()
-    return a, b, weight.detach().float() - scaling * (b @ a)
 
 
 # --- files ------------------------------------------------------------------------------------

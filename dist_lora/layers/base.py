@@ -184,7 +184,7 @@ class LoraLayer(nn.Module):
             raise TypeError(f"init_lora_weights={init!r} needs a float32/float16/bfloat16 base weight, got {weight.dtype}.")
         weight = weight.t() if self.fan_in_fan_out else weight
         if init == "corda":
-            from ..init.corda import corda_factors
+            from ..init.corda_math import corda_factors
 
             eigens = getattr(self.base_layer, "corda_eigens", None)
             if eigens is None:
