@@ -34,7 +34,7 @@ from dist_lora.init import initialize_lora_eva_weights, preprocess_corda  # noqa
 from dist_lora.parallel.grads import allreduce_data_parallel_grads  # noqa: E402
 from tests import hf_models  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
-from tests.test_deepspeed_zero import batch, build_base, ds_config, full_adapter  # noqa: E402
+from tests.test_deepspeed_zero import batch, build_base, ds_config, engine_losses, full_adapter  # noqa: E402
 
 WORLD = 2
 STEPS = 2
@@ -107,14 +107,7 @@ def _train_plain(lora) -> list[float]:
 
 def _train_zero(lora, config: dict) -> list[float]:
     engine, *_ = initialize(lora, config)
-    losses = []
-    for step in range(STEPS):
-        ids = batch(dist.get_rank(), step)
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return losses
+    return engine_losses(engine, STEPS)
 
 
 def _plain_and_zero3(init: str) -> dict:

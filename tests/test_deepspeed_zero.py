@@ -94,17 +94,23 @@ def _train_reference(lora_kwargs: dict) -> dict:
     return {"losses": losses, "adapter": full_adapter(lora), "norms": norms}
 
 
-def _train_zero(stage: int, under_init: bool, lora_kwargs: dict, directory: str) -> dict:
-    config = ds_config(stage)
-    lora = get_lora_model(build_base(stage, config, under_init), LoraConfig(**lora_kwargs), seed=SEED)
-    engine, *_ = initialize(lora, config)
+def engine_losses(engine, steps: int = STEPS) -> list[float]:
+    """Train ``engine`` for ``steps`` steps on this rank's batches; the per-step losses."""
     losses = []
-    for step in range(STEPS):
+    for step in range(steps):
         ids = batch(dist.get_rank(), step)
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
+    return losses
+
+
+def _train_zero(stage: int, under_init: bool, lora_kwargs: dict, directory: str) -> dict:
+    config = ds_config(stage)
+    lora = get_lora_model(build_base(stage, config, under_init), LoraConfig(**lora_kwargs), seed=SEED)
+    engine, *_ = initialize(lora, config)
+    losses = engine_losses(engine)
     partitioned = [p.data.numel() == 0 for p in lora.parameters() if p.requires_grad]
     lora.save_pretrained(directory)  # every rank calls it
     return {"losses": losses, "adapter": full_adapter(lora), "partitioned": partitioned}

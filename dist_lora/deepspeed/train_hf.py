@@ -82,6 +82,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     lora.save_pretrained(args.output)  # every rank calls it; rank 0 writes
     if rank == 0:
         print(f"adapter saved to {args.output}", flush=True)
+    # tear down before interpreter exit: gloo's threads, left to die at exit, sometimes abort
+    # the process ("terminate called without an active exception") after a successful run
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
