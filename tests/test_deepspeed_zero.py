@@ -501,7 +501,11 @@ def test_launcher_trains_and_saves_a_peft_adapter(tmp_path):
 
     from dist_lora.tiny_model import builtin_model_dir
 
-    port = str(29500 + os.getpid() % 1000)
+    import socket
+
+    with socket.socket() as probe:  # a port the OS says is free now
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     env = dict(os.environ, NUM_GPUS="2", MASTER_PORT=port, DIST_LORA_CACHE=str(tmp_path / "cache"))
     out = subprocess.run(
         ["bash", LAUNCHER, "--output", str(tmp_path / "out"), "--steps", "2", "--r", "4"],

@@ -69,16 +69,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     tokenizer = load_tokenizer(model_dir)
     data = PackedDataset(read_documents(args.data or builtin_corpus_path()), tokenizer, args.seq_len)
     micro = engine.train_micro_batch_size_per_gpu()
-    for step in range(args.steps):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(args.steps), desc="training", disable=rank != 0)
+    for step in bar:
         inputs, labels = data.batch("train", step * world + rank, micro)
         logits = engine(input_ids=inputs).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
         engine.backward(loss)
         engine.step()
-        if rank == 0:
-            print(f"step {step + 1}/{args.steps} loss {loss.item():.4f}", flush=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
         if args.save_every and (step + 1) % args.save_every == 0:
             lora.save_pretrained(os.path.join(args.output, f"step_{step + 1}"))
+            if rank == 0:
+                bar.write(f"step {step + 1}/{args.steps} loss {loss.item():.4f}: adapter saved")
+    bar.close()
+    if rank == 0 and args.steps:
+        print(f"step {args.steps}/{args.steps} loss {loss.item():.4f}", flush=True)
     lora.save_pretrained(args.output)  # every rank calls it; rank 0 writes
     if rank == 0:
         print(f"adapter saved to {args.output}", flush=True)
