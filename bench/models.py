@@ -97,6 +97,26 @@ def megatron_gpt(args: argparse.Namespace, tp: int, sp: bool, seed: int = 0):
     return model
 
 
+def gpt_variant(args: argparse.Namespace, tp: int, sp: bool, mode: str):
+    """(model, its embedding weight) for one contender: "base" (all frozen), or LoRA with
+    ``tp_comm`` "fused", "fused-keep" (fused, keep_gathered_input) or "reference". The
+    embedding weight is made trainable so that every layer's input needs a gradient, as in
+    a model whose lower layers are trained."""
+    from dist_lora import LoraConfig, get_lora_model
+
+    model = megatron_gpt(args, tp, sp)
+    if mode == "base":
+        model.requires_grad_(False)
+    else:
+        comm, keep = ("fused", True) if mode == "fused-keep" else (mode, False)
+        config = LoraConfig(**{**LORA, "r": args.r, "lora_alpha": 2 * args.r},
+                            runtime_config={"tp_comm": comm, "keep_gathered_input": keep})
+        model = get_lora_model(model, config)
+    embedding = model.get_submodule(("" if mode == "base" else "model.") + "embedding.word_embeddings").weight
+    embedding.requires_grad_(True)
+    return model, embedding
+
+
 def gpt_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (megatron returns per-token losses)."""
     return model(tokens, position_ids=None, attention_mask=None, labels=labels).mean()

@@ -28,7 +28,6 @@ import common
 
 common.quiet()
 import models  # noqa: E402
-from dist_lora import LoraConfig, get_lora_model  # noqa: E402
 from dist_lora.layers.parallel import LoraColumnParallelLinear, LoraRowParallelLinear  # noqa: E402
 from dist_lora.parallel.setup import init_distributed, shutdown_distributed  # noqa: E402
 
@@ -81,15 +80,7 @@ def layer_bytes(kind: str, mode: str, args, tp: int, sp: bool) -> int:
 
 
 def model_bytes(mode: str, args, tp: int, sp: bool) -> int:
-    model = models.megatron_gpt(args, tp, sp)
-    if mode == "base":
-        model.requires_grad_(False)
-    else:
-        comm, keep = ("fused", True) if mode == "fused-keep" else (mode, False)
-        config = LoraConfig(**{**models.LORA, "r": args.r, "lora_alpha": 2 * args.r},
-                            runtime_config={"tp_comm": comm, "keep_gathered_input": keep})
-        model = get_lora_model(model, config)
-    model.get_submodule(("" if mode == "base" else "model.") + "embedding.word_embeddings").weight.requires_grad_(True)
+    model, _ = models.gpt_variant(args, tp, sp, mode)
     tokens, labels = models.batch(args)
     with common.SavedTensorMeter(model) as meter:
         loss = models.gpt_loss(model, tokens, labels)

@@ -35,7 +35,6 @@ import common
 
 common.quiet()
 import models  # noqa: E402
-from dist_lora import LoraConfig, get_lora_model  # noqa: E402
 from dist_lora.layers.parallel import LoraColumnParallelLinear, LoraRowParallelLinear  # noqa: E402
 from dist_lora.parallel.comm_counter import CollectiveCounter  # noqa: E402
 from dist_lora.parallel.grads import finalize_lora_grads, tp_partial_grad_parameters  # noqa: E402
@@ -49,17 +48,8 @@ class Mode:
 
     def __init__(self, name: str, args, tp: int, sp: bool) -> None:
         self.name = name
-        model = models.megatron_gpt(args, tp, sp)
-        if name == "base":
-            model.requires_grad_(False)
-        else:
-            comm, keep = ("fused", True) if name == "fused-keep" else (name, False)
-            config = LoraConfig(**{**models.LORA, "r": args.r, "lora_alpha": 2 * args.r},
-                                runtime_config={"tp_comm": comm, "keep_gathered_input": keep})
-            model = get_lora_model(model, config)
-        adapters = [p for p in model.parameters() if p.requires_grad]
-        self.embedding = model.get_submodule(("" if name == "base" else "model.") + "embedding.word_embeddings").weight
-        self.embedding.requires_grad_(True)
+        model, self.embedding = models.gpt_variant(args, tp, sp, name)
+        adapters = [p for p in model.parameters() if p.requires_grad and p is not self.embedding]
         self.model = model
         self.optimizer = torch.optim.AdamW(adapters, lr=1e-4) if adapters else None
         self.tokens, self.labels = models.batch(args)

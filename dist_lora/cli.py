@@ -7,11 +7,15 @@ import os
 import sys
 
 
+def _error(command: str, message: str, code: int) -> int:
+    print(f"dist-lora {command}: error: {message}", file=sys.stderr)
+    return code
+
+
 def _consolidate(args: argparse.Namespace, rest: list[str]) -> int:
-    """Join a sharded adapter checkpoint into one PEFT (or megatron-named) adapter."""
+    """Join a sharded (or DeepSpeed) adapter checkpoint into one PEFT (or megatron-named) adapter."""
     if rest:
-        print(f"dist-lora consolidate: error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
-        return 2
+        return _error("consolidate", f"unrecognized arguments: {' '.join(rest)}", 2)
     from .checkpoint.consolidate import consolidate
     from .checkpoint.deepspeed_reader import is_deepspeed_checkpoint
 
@@ -19,12 +23,11 @@ def _consolidate(args: argparse.Namespace, rest: list[str]) -> int:
         not os.path.isfile(os.path.join(args.checkpoint, "manifest.json")) and is_deepspeed_checkpoint(args.checkpoint)
     )
     if not deepspeed and (args.config or args.tag or args.adapter != "default"):
-        print("dist-lora consolidate: error: --config/--tag/--adapter apply to DeepSpeed checkpoints only", file=sys.stderr)
-        return 2
+        return _error("consolidate", "--config/--tag/--adapter apply to DeepSpeed checkpoints only", 2)
     if deepspeed and (args.format != "peft" or args.initial):
-        print("dist-lora consolidate: error: a DeepSpeed checkpoint is written as a PEFT adapter only "
-              "(no --format megatron, no --initial)", file=sys.stderr)
-        return 2
+        return _error(
+            "consolidate", "a DeepSpeed checkpoint is written as a PEFT adapter only (no --format megatron, no --initial)", 2
+        )
     try:
         if deepspeed:
             from .checkpoint.deepspeed_adapter import consolidate_deepspeed
@@ -33,15 +36,13 @@ def _consolidate(args: argparse.Namespace, rest: list[str]) -> int:
                 args.checkpoint, args.out_dir, config=args.config, adapter=args.adapter, hf_model_dir=args.hf_model,
                 tag=args.tag, overwrite=args.overwrite, show_progress=not args.no_progress,
             )
-            print(f"wrote {out}")
-            return 0
-        out = consolidate(
-            args.checkpoint, args.out_dir, hf_model_dir=args.hf_model, format=args.format,
-            overwrite=args.overwrite, show_progress=not args.no_progress, initial_checkpoint_dir=args.initial,
-        )
+        else:
+            out = consolidate(
+                args.checkpoint, args.out_dir, hf_model_dir=args.hf_model, format=args.format,
+                overwrite=args.overwrite, show_progress=not args.no_progress, initial_checkpoint_dir=args.initial,
+            )
     except (ValueError, OSError) as e:  # bad input: a message, not a traceback
-        print(f"dist-lora consolidate: error: {e}", file=sys.stderr)
-        return 1
+        return _error("consolidate", str(e), 1)
     print(f"wrote {out}")
     return 0
 
@@ -49,8 +50,7 @@ def _consolidate(args: argparse.Namespace, rest: list[str]) -> int:
 def _merge(args: argparse.Namespace, rest: list[str]) -> int:
     """Merge a sharded adapter checkpoint into its HF base model and write an HF checkpoint."""
     if rest:
-        print(f"dist-lora merge: error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
-        return 2
+        return _error("merge", f"unrecognized arguments: {' '.join(rest)}", 2)
     from .checkpoint.merged_export import merge_export
 
     try:
@@ -59,8 +59,7 @@ def _merge(args: argparse.Namespace, rest: list[str]) -> int:
             max_shard_size=args.max_shard_size, show_progress=not args.no_progress,
         )
     except (ValueError, OSError) as e:  # bad input: a message, not a traceback
-        print(f"dist-lora merge: error: {e}", file=sys.stderr)
-        return 1
+        return _error("merge", str(e), 1)
     print(f"wrote {out}")
     return 0
 
@@ -73,14 +72,12 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
     bad = [r for r in rest if "=" not in r]
     if bad:
-        print(f"dist-lora train: error: unrecognized arguments: {' '.join(bad)}", file=sys.stderr)
-        return 2
+        return _error("train", f"unrecognized arguments: {' '.join(bad)}", 2)
     try:
         config = load_train_config(args.config, tuple(rest))
         train(config, resume=args.resume)
     except (ValueError, OSError, UnsupportedCheckpointError) as e:  # bad input: a message on every rank
-        print(f"dist-lora train: error: {e}", file=sys.stderr)
-        return 2
+        return _error("train", str(e), 2)
     return 0
 
 

@@ -67,7 +67,8 @@ from ..config import ConfigError, CordaConfig, LoraConfig
 from ..deepspeed import zero
 from ..parallel import tp
 from .corda_math import CordaEigens, dense_corda_eigens, sharded_corda_eigens
-from .weight_driven import _all_gather, _all_reduce, _broadcast
+from ..parallel.collectives import all_gather, all_reduce, broadcast_from_first, data_parallel_group
+from ..parallel.setup import is_rank0
 
 logger = logging.getLogger(__name__)
 
@@ -127,25 +128,6 @@ def _geometry(module: nn.Module) -> _Geometry:
     return _Geometry(kind, group, rank, size, stride, module.input_size, module.output_size, sp)
 
 
-def _dp_group():
-    """megatron's data-parallel group, else the world (plain data parallelism), else None."""
-    try:
-        from megatron.core import parallel_state
-
-        if parallel_state.model_parallel_is_initialized():
-            group = parallel_state.get_data_parallel_group()
-            return group if dist.get_world_size(group) > 1 else None
-    except ImportError:
-        pass
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.group.WORLD
-    return None
-
-
-def _is_first_rank() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 # --- the data pass ----------------------------------------------------------------------------
 
 
@@ -175,12 +157,12 @@ class _Accumulator:
         stats = torch.stack([x.max().float(), (~torch.isfinite(x).all()).float()])
         stats = torch.nan_to_num(stats, nan=float("inf"))
         if g.layout == "row" or g.sequence_parallel:
-            _all_reduce(stats, g.group, op=dist.ReduceOp.MAX)
+            all_reduce(stats, g.group, op=dist.ReduceOp.MAX)
         if stats[1] > 0 or not torch.isfinite(stats[0]):
             raise ValueError("CorDA data pass: a layer's input holds NaN or Inf; check the calibration data.")
         x = x / stats[0].abs().to(x.dtype)
         if g.layout == "row" and g.size > 1:
-            cov = x.t() @ torch.cat(_all_gather(x, g.group), dim=1)  # [in_i, in]
+            cov = x.t() @ torch.cat(all_gather(x, g.group), dim=1)  # [in_i, in]
         else:
             cov = x.t() @ x
         if not torch.isfinite(cov).all():
@@ -192,20 +174,20 @@ class _Accumulator:
         """C (in × in), identical on every rank of the TP group."""
         g = self.g
         count = torch.tensor([float(self.count)])
-        _all_reduce(count, _dp_group())
+        all_reduce(count, data_parallel_group())
         if count.item() == 0:
             raise ValueError(f"CorDA: {name!r} received no input during run_model; nothing to build its covariance from.")
         if self.cov is None:  # this data-parallel rank saw no data; the others did
             rows = g.in_features // g.size if g.layout == "row" else g.in_features
             self.cov = torch.zeros(rows, g.in_features)
-        cov = self.cov.float() if _dp_group() is not None else self.cov  # sums over DP in fp32
+        cov = self.cov.float() if data_parallel_group() is not None else self.cov  # sums over DP in fp32
         if g.layout == "row" and g.size > 1:
-            cov = torch.cat(_all_gather(cov, g.group), dim=0)
+            cov = torch.cat(all_gather(cov, g.group), dim=0)
         elif g.sequence_parallel:
-            _all_reduce(cov, g.group)
-        _all_reduce(cov, _dp_group())
+            all_reduce(cov, g.group)
+        all_reduce(cov, data_parallel_group())
         cov = cov / count.item()
-        return _broadcast(cov.contiguous(), g.group)
+        return broadcast_from_first(cov.contiguous(), g.group)
 
 
 def _collect_covariances(
@@ -270,7 +252,7 @@ def _save_tensor_file(path: str, data: dict[str, torch.Tensor]) -> None:
         dist.gather_object(data, parts, dst=0)
         if dist.get_rank() == 0:
             data = {k: v for part in parts for k, v in part.items()}
-    if _is_first_rank():
+    if is_rank0():
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with atomic_path(path) as tmp:
             if path.endswith(".safetensors"):
@@ -286,7 +268,7 @@ def _save_tensor_file(path: str, data: dict[str, torch.Tensor]) -> None:
 def _writes_shared_entries(g: _Geometry) -> bool:
     """Whether this rank contributes a layer's (replicated) entries to a file: TP rank 0 of
     data-parallel rank 0."""
-    group = _dp_group()
+    group = data_parallel_group()
     dp_rank = dist.get_rank(group) if group is not None else 0
     return g.rank == 0 and dp_rank == 0
 
@@ -355,7 +337,7 @@ def preprocess_corda(
                 )
         eigens = []
         items = list(zip(keys, modules, geometries, ranks, covs))
-        for key, module, g, r, cov in _progress(items, corda.verbose and _is_first_rank(), "CorDA decompositions"):
+        for key, module, g, r, cov in _progress(items, corda.verbose and is_rank0(), "CorDA decompositions"):
             with zero.gathered([module.weight]):  # ZeRO-3: the full weight, read only (collective)
                 w = g.weight(module)
                 if g.layout is None:
@@ -366,7 +348,7 @@ def preprocess_corda(
             _save_tensor_file(corda.cache_file, _cache_entries(keys, geometries, eigens))
     for module, e in zip(modules, eigens):
         module.corda_eigens = e
-    if _is_first_rank():
+    if is_rank0():
         logger.info("CorDA (%s): prepared %d target modules.", corda.corda_method, len(modules))
 
 

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from .weight_driven import _all_gather, _all_reduce, _eigen_range
+from ..parallel.collectives import all_gather, all_reduce
+from .weight_driven import _eigen_range
 
 
 @dataclass
@@ -85,7 +86,7 @@ def sharded_corda_eigens(
         k = min(n_in, out)
         lo, hi = _crop(k, r, method)
         m = w @ fixed
-        v_m, sing = _eigen_range(_all_reduce(m.t() @ m, group), lo, hi, group)
+        v_m, sing = _eigen_range(all_reduce(m.t() @ m, group), lo, hi, group)
         _check_positive(sing, name)
         u = (m @ v_m) / sing[None, :]
         v = inv @ v_m
@@ -100,10 +101,10 @@ def sharded_corda_eigens(
                 dist.reduce(part, dst=dist.get_global_rank(group, j), group=group)
             if j == rank:
                 m = part
-        u, sing = _eigen_range(_all_reduce(m @ m.t(), group), lo, hi, group)
+        u, sing = _eigen_range(all_reduce(m @ m.t(), group), lo, hi, group)
         _check_positive(sing, name)
         vh_loc = (u.t() @ m) / sing[:, None]
-        vh = torch.cat(_all_gather(vh_loc.contiguous(), group), dim=1)
+        vh = torch.cat(all_gather(vh_loc.contiguous(), group), dim=1)
         v = (vh @ inv).t()[rank * n_loc : (rank + 1) * n_loc]
     else:
         raise ValueError(f"layout must be 'column' or 'row', got {layout!r}.")

@@ -55,6 +55,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import EvaConfig, LoraConfig
+from ..parallel.collectives import all_gather_object, all_reduce
 from . import eva_gather as eg
 from .eva_inputs import forward_fn_default, prepare_layer_inputs_fn_default, prepare_model_inputs_fn_default
 from .eva_ranks import redistribute_ranks
@@ -116,20 +117,6 @@ def _digest(x: torch.Tensor, layout: str) -> str:
     h = hashlib.sha256(f"{layout}|{tuple(x.shape)}|{x.dtype}".encode())
     h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
     return h.hexdigest()
-
-
-def _all_gather_object(obj: Any, group) -> list[Any]:
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return [obj]
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
-
-
-def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
-    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, group=group)
-    return tensor
 
 
 def _move(inputs: Any, device: torch.device) -> Any:
@@ -240,7 +227,7 @@ class _Run:
             raise RuntimeError(f"the forward pass did not run the EVA target layers {missing}; check forward_fn.")
         names = list(self.layers)
         mine = [(n, self.layers[n].in_features, self.max_components[n], digests[n]) for n in names]
-        everyone = _all_gather_object(mine, self.topo.reduce_group)
+        everyone = all_gather_object(mine, self.topo.reduce_group)
         if any([m[:3] for m in theirs] != [m[:3] for m in mine] for theirs in everyone):
             raise RuntimeError("the ranks have different EVA target layers; every rank must hold the same model.")
         key = {n: tuple(theirs[i][3] for theirs in everyone) for i, n in enumerate(names)}
@@ -294,7 +281,7 @@ class _Run:
                     p.singular_values.double(), p.explained_variance_ratio.double(),
                 ])
             offset += size
-        _all_reduce(flat, self.topo.reduce_group)
+        all_reduce(flat, self.topo.reduce_group)
         offset = 0
         for (g, owner), size in zip(moves, sizes):
             g.owner = owner
@@ -336,7 +323,7 @@ class _Run:
                 stats[offset + 1 : offset + 1 + g.k] = g.converged.double()
                 stats[offset + 1 + g.k : offset + size] = g.pca.explained_variance_ratio.double()
             offset += size
-        _all_reduce(stats, self.topo.reduce_group)
+        all_reduce(stats, self.topo.reduce_group)
         offset = 0
         for g, size in zip(groups, sizes):
             g.fitted = bool(stats[offset] > 0)
@@ -362,7 +349,7 @@ class _Run:
                     u = u / g.pca.singular_values[:k].double().sqrt()[:, None]
                 flat[offset : offset + k * g.in_features] = u.reshape(-1).float()
             offset += k * g.in_features
-        _all_reduce(flat, self.topo.reduce_group)
+        all_reduce(flat, self.topo.reduce_group)
         out, offset = {}, 0
         for g, k in zip(groups, needed):
             u = flat[offset : offset + k * g.in_features].view(k, g.in_features)

@@ -20,6 +20,8 @@ import re
 
 import torch
 
+from ..parallel.collectives import all_gather, all_reduce, broadcast_from_first
+
 _NITER = re.compile(r"pissa_niter_(\d+)$")
 
 
@@ -88,32 +90,6 @@ def weight_driven_factors(
 # None of these gathers the full weight on a rank.
 
 
-def _broadcast(tensor: torch.Tensor, group) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
-    return tensor
-
-
-def _all_reduce(tensor: torch.Tensor, group, op=None) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
-    return tensor
-
-
-def _all_gather(tensor: torch.Tensor, group) -> list[torch.Tensor]:
-    import torch.distributed as dist
-
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return [tensor]
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
-    return parts
-
-
 def _fix_signs(vectors: torch.Tensor) -> torch.Tensor:
     """Flip each column so that its largest-magnitude entry is positive."""
     idx = vectors.abs().argmax(dim=0)
@@ -135,7 +111,7 @@ def _eigen_range(gram: torch.Tensor, start: int, stop: int, group) -> tuple[torc
     evals, evecs = evals.flip(0), evecs.flip(-1)
     vecs = _fix_signs(evecs[:, start:stop].contiguous())
     sing = evals[start:stop].clamp_min(0).sqrt().contiguous()
-    return _broadcast(vecs, group), _broadcast(sing, group)
+    return broadcast_from_first(vecs, group), broadcast_from_first(sing, group)
 
 
 @torch.no_grad()
@@ -150,30 +126,30 @@ def sharded_weight_driven_factors(
         if layout == "column":
             q_loc, r_loc = torch.linalg.qr(w)
             k = r_loc.shape[0]
-            q2, r_full = torch.linalg.qr(torch.cat(_all_gather(r_loc, group), dim=0))
+            q2, r_full = torch.linalg.qr(torch.cat(all_gather(r_loc, group), dim=0))
             q_i = q_loc @ q2[rank * k : (rank + 1) * k]
-            r_full = _broadcast(r_full.contiguous(), group)
+            r_full = broadcast_from_first(r_full.contiguous(), group)
             signs = torch.sign(torch.diagonal(r_full))
             signs[signs == 0] = 1
             a, b = signs[:r, None] * r_full[:r], q_i[:, :r] * signs[None, :r]
         else:
             if stride != 1:
                 raise NotImplementedError("init_lora_weights='olora' on a strided row-parallel weight is not supported.")
-            cols = torch.cat(_all_gather(w[:, : min(r, w.shape[1])].contiguous(), group), dim=1)[:, :r]
+            cols = torch.cat(all_gather(w[:, : min(r, w.shape[1])].contiguous(), group), dim=1)[:, :r]
             q, rr = torch.linalg.qr(cols)
             signs = torch.sign(torch.diagonal(rr))
             signs[signs == 0] = 1
-            q = _broadcast((q * signs[None, :]).contiguous(), group)
+            q = broadcast_from_first((q * signs[None, :]).contiguous(), group)
             a, b = q.t() @ w, q
     elif init == "pissa" or _NITER.match(init):
         if layout == "column":
-            v, s = _top_eigen(_all_reduce(w.t() @ w, group), r, group)
+            v, s = _top_eigen(all_reduce(w.t() @ w, group), r, group)
             inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
             u_i = (w @ v) * inv[None, :]
             root = torch.sqrt(s / scaling)
             a, b = root[:, None] * v.t(), u_i * root[None, :]
         else:
-            u, s = _top_eigen(_all_reduce(w @ w.t(), group), r, group)
+            u, s = _top_eigen(all_reduce(w @ w.t(), group), r, group)
             inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
             vh_i = inv[:, None] * (u.t() @ w)
             root = torch.sqrt(s / scaling)
