@@ -73,17 +73,44 @@ def _tokens(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _add_matmul_(out: torch.Tensor, left: torch.Tensor, right_t: torch.Tensor, alpha: float = 1.0) -> None:
-    """out += alpha · left @ right_tᵀ over the token dimension, in place (no out-sized temporary)."""
-    out.view(-1, out.shape[-1]).addmm_(_tokens(left), right_t.t(), alpha=alpha)
+def _base_plus_lora(x: torch.Tensor, weight: torch.Tensor, terms: list, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x Wᵀ (+ bias) + Σ_k left_k right_kᵀ over the token dimension (x's leading dims kept).
 
-
-def _add_lora_dx_(dx: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, scale: float, mask) -> None:
-    """dx += mask ⊙ (scale · dh A), in place when there is no dropout mask."""
-    if mask is None:
-        _add_matmul_(dx, dh, a.t(), alpha=scale)
+    Order matters for speed, not for the math: the r-sized products (K = r) write the fresh
+    result first, and the compute-bound base GEMM accumulates into it (β = 1 inside a large
+    GEMM is almost free). The other order adds each skinny product with a separate
+    read-modify-write pass over the out-sized result. Used for the forward output
+    (left = h, right = B) and for the input gradient (left = s·dh, right = Aᵀ, weight = Wᵀ).
+    """
+    x_t = _tokens(x)
+    out = None
+    for left, right in terms:
+        if out is None:
+            out = torch.mm(_tokens(left), right.t()) if bias is None else torch.addmm(bias, _tokens(left), right.t())
+        else:
+            out.addmm_(_tokens(left), right.t())
+    if out is None:
+        out = torch.mm(x_t, weight.t()) if bias is None else torch.addmm(bias, x_t, weight.t())
     else:
-        dx += dh.matmul(a).mul_(scale) * mask
+        out.addmm_(x_t, weight.t())
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _factor_grad(h: torch.Tensor, dy_t: torch.Tensor) -> torch.Tensor:
+    """dB = dyᵀ h, computed as (hᵀ dy)ᵀ: the same product, but the [r, T] x [T, out] layout
+    runs up to 2x faster than [out, T] x [T, r] on CPU (measured, one thread, T = 1024:
+    0.50 vs 1.03 ms at out = 1024, 1.36 vs 1.47 ms at out = 2816)."""
+    return _tokens(h).T.matmul(dy_t).T.contiguous()  # the copy is [out, r]: negligible
+
+
+def _input_grad(dy: torch.Tensor, weight: torch.Tensor, lora: list) -> torch.Tensor:
+    """dx = dy W + Σ_adapters mask ⊙ (dh_s A), given (dh_s, A, mask) per adapter with dh_s the
+    already scaled r-sized gradient; unmasked terms go through :func:`_base_plus_lora`."""
+    dx = _base_plus_lora(dy, weight.t(), [(dh, a.t()) for dh, a, mask in lora if mask is None])
+    for dh, a, mask in lora:
+        if mask is not None:
+            dx += dh.matmul(a) * mask
+    return dx
 
 
 def _unpack(factors: tuple, spec: FusedSpec):
@@ -99,15 +126,12 @@ class ColumnParallelLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, spec: FusedSpec, *factors):
         x_full = _all_gather_seq(x, spec) if spec.sequence_parallel else x
-        out = F.linear(x_full, weight, bias)
-        hs = []
-        for (a, b, b_bias, mask), scale in zip(_unpack(factors, spec), spec.scalings):
-            x_lora = x_full if mask is None else x_full * mask
-            h = F.linear(x_lora, a).mul_(scale)
-            _add_matmul_(out, h, b)
+        adapters = list(zip(_unpack(factors, spec), spec.scalings))
+        hs = [F.linear(x_full if mask is None else x_full * mask, a).mul_(scale) for (a, _, _, mask), scale in adapters]
+        out = _base_plus_lora(x_full, weight, [(h, b) for h, ((_, b, _, _), _) in zip(hs, adapters)], bias)
+        for (_, _, b_bias, _), scale in adapters:
             if b_bias is not None:
                 out.add_(b_bias, alpha=scale)
-            hs.append(h)
         keep = not spec.sequence_parallel or spec.keep_gathered_input
         ctx.spec = spec
         ctx.save_for_backward(x_full if keep else x, weight, *hs, *factors)
@@ -124,24 +148,21 @@ class ColumnParallelLoRA(torch.autograd.Function):
             x_full, work = _all_gather_seq(x_saved, spec, async_op=True)
         else:
             x_full, work = x_saved, None
-        need_dx = ctx.needs_input_grad[0]
-        dx = dy.matmul(weight) if need_dx else None
         dy_t = _tokens(dy)
-        grads = []
-        lora_inputs = []
+        grads, lora = [], []
         for (a, b, b_bias, mask), h, scale in zip(_unpack(factors, spec), hs, spec.scalings):
-            dh = dy.matmul(b)  # r-sized, partial over TP
-            if need_dx:
-                _add_lora_dx_(dx, dh, a, scale, mask)
-            d_b = dy_t.T.matmul(_tokens(h))
+            dh = dy.matmul(b).mul_(scale)  # s·B_iᵀ dy_i: r-sized, partial over TP
+            d_b = _factor_grad(h, dy_t)
             d_bias = dy_t.sum(0) * scale if b_bias is not None else None
             grads.append([None, d_b, d_bias, None])
-            lora_inputs.append((dh, mask))
+            lora.append((dh, a, mask))
+        need_dx = ctx.needs_input_grad[0]
+        dx = _input_grad(dy, weight, lora) if need_dx else None
         if work is not None:
             work.wait()
-        for grad, (dh, mask), scale in zip(grads, lora_inputs, spec.scalings):
+        for grad, (dh, _, mask) in zip(grads, lora):
             x_lora = _tokens(x_full if mask is None else x_full * mask)
-            grad[0] = _tokens(dh).T.matmul(x_lora).mul_(scale)  # dA_i: partial, summed per step
+            grad[0] = _tokens(dh).T.matmul(x_lora)  # dA_i: partial, summed per step
         if need_dx:  # the base layer's one collective carries the LoRA term too
             dx = _reduce_scatter_seq(dx, spec) if spec.sequence_parallel else _all_reduce(dx, spec)
         d_bias_base = dy_t.sum(0) if ctx.needs_input_grad[2] else None
@@ -155,13 +176,9 @@ class RowParallelLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, spec: FusedSpec, *factors):
-        partial = F.linear(x, weight)
-        hs = []
-        for (a, b, _bias, mask), scale in zip(_unpack(factors, spec), spec.scalings):
-            x_lora = x if mask is None else x * mask
-            h = F.linear(x_lora, a).mul_(scale)
-            _add_matmul_(partial, h, b)
-            hs.append(h)
+        adapters = list(zip(_unpack(factors, spec), spec.scalings))
+        hs = [F.linear(x if mask is None else x * mask, a).mul_(scale) for (a, _, _, mask), scale in adapters]
+        partial = _base_plus_lora(x, weight, [(h, b) for h, ((_, b, _, _), _) in zip(hs, adapters)])
         out = _reduce_scatter_seq(partial, spec) if spec.sequence_parallel else _all_reduce(partial, spec)
         ctx.spec = spec
         ctx.save_for_backward(x, weight, *hs, *factors)
@@ -175,16 +192,14 @@ class RowParallelLoRA(torch.autograd.Function):
         hs, factors = rest[:n], rest[n:]
         if spec.sequence_parallel:
             dy = _all_gather_seq(dy, spec)  # the base's own backward collective
-        need_dx = ctx.needs_input_grad[0]
-        dx = dy.matmul(weight) if need_dx else None
         dy_t = _tokens(dy)
-        flat = []
+        flat, lora = [], []
         for (a, b, _bias, mask), h, scale in zip(_unpack(factors, spec), hs, spec.scalings):
             dh = dy.matmul(b).mul_(scale)
-            if need_dx:
-                _add_lora_dx_(dx, dh, a, 1.0, mask)
             x_lora = _tokens(x if mask is None else x * mask)
             d_a = _tokens(dh).T.matmul(x_lora)
-            d_b = dy_t.T.matmul(_tokens(h))  # partial over TP, summed per step
+            d_b = _factor_grad(h, dy_t)  # partial over TP, summed per step
             flat += [d_a, d_b, None, None]
+            lora.append((dh, a, mask))
+        dx = _input_grad(dy, weight, lora) if ctx.needs_input_grad[0] else None
         return (dx, None, None, *flat)
