@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -123,23 +124,30 @@ def alternate(
     warmup: int = 1,
     sync: Optional[Callable[[], None]] = None,
     reduce_max: bool = False,
+    faults: Optional[dict[str, list[int]]] = None,
 ) -> dict[str, list[float]]:
     """Run every step once per round, rotating the order each round; return the timed rounds'
     seconds per step name. ``sync`` (e.g. a barrier) runs before each timed step; with
-    ``reduce_max`` each step's time is the slowest rank's (torchrun)."""
+    ``reduce_max`` each step's time is the slowest rank's (torchrun). A ``faults`` dict is
+    filled with each timed step's minor page faults in this process (see :func:`minor_faults`)."""
     names = list(steps)
     times: dict[str, list[float]] = {n: [] for n in names}
+    if faults is not None:
+        faults.update({n: [] for n in names})
     for k in range(warmup + rounds):
         order = names[k % len(names) :] + names[: k % len(names)]
         this_round = {}
         for name in order:
             if sync:
                 sync()
+            faults_before = minor_faults()
             start = time.perf_counter()
             steps[name]()
             this_round[name] = time.perf_counter() - start
             if k >= warmup:
                 times[name].append(this_round[name])
+                if faults is not None:
+                    faults[name].append(minor_faults() - faults_before)
         label = " (warm-up)" if k < warmup else ""
         say(f"  round {k + 1}/{warmup + rounds}{label}: " + ", ".join(f"{n} {this_round[n]:.3f}s" for n in order))
     if reduce_max:
@@ -150,6 +158,13 @@ def alternate(
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             times[name] = t.tolist()
     return times
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far: each is a fresh page the kernel had to map
+    (and zero). A step that allocates large temporaries which the C allocator returns to the
+    OS pays one per 4 KiB page, every step; a count, so exact where times are noisy."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def ratio(times: dict[str, list[float]], a: str, b: str) -> dict:
@@ -165,16 +180,23 @@ def ratio(times: dict[str, list[float]], a: str, b: str) -> dict:
     }
 
 
-def timing_summary(times: dict[str, list[float]]) -> dict:
-    return {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "times_s": t} for n, t in times.items()}
+def timing_summary(times: dict[str, list[float]], faults: Optional[dict[str, list[int]]] = None) -> dict:
+    summary = {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "times_s": t} for n, t in times.items()}
+    for n, f in (faults or {}).items():
+        summary[n]["minor_faults"] = f
+    return summary
 
 
-def show_times(times: dict[str, list[float]], title: str) -> None:
-    show(
-        ["step", "median s", "min s", "max s", "rounds"],
-        [[n, statistics.median(t), min(t), max(t), len(t)] for n, t in times.items()],
-        title,
-    )
+def show_times(times: dict[str, list[float]], title: str, faults: Optional[dict[str, list[int]]] = None) -> None:
+    """Medians per step; with ``faults`` (from :func:`alternate`) also the median minor page
+    faults per step and the MiB of fresh pages they stand for."""
+    headers = ["step", "median s", "min s", "max s", "rounds"]
+    rows = [[n, statistics.median(t), min(t), max(t), len(t)] for n, t in times.items()]
+    if faults:
+        headers += ["minor faults / step", "fresh MiB / step"]
+        page = os.sysconf("SC_PAGE_SIZE")
+        rows = [row + [int(statistics.median(faults[row[0]])), mib(statistics.median(faults[row[0]]) * page)] for row in rows]
+    show(headers, rows, title)
 
 
 def show_ratios(ratios: dict[str, dict], targets: dict[str, tuple[str, float]], title: str) -> None:

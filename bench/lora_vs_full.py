@@ -14,7 +14,8 @@ The model (random weights, fp32) is Llama-shaped: hidden 1024, 4 layers by defau
   peft   PEFT's LoRA with the same settings, as the reference the targets were measured with
          (--no-peft leaves it out)
 
-Step times are measured in alternating rounds in this one process (medians, ratios).
+Step times are measured in alternating rounds in this one process (medians, ratios), with
+the minor page faults of each step (fresh pages the kernel mapped for it).
 
 Memory, two ways (bytes, per contender):
   accounted  exact, from the tensors: parameters + gradients + AdamW state + activations
@@ -132,12 +133,13 @@ def main() -> None:
     for c in contenders.values():
         c.step(measure=True)  # the saved-activation accounting; doubles as a warm-up
     common.say(f"timing: {args.warmup} warm-up + {args.rounds} alternating rounds")
-    times = common.alternate({n: c.step for n, c in contenders.items()}, args.rounds, args.warmup)
+    faults: dict = {}
+    times = common.alternate({n: c.step for n, c in contenders.items()}, args.rounds, args.warmup, faults=faults)
     ratios = {"lora / base": common.ratio(times, "lora", "base"), "lora / full": common.ratio(times, "lora", "full")}
     if "peft" in contenders:
         ratios.update({"peft / base": common.ratio(times, "peft", "base"), "peft / full": common.ratio(times, "peft", "full"),
                        "lora / peft": common.ratio(times, "lora", "peft")})
-    common.show_times(times, "Step time (s)")
+    common.show_times(times, "Step time (s)", faults)
     common.show_ratios(ratios, TARGETS, "Step-time ratios (the issue measured PEFT at 1.12 vs base and 0.74 vs full)")
 
     memory = {n: c.accounting() for n, c in contenders.items()}
@@ -159,7 +161,7 @@ def main() -> None:
                 "peak RSS + = measured increase over the built model during 2 steps)")
     common.say("base: only the word embedding has requires_grad (so that backward runs through every layer); "
                "it is never stepped, so it has no AdamW state.\n")
-    common.write_json(args.json, {"model": models.describe(args), "timing": common.timing_summary(times), "ratios": ratios,
+    common.write_json(args.json, {"model": models.describe(args), "timing": common.timing_summary(times, faults), "ratios": ratios,
                                   "memory": memory, "peft_reference_ratios": PEFT_REFERENCE}, args)
 
 

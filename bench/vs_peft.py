@@ -10,8 +10,9 @@ Sanity first: the adapters are initialised with init_lora_weights=False (B not z
 adapters change the output), dist_lora's adapter weights are loaded into PEFT's model, and
 the loss of both must agree at step 0 and again after one AdamW step.
 
-Then the two steps alternate for --rounds rounds in this process; the table gives medians
-and the ratio dist_lora / PEFT (target <= 0.93).
+Then the two steps alternate for --rounds rounds in this process; the tables give medians,
+minor page faults per step (fresh pages the kernel mapped: out-sized temporaries freed to the
+OS and allocated again every step) and the ratio dist_lora / PEFT (target <= 0.93).
 """
 
 from __future__ import annotations
@@ -79,13 +80,14 @@ def main() -> None:
                  ["loss after 1 AdamW step", f"{losses['dist_lora'][1]:.6f}", f"{losses['peft'][1]:.6f}", f"{diffs[1]:.2e}"]],
                 f"Sanity (same weights in both): {'same' if same else 'DIFFERENT'}")
     common.say(f"timing: {args.warmup} warm-up + {args.rounds} alternating rounds")
-    times = common.alternate({n: t.step for n, t in trainers.items()}, args.rounds, args.warmup)
+    faults: dict = {}
+    times = common.alternate({n: t.step for n, t in trainers.items()}, args.rounds, args.warmup, faults=faults)
     ratios = {"dist_lora / peft": common.ratio(times, "dist_lora", "peft")}
-    common.show_times(times, "Step time (s)")
+    common.show_times(times, "Step time (s)", faults)
     common.show_ratios(ratios, TARGET, "Step-time ratio")
     common.write_json(args.json, {"model": models.describe(args), "sanity": {"losses": losses, "same": same,
                                   "trainable": {"dist_lora": n_ours, "peft": n_theirs}},
-                                  "timing": common.timing_summary(times), "ratios": ratios}, args)
+                                  "timing": common.timing_summary(times, faults), "ratios": ratios}, args)
 
 
 if __name__ == "__main__":
