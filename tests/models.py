@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
+from dist_lora.parallel.grads import finalize_lora_grads
 from dist_lora.parallel.norm import gpt_local_block_spec
 
 VOCAB = 128
@@ -76,3 +77,17 @@ def random_batch(
 def gpt_loss(model: GPTModel, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (megatron returns the per-token loss, [batch, seq])."""
     return model(tokens, position_ids=None, attention_mask=None, labels=labels).mean()
+
+
+def train_lora(model: torch.nn.Module, steps: int, seed: int = 100, lr: float = 1e-2) -> torch.optim.Optimizer:
+    """``steps`` AdamW steps on the trainable parameters of a LoRA GPTModel (PP=1), on
+    :func:`random_batch` ``(seed + step)``, with the per-step TP sum of the replicated factors'
+    gradients; returns the optimizer."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for step in range(steps):
+        loss = gpt_loss(model, *random_batch(seed + step))
+        optimizer.zero_grad()
+        loss.backward()
+        finalize_lora_grads(model)
+        optimizer.step()
+    return optimizer

@@ -38,9 +38,9 @@ from dist_lora.checkpoint.consolidate import ConsolidationError, consolidate  # 
 from dist_lora.checkpoint.sharded import _sha256, save_sharded  # noqa: E402
 from dist_lora.cli import main as cli_main  # noqa: E402
 from dist_lora.model import LoraModel  # noqa: E402
-from dist_lora.parallel.grads import finalize_lora_grads  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
 from tests.hf_models import MEGATRON_LLAMA  # noqa: E402
+from tests.models import train_lora  # noqa: E402
 from tests.tp_utils import gather_tp  # noqa: E402
 
 VOCAB, BATCH, SEQ = 128, 2, 16
@@ -62,11 +62,6 @@ CASES = {
 
 def _ids() -> torch.Tensor:
     return torch.randint(VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
-
-
-def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(100 + step))
-    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +102,7 @@ def _megatron_forward(model, tp: int, pp: int, sp: bool):
 
 def _train_and_save(hf_dir: str, ckpt_dir: str, tp: int, pp: int, sp: bool, lora: dict, steps: int):
     model = get_lora_model(build_megatron_gpt(hf_dir, tp=tp, pp=pp, sequence_parallel=sp), LoraConfig(**lora), seed=0)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(steps):  # (pp == 1 here)
-        tokens, labels = _batch(step)
-        loss = model(tokens, position_ids=None, attention_mask=None, labels=labels).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        finalize_lora_grads(model)
-        optimizer.step()
+    optimizer = train_lora(model, steps)  # (pp == 1 when steps > 0)
     model.eval()
     logits = _megatron_forward(model, tp, pp, sp)
     save_sharded(model, ckpt_dir, optimizer=optimizer if steps else None)  # optimizer files: ignored

@@ -25,7 +25,7 @@ from dist_lora.parallel.grads import finalize_lora_grads  # noqa: E402
 from tests import hf_models  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
 from tests.hf_models import MEGATRON_LLAMA  # noqa: E402
-from tests.models import build_tiny_gpt, gpt_loss, random_batch, tiny_gpt_config  # noqa: E402
+from tests.models import build_tiny_gpt, gpt_loss, random_batch, tiny_gpt_config, train_lora  # noqa: E402
 from tests.tp_utils import gather_param, gather_tp  # noqa: E402
 
 ids = hf_models.sample_ids()
@@ -174,14 +174,7 @@ def _bridge_ids() -> torch.Tensor:
 
 def _train_bridge(hf_dir: str, ckpt_dir: str) -> torch.Tensor:
     model = get_lora_model(build_megatron_gpt(hf_dir, tp=2), LoraConfig(**DORA), seed=0)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(2):
-        full = torch.randint(VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(100 + step))
-        loss = model(full[:, :-1].contiguous(), position_ids=None, attention_mask=None, labels=full[:, 1:].contiguous()).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        finalize_lora_grads(model)
-        optimizer.step()
+    train_lora(model, steps=2)
     model.eval()
     with torch.no_grad():
         logits = gather_tp(model(_bridge_ids(), None, None), dim=-1)

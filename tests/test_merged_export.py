@@ -21,9 +21,9 @@ from dist_lora.bridges import build_megatron_gpt  # noqa: E402
 from dist_lora.checkpoint.merged_export import MergedExportError, merge_export, parse_size  # noqa: E402
 from dist_lora.checkpoint.sharded import save_sharded  # noqa: E402
 from dist_lora.cli import main as cli_main  # noqa: E402
-from dist_lora.parallel.grads import finalize_lora_grads  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
 from tests.hf_models import MEGATRON_LLAMA  # noqa: E402
+from tests.models import train_lora  # noqa: E402
 from tests.tp_utils import gather_tp  # noqa: E402
 
 VOCAB, BATCH, SEQ, TP = 128, 2, 16, 2
@@ -36,14 +36,7 @@ def _ids() -> torch.Tensor:
 
 def _train_and_save(hf_dir: str, ckpt_dir: str, sp: bool = False, lora: dict = LORA) -> torch.Tensor:
     model = get_lora_model(build_megatron_gpt(hf_dir, tp=TP, sequence_parallel=sp), LoraConfig(**lora), seed=0)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(2):
-        ids = torch.randint(VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(100 + step))
-        loss = model(ids[:, :-1], position_ids=None, attention_mask=None, labels=ids[:, 1:]).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        finalize_lora_grads(model)
-        optimizer.step()
+    train_lora(model, steps=2)
     model.eval()
     with torch.no_grad():
         logits = gather_tp(model(_ids(), None, None), dim=-1)

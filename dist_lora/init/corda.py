@@ -372,14 +372,17 @@ def _covariance_from_file(data: dict, key: str, g: _Geometry) -> torch.Tensor:
     if key not in data:
         raise ValueError(f"CorDA covariance_file has no entry for {key!r} (it has {sorted(data)[:8]}...); was it built for another model?")
     cov = data[key]
-    if tuple(cov.shape) != (g.in_features, g.in_features):
-        raise ValueError(
-            f"CorDA covariance_file entry {key!r} has shape {tuple(cov.shape)}, expected "
-            f"({g.in_features}, {g.in_features}); was it built for another model?"
-        )
-    if not torch.isfinite(cov).all():
-        raise ValueError(f"CorDA covariance_file entry {key!r} holds NaN or Inf.")
+    _check_stored(cov, (g.in_features, g.in_features), f"CorDA covariance_file entry {key!r}", "was it built for another model?")
     return cov.float()
+
+
+def _check_stored(t: torch.Tensor, shape: tuple, what: str, fix: str) -> None:
+    """Refuse a stored CorDA tensor (covariance or factor) of the wrong shape, saying how to
+    fix it, or one holding NaN/Inf."""
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{what} has shape {tuple(t.shape)}, expected {shape}; {fix}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what} holds NaN or Inf.")
 
 
 def _eigens_from_cache(cache: dict, key: str, g: _Geometry, r: int) -> CordaEigens:
@@ -390,13 +393,7 @@ def _eigens_from_cache(cache: dict, key: str, g: _Geometry, r: int) -> CordaEige
         if name not in cache:
             raise ValueError(f"CorDA cache_file has no {name!r}; was it built for another model?")
         t = cache[name]
-        if tuple(t.shape) != shape:
-            raise ValueError(
-                f"CorDA cache_file {name!r} has shape {tuple(t.shape)}, expected {shape}; "
-                "was it built for another model or another rank r?"
-            )
-        if not torch.isfinite(t).all():
-            raise ValueError(f"CorDA cache_file {name!r} holds NaN or Inf.")
+        _check_stored(t, shape, f"CorDA cache_file {name!r}", "was it built for another model or another rank r?")
         full[field] = t.float()
     u, v = full["U_WC"], full["V_WC"]
     if g.layout == "column":
@@ -450,13 +447,7 @@ def check_corda_ready(model: nn.Module, targets: list[str], config: LoraConfig) 
         out_local, in_local = _geometry(module).local_shape(module)
         want = {"u": (out_local, r), "s": (r,), "v": (in_local, r)}
         for field, shape in want.items():
-            t = getattr(e, field)
-            if tuple(t.shape) != shape:
-                raise ValueError(
-                    f"init_lora_weights='corda': {key!r} CorDA {field} has shape {tuple(t.shape)}, expected {shape}; "
-                    "run preprocess_corda with the same model and config (r, rank_pattern, target_modules)."
-                )
-            if not torch.isfinite(t).all():
-                raise ValueError(f"init_lora_weights='corda': {key!r} CorDA {field} holds NaN or Inf.")
+            _check_stored(getattr(e, field), shape, f"init_lora_weights='corda': {key!r} CorDA {field}",
+                         "run preprocess_corda with the same model and config (r, rank_pattern, target_modules).")
         if module.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"init_lora_weights='corda' needs a float32/float16/bfloat16 base weight, {key!r} has {module.weight.dtype}.")

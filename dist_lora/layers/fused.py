@@ -113,6 +113,12 @@ def _input_grad(dy: torch.Tensor, weight: torch.Tensor, lora: list) -> torch.Ten
     return dx
 
 
+def _lora_down(x: torch.Tensor, adapters: list) -> list[torch.Tensor]:
+    """h = s · A (mask ⊙ x) per adapter, the r-sized intermediates (``adapters`` as
+    ``zip(_unpack(...), scalings)``)."""
+    return [F.linear(x if mask is None else x * mask, a).mul_(scale) for (a, _, _, mask), scale in adapters]
+
+
 def _unpack(factors: tuple, spec: FusedSpec):
     """(A, B, B-bias or None, dropout mask or None) per adapter from the flat factor list."""
     n = len(spec.scalings)
@@ -127,7 +133,7 @@ class ColumnParallelLoRA(torch.autograd.Function):
     def forward(ctx, x, weight, bias, spec: FusedSpec, *factors):
         x_full = _all_gather_seq(x, spec) if spec.sequence_parallel else x
         adapters = list(zip(_unpack(factors, spec), spec.scalings))
-        hs = [F.linear(x_full if mask is None else x_full * mask, a).mul_(scale) for (a, _, _, mask), scale in adapters]
+        hs = _lora_down(x_full, adapters)
         out = _base_plus_lora(x_full, weight, [(h, b) for h, ((_, b, _, _), _) in zip(hs, adapters)], bias)
         for (_, _, b_bias, _), scale in adapters:
             if b_bias is not None:
@@ -177,7 +183,7 @@ class RowParallelLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, spec: FusedSpec, *factors):
         adapters = list(zip(_unpack(factors, spec), spec.scalings))
-        hs = [F.linear(x if mask is None else x * mask, a).mul_(scale) for (a, _, _, mask), scale in adapters]
+        hs = _lora_down(x, adapters)
         partial = _base_plus_lora(x, weight, [(h, b) for h, ((_, b, _, _), _) in zip(hs, adapters)])
         out = _reduce_scatter_seq(partial, spec) if spec.sequence_parallel else _all_reduce(partial, spec)
         ctx.spec = spec
