@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .config import ConfigError
 from .data import PackedDataset, builtin_corpus_path, load_tokenizer, read_documents
-from .train_config import TrainConfig
+from .train_config import TrainConfig, TrainSection
 
 PROBE_BATCH = 2  # sequences of the held-out probe whose logits are saved for verification
 
@@ -125,35 +125,43 @@ def _global_numel(model, trainable: bool) -> int:
     return int(count.item())
 
 
+class NonFiniteTrainingError(ValueError):
+    """The loss or the gradient norm of a step was not finite (``train.on_nonfinite``). A
+    ValueError so that the CLI reports it as one line on every rank."""
+
+
 def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
     """Run the job in this process (one rank of a torchrun launch); returns a summary."""
     from megatron.core import parallel_state
 
     from .bridges import build_megatron_gpt
-    from .checkpoint.training import latest_checkpoint, load_checkpoint, save_checkpoint
+    from .checkpoint.training import (
+        check_later_checkpoints, checkpoint_step, latest_checkpoint, load_checkpoint, move_aside_together, save_checkpoint,
+    )
     from .model import get_lora_model
     from .parallel.grads import allreduce_data_parallel_grads, clip_grad_norm_, finalize_lora_grads
     from .parallel.setup import init_distributed, is_rank0
 
+    config.validate()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     hf_dir, arch, dataset = prepare(config, world)
     p, t = config.parallel, config.train
     ckpt_root, identity = os.path.join(t.out_dir, "checkpoints"), model_identity(arch)
-    resume_path = None
-    if resume is not None:
-        resume_path = resume or latest_checkpoint(ckpt_root)
-        if resume_path is None:
-            raise ConfigError(f"--resume: no checkpoint in {ckpt_root}.")
-        _check_resume_identity(resume_path, identity)
+    resume_path = _resume_checkpoint(resume, ckpt_root, identity)
+    start = checkpoint_step(resume_path) if resume_path else 0
+    later = check_later_checkpoints(ckpt_root, start, refuse=t.on_later_checkpoints == "refuse")  # refused here, on every rank
     init_distributed(tp=p.tp, pp=p.pp, seed=t.seed)
+    if later:
+        _log(move_aside_together(ckpt_root, start))
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     model = get_lora_model(build_megatron_gpt(hf_dir, tp=p.tp, pp=p.pp, sequence_parallel=p.sp), config.lora_config(), seed=t.seed)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=tuple(config.optim.betas), weight_decay=config.optim.weight_decay)
     initial = _save_initial_adapter(model, t.out_dir) if resume_path is None else _initial_adapter_dir(model, t.out_dir)
-    start = 0
+    skipped = []
     if resume_path is not None:
-        start = load_checkpoint(resume_path, model, optimizer)["step"]
+        state = load_checkpoint(resume_path, model, optimizer)
+        start, skipped = state["step"], list(state.get("skipped_steps", []))
         _log(f"resumed from {resume_path} at step {start}")
     trainable, frozen = _global_numel(model, True), _global_numel(model, False)
     tokens_per_step = t.micro_batch_size * config.data.seq_len * t.grad_accum * dp
@@ -175,31 +183,40 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
             dataset.batch("train", (step * t.grad_accum + micro) * dp + dp_rank, t.micro_batch_size)
             for micro in range(t.grad_accum)
         ]
-        total = torch.tensor(run_microbatches(model, batches, config))
+        local_loss = run_microbatches(model, batches, config)
         finalize_lora_grads(model)
         allreduce_data_parallel_grads(model)
-        clip_grad_norm_(model, config.optim.grad_clip)
-        optimizer.step()
+        grad_norm = clip_grad_norm_(model, config.optim.grad_clip)
+        loss, finite = agree_on_step(local_loss, grad_norm)
+        if finite:
+            optimizer.step()
+            losses[step] = loss
+        else:
+            skipped.append(step)
+            _handle_nonfinite(step, loss, grad_norm, skipped, t, ckpt_root)
         optimizer.zero_grad(set_to_none=True)
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        losses[step] = total.item() / dp
         elapsed = time.perf_counter() - started
-        bar.set_postfix(loss=f"{losses[step]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step * (step + 1 - start) / elapsed:.0f}")
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step * (step + 1 - start) / elapsed:.0f}",
+                        **({"skipped": len(skipped)} if skipped else {}))
         done = step + 1
         if t.eval_interval and done % t.eval_interval == 0:
             last_eval = _evaluate(model, dataset, config, dp, dp_rank)
-            _log(f"step {done}: train loss {losses[step]:.4f}, eval loss {last_eval:.4f}")
+            _log(f"step {done}: train loss {loss:.4f}, eval loss {last_eval:.4f}")
         if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == t.steps:
-            save_checkpoint(ckpt_root, done, model, optimizer, {"model": identity, "config": config.to_dict()}, t.keep_last)
+            state = {"model": identity, "config": config.to_dict(), "skipped_steps": skipped}
+            save_checkpoint(ckpt_root, done, model, optimizer, state, t.keep_last)
     bar.close()
     elapsed = time.perf_counter() - started
     summary = {
         "losses": losses,
+        "skipped_steps": skipped,
         "eval_loss": last_eval,
         "checkpoint": latest_checkpoint(ckpt_root),
         "tokens_per_s": tokens_per_step * max(1, t.steps - start) / max(elapsed, 1e-9),
         "hf_dir": hf_dir,
     }
+    if skipped:
+        _log(f"{len(skipped)} step(s) skipped for a non-finite loss or gradient norm: {[s + 1 for s in skipped]}")
     summary["probe"] = _save_probe_logits(model, dataset, config, t.out_dir)
     if t.consolidate and summary["checkpoint"]:
         summary["adapter"] = _consolidate(summary["checkpoint"], os.path.join(t.out_dir, "adapter"), hf_dir, initial)
@@ -207,6 +224,66 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
 
     shutdown_distributed()
     return summary
+
+
+def _resume_checkpoint(resume: Optional[str], ckpt_root: str, identity: dict) -> Optional[str]:
+    """The complete checkpoint ``--resume`` names (a step directory or a root; empty: this
+    run's checkpoint root), checked against the model; None for a fresh run."""
+    if resume is None:
+        return None
+    from .checkpoint.training import resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(resume or ckpt_root)
+    except ConfigError as e:
+        raise ConfigError(f"--resume: {e}") from None
+    _check_resume_identity(path, identity)
+    return path
+
+
+def agree_on_step(loss: float, grad_norm: float) -> tuple[float, bool]:
+    """The step's loss (mean over data-parallel replicas) and whether it and the gradient norm
+    are finite on every rank: one all-reduce over the world, so that every TP/PP/DP rank takes
+    the same decision. ``loss`` is this replica's loss (the same on its TP/PP ranks)."""
+    ok = math.isfinite(loss) and math.isfinite(grad_norm)
+    stats = torch.tensor([loss, 0.0 if ok else 1.0], dtype=torch.float64)
+    dist.all_reduce(stats)
+    return stats[0].item() / dist.get_world_size(), stats[1].item() == 0
+
+
+def _in_a_row(skipped: list[int], step: int) -> int:
+    """How many steps up to ``step`` were skipped without a good step between."""
+    marked, count = set(skipped), 0
+    while step - count in marked:
+        count += 1
+    return count
+
+
+def _handle_nonfinite(
+    step: int, loss: float, grad_norm: float, skipped: list[int], t: TrainSection, ckpt_root: str
+) -> None:
+    """Under ``train.on_nonfinite=skip`` log the skipped step; raise NonFiniteTrainingError
+    (on every rank, before any adapter is released) under ``stop`` or after
+    ``train.max_skipped_in_a_row`` skips in a row. The optimizer step was not taken."""
+    from .checkpoint.training import complete_checkpoints
+
+    in_a_row = _in_a_row(skipped, step)
+    what = f"step {step + 1}: the loss ({loss:.4g}) or the gradient norm ({grad_norm:.4g}) is not finite"
+    if t.on_nonfinite == "skip" and in_a_row < t.max_skipped_in_a_row:
+        _log(f"{what}; optimizer step skipped ({in_a_row} in a row, {len(skipped)} in all; "
+             f"train.max_skipped_in_a_row={t.max_skipped_in_a_row})")
+        return
+    if t.on_nonfinite == "stop":
+        why, advice = "train.on_nonfinite=stop", "or set train.on_nonfinite=skip"
+    else:
+        why = f"{in_a_row} steps in a row, train.max_skipped_in_a_row={t.max_skipped_in_a_row}"
+        advice = "or raise train.max_skipped_in_a_row"
+    kept = complete_checkpoints(ckpt_root)
+    raise NonFiniteTrainingError(
+        f"{what} ({why}): training stopped without taking that step and no adapter was released; the last good "
+        f"checkpoint is {kept[-1] if kept else 'none (none was written yet)'}. Lower optim.lr, set optim.grad_clip, "
+        f"check the data {advice}; then resume with --resume."
+    )
 
 
 def _check_resume_identity(path: str, identity: dict) -> None:

@@ -8,22 +8,40 @@
                schedule: cosine, min_lr_ratio: 0.1, grad_clip: 1.0}
     train:    {steps: 300, micro_batch_size: 8, grad_accum: 1, seed: 1234, log_interval: 10,
                eval_interval: 100, eval_batches: 4, checkpoint_interval: 100, keep_last: 2,
-               out_dir: runs/train, consolidate: true}
+               out_dir: runs/train, consolidate: true, on_later_checkpoints: move_aside,
+               on_nonfinite: stop, max_skipped_in_a_row: 5}
 
 A key that does not exist is an error naming the nearest valid key. ``key=value`` overrides
-(``train.steps=50``, ``lora.r=16``) are parsed as YAML values.
+(``train.steps=50``, ``lora.r=16``) are parsed as YAML values. Every value is checked against
+one table, :data:`RULES` (key -> what it must be), before anything runs: booleans must be
+``true``/``false`` (not text), numbers finite and in range. Interval and count keys use 0 for
+"never" / "all": ``train.eval_interval=0`` (no evaluation), ``train.checkpoint_interval=0``
+(a checkpoint at the end only), ``train.keep_last=0`` (keep every checkpoint).
+
+``train.on_later_checkpoints`` says what a run does with complete checkpoints in
+``<out_dir>/checkpoints`` that are newer than its start step (from an earlier run, or the
+later steps of the run it resumes): ``move_aside`` moves them, never deleting, into
+``<out_dir>/checkpoints/superseded_<timestamp>/``; ``refuse`` stops with an error naming them.
+``train.on_nonfinite`` says what a non-finite loss or gradient norm does: ``stop`` ends the
+run with an error (the last good checkpoint is kept, no adapter is released); ``skip`` skips
+that optimizer step and counts it, and stops after ``train.max_skipped_in_a_row`` in a row.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
 from .config import ConfigError, LoraConfig
+
+LATER_CHECKPOINT_POLICIES = ("move_aside", "refuse")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -70,6 +88,9 @@ class TrainSection:
     keep_last: int = 2
     out_dir: str = "runs/train"
     consolidate: bool = True
+    on_later_checkpoints: str = "move_aside"
+    on_nonfinite: str = "stop"
+    max_skipped_in_a_row: int = 5
 
 
 @dataclass
@@ -82,11 +103,126 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
     def lora_config(self) -> LoraConfig:
+        if not isinstance(self.lora, dict):
+            raise ConfigError(f"config section lora must be a mapping of LoraConfig fields, got {self.lora!r}.")
         _check_keys(self.lora, [f.name for f in dataclasses.fields(LoraConfig)], "lora")
         return LoraConfig(**self.lora)
 
+    def validate(self) -> None:
+        """Check every value against :data:`RULES`, then the rules that join two keys;
+        raises :class:`ConfigError` naming the key and what it must be."""
+        for key, rule in RULES.items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if not rule.test(value):
+                raise ConfigError(f"{key} must be {rule.text}, got {value!r}.")
+        _check_combinations(self)
+        self.lora_config()  # the LoRA section, with LoraConfig's messages
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one config value must be: ``test`` accepts it, ``text`` says it in an error;
+    ``parse`` (optional) turns YAML text into the value first (``3e-4``, which YAML 1.1
+    reads as a string, into a float)."""
+
+    text: str
+    test: Callable[[Any], bool]
+    parse: Optional[Callable[[Any], Any]] = None
+
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _parse_number(value: Any) -> Any:
+    return float(value) if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()) else value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(minimum: int, meaning: str = "", maximum: Optional[int] = None) -> Rule:
+    text = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+    return Rule(text + (f" ({meaning})" if meaning else ""),
+                lambda v: _is_int(v) and v >= minimum and (maximum is None or v <= maximum))
+
+
+def _number(text: str, test: Callable[[float], bool]) -> Rule:
+    return Rule(f"a finite number {text}", lambda v: _is_finite(v) and test(v), _parse_number)
+
+
+def _choice(*options: str) -> Rule:
+    return Rule("one of " + ", ".join(options), lambda v: isinstance(v, str) and v in options)
+
+
+def _optional(rule: Rule, meaning: str) -> Rule:
+    return Rule(f"{rule.text} or null ({meaning})", lambda v: v is None or rule.test(v), rule.parse)
+
+
+_BOOL = Rule("true or false", lambda v: isinstance(v, bool))
+_TEXT = Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
+_BETAS = Rule(
+    "a list of two numbers in [0, 1), e.g. [0.9, 0.999]",
+    lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_finite(b) and 0 <= b < 1 for b in v),
+    lambda v: [_parse_number(b) for b in v] if isinstance(v, (list, tuple)) else v,
+)
+
+# Every key of every section but lora (LoraConfig checks its own fields): what it must be.
+RULES: dict[str, Rule] = {
+    "model.hf_dir": _optional(_TEXT, "the built-in tiny model"),
+    "parallel.tp": _integer(1),
+    "parallel.pp": _integer(1),
+    "parallel.sp": _BOOL,
+    "data.path": _optional(_TEXT, "the built-in corpus"),
+    "data.text_field": _TEXT,
+    "data.seq_len": _integer(1),
+    "data.eval_fraction": _number("in [0, 1)", lambda v: 0 <= v < 1),
+    "optim.lr": _number(">= 0", lambda v: v >= 0),
+    "optim.weight_decay": _number(">= 0", lambda v: v >= 0),
+    "optim.betas": _BETAS,
+    "optim.warmup_steps": _integer(0),
+    "optim.schedule": _choice("constant", "linear", "cosine"),
+    "optim.min_lr_ratio": _number("in [0, 1]", lambda v: 0 <= v <= 1),
+    "optim.grad_clip": _optional(_number("> 0", lambda v: v > 0), "no clipping"),
+    "train.steps": _integer(1),
+    "train.micro_batch_size": _integer(1),
+    "train.grad_accum": _integer(1),
+    "train.seed": _integer(0, maximum=2**32 - 1),
+    "train.log_interval": _integer(1),
+    "train.eval_interval": _integer(0, "0: no evaluation"),
+    "train.eval_batches": _integer(0),
+    "train.checkpoint_interval": _integer(0, "0: a checkpoint at the last step only"),
+    "train.keep_last": _integer(0, "0 keeps every checkpoint"),
+    "train.out_dir": _TEXT,
+    "train.consolidate": _BOOL,
+    "train.on_later_checkpoints": _choice(*LATER_CHECKPOINT_POLICIES),
+    "train.on_nonfinite": _choice(*NONFINITE_POLICIES),
+    "train.max_skipped_in_a_row": _integer(1),
+}
+
+
+def _check_combinations(config: TrainConfig) -> None:
+    p, t, d = config.parallel, config.train, config.data
+    if p.sp and p.tp == 1:
+        raise ConfigError("parallel.sp needs parallel.tp > 1.")
+    if t.eval_interval and t.eval_batches < 1:
+        raise ConfigError(
+            f"train.eval_batches must be >= 1 when evaluation is on (train.eval_interval={t.eval_interval}), "
+            f"got {t.eval_batches}; raise it or set train.eval_interval=0."
+        )
+    if t.eval_interval and d.eval_fraction == 0:
+        raise ConfigError(
+            "evaluation needs held-out data but data.eval_fraction is 0; set data.eval_fraction > 0 "
+            "or train.eval_interval=0."
+        )
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -97,7 +233,7 @@ def _check_keys(given: dict, valid: list[str], where: str) -> None:
     prefix = f"{where}." if where else ""
     for key in given:
         if key not in valid:
-            near = difflib.get_close_matches(key, valid, n=1)
+            near = difflib.get_close_matches(str(key), valid, n=1)
             hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(valid)}"
             raise ConfigError(f"unknown config key {prefix}{key}" + hint)
 
@@ -107,14 +243,20 @@ def _section(cls: type, values: Any, where: str):
         return cls()
     if not isinstance(values, dict):
         raise ConfigError(f"config section {where} must be a mapping, got {values!r}.")
-    valid = [f.name for f in dataclasses.fields(cls)]
-    _check_keys(values, valid, where)
-    section = cls(**values)
-    for f in dataclasses.fields(cls):
-        value = getattr(section, f.name)
-        if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"{where}.{f.name} must be a number, got {value!r}.")
-    return section
+    _check_keys(values, [f.name for f in dataclasses.fields(cls)], where)
+    parsed = {}
+    for key, value in values.items():
+        parse = RULES[f"{where}.{key}"].parse
+        parsed[key] = parse(value) if parse else value
+    return cls(**parsed)
+
+
+def _lora_section(values: Any) -> Any:
+    """A copy of the lora mapping; absent or empty: the default (anything else is refused by
+    :meth:`TrainConfig.lora_config`)."""
+    if values is None or values == {}:
+        return TrainConfig().lora
+    return dict(values) if isinstance(values, dict) else values
 
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:
@@ -144,31 +286,19 @@ def load_train_config(path: Optional[str], overrides: tuple[str, ...] = ()) -> T
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value.")
-        _set_path(data, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e}).") from None
+        _set_path(data, key.strip(), parsed)
     _check_keys(data, list(_SECTIONS), "")
     config = TrainConfig(
         model=_section(ModelSection, data.get("model"), "model"),
         parallel=_section(ParallelSection, data.get("parallel"), "parallel"),
-        lora=dict(data.get("lora") or {"r": 8, "lora_alpha": 16}),
+        lora=_lora_section(data.get("lora")),
         data=_section(DataSection, data.get("data"), "data"),
         optim=_section(OptimSection, data.get("optim"), "optim"),
         train=_section(TrainSection, data.get("train"), "train"),
     )
-    config.lora_config()  # validate the LoRA section now, with LoraConfig's messages
-    _validate(config)
+    config.validate()
     return config
-
-
-def _validate(config: TrainConfig) -> None:
-    p, t, o, d = config.parallel, config.train, config.optim, config.data
-    for name, value in [("parallel.tp", p.tp), ("parallel.pp", p.pp), ("train.steps", t.steps),
-                        ("train.micro_batch_size", t.micro_batch_size), ("train.grad_accum", t.grad_accum),
-                        ("data.seq_len", d.seq_len)]:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}.")
-    if o.schedule not in ("constant", "linear", "cosine"):
-        raise ConfigError(f"optim.schedule must be constant, linear or cosine, got {o.schedule!r}.")
-    if not 0 <= d.eval_fraction < 1:
-        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction!r}.")
-    if p.sp and p.tp == 1:
-        raise ConfigError("parallel.sp needs parallel.tp > 1.")

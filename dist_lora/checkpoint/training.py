@@ -3,9 +3,16 @@ pointer that moves only after the new checkpoint is complete.
 
     <root>/step_00000100/   adapter + optimizer state + RNG + trainer state (see sharded.py)
     <root>/latest           "step_00000100", rewritten atomically after each save
+    <root>/superseded_<timestamp>/   checkpoints a resumed run moved out of its way
 
 A crash (or ``kill -9`` of any rank) while a checkpoint is being written leaves the
 previous one, and the pointer to it, untouched; the half-written directory is ignored.
+
+A run owns the steps after the one it starts from: pruning (``keep_last``) only ever deletes
+steps older than the checkpoint just written, and :func:`move_aside_later_checkpoints` moves
+newer ones (an earlier run's future) into ``superseded_<timestamp>/``, never deleting them.
+A ``latest`` pointer naming a missing or incomplete directory is an error, never a silent
+fall-back to another checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -26,11 +34,25 @@ if TYPE_CHECKING:
     from ..model import LoraModel
 
 LATEST = "latest"
+SUPERSEDED_PREFIX = "superseded_"
 _STEP_DIR = re.compile(r"step_(\d{8})")
 
 
 def step_directory(root: str | os.PathLike, step: int) -> str:
     return os.path.join(os.fspath(root), f"step_{step:08d}")
+
+
+def _step_of(path: str) -> int:
+    return int(_STEP_DIR.fullmatch(os.path.basename(path)).group(1))
+
+
+def _is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def _check_keep_last(keep_last: Optional[int]) -> None:
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0):
+        raise ConfigError(f"keep_last must be None or an integer >= 0 (None or 0 keep every checkpoint), got {keep_last!r}.")
 
 
 def save_checkpoint(
@@ -42,13 +64,16 @@ def save_checkpoint(
     keep_last: Optional[int] = 2,
 ) -> str:
     """Save step ``step`` under ``root`` (every rank calls this); returns its directory.
-    Keeps the ``keep_last`` newest complete checkpoints (None keeps all)."""
+    Keeps the ``keep_last`` newest complete checkpoints up to this one (None or 0 keeps all):
+    only steps older than ``step`` are ever deleted, never the one just written nor newer ones."""
+    _check_keep_last(keep_last)
     path = step_directory(root, step)
     save_sharded(model, path, optimizer=optimizer, trainer_state={"step": step, **(trainer_state or {})})
     if not dist.is_initialized() or dist.get_rank() == 0:
         atomic_write_text(os.path.join(os.fspath(root), LATEST), os.path.basename(path) + "\n")
         if keep_last:
-            for old in complete_checkpoints(root)[:-keep_last]:
+            older = [d for d in complete_checkpoints(root) if _step_of(d) < step]
+            for old in older[: max(0, len(older) - (keep_last - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
@@ -63,20 +88,121 @@ def complete_checkpoints(root: str | os.PathLike) -> list[str]:
     steps = sorted(
         int(m.group(1)) for name in os.listdir(root) if (m := _STEP_DIR.fullmatch(name))
     )
-    return [d for d in (step_directory(root, s) for s in steps) if os.path.isfile(os.path.join(d, MANIFEST))]
+    return [d for d in (step_directory(root, s) for s in steps) if _is_complete(d)]
+
+
+def later_checkpoints(root: str | os.PathLike, step: int) -> list[str]:
+    """Complete checkpoints under ``root`` of steps after ``step``, oldest first."""
+    return [d for d in complete_checkpoints(root) if _step_of(d) > step]
+
+
+def _pointer_target(root: str) -> Optional[str]:
+    """The directory ``latest`` names (None without a pointer); refuses a name that is not a
+    step directory of ``root``."""
+    pointer = os.path.join(root, LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        name = f.read().strip()
+    if not _STEP_DIR.fullmatch(name):
+        raise ConfigError(f"{pointer} must name a step directory like step_00000100, got {name[:80]!r}; "
+                          "fix or remove the file.")
+    return os.path.join(root, name)
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Optional[str]:
-    """The checkpoint ``latest`` points to (or, without a pointer, the newest complete one)."""
+    """The checkpoint ``latest`` points to; without a pointer the newest complete one (None
+    when there is none). A pointer to a missing or incomplete directory is a ConfigError."""
     root = os.fspath(root)
-    pointer = os.path.join(root, LATEST)
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            path = os.path.join(root, f.read().strip())
-        if os.path.isfile(os.path.join(path, MANIFEST)):
-            return path
-    complete = complete_checkpoints(root)
-    return complete[-1] if complete else None
+    target = _pointer_target(root)
+    if target is None:
+        complete = complete_checkpoints(root)
+        return complete[-1] if complete else None
+    if not _is_complete(target):
+        state = "is incomplete (no manifest.json)" if os.path.isdir(target) else "does not exist"
+        complete = complete_checkpoints(root)
+        newest = f"the newest complete one is {complete[-1]}" if complete else "there is no complete checkpoint"
+        raise ConfigError(
+            f"{os.path.join(root, LATEST)} points to {target}, which {state}; {newest}. Pass a step directory "
+            f"explicitly, or point {LATEST} at a complete one (or remove it to use the newest)."
+        )
+    return target
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+    """A complete step directory: ``path`` itself, or the latest checkpoint of the root ``path``."""
+    path = os.fspath(path)
+    if _is_complete(path):
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise ConfigError(f"no complete checkpoint in {path} (a step directory with {MANIFEST}, or a root holding them).")
+    return found
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step a complete checkpoint was saved at."""
+    from .sharded import read_manifest
+
+    return int(read_manifest(path, verify=False).get("trainer_state", {}).get("step", 0))
+
+
+def move_aside_later_checkpoints(root: str | os.PathLike, step: int) -> Optional[str]:
+    """Move the complete checkpoints of steps after ``step`` into a new
+    ``<root>/superseded_<timestamp>/`` (with the ``latest`` pointer when it named one of them)
+    and point ``latest`` at ``step`` when ``root`` holds it; returns the new directory (None
+    when nothing was later). Call on one process only; nothing is deleted."""
+    root = os.fspath(root)
+    later = later_checkpoints(root, step)
+    if not later:
+        return None
+    pointed = _pointer_target(root)  # a bad pointer raises before anything moves
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = os.path.join(root, SUPERSEDED_PREFIX + stamp), 1
+    while os.path.exists(target):
+        target, n = os.path.join(root, f"{SUPERSEDED_PREFIX}{stamp}-{n}"), n + 1
+    os.makedirs(target)
+    for path in later:
+        os.rename(path, os.path.join(target, os.path.basename(path)))
+    pointer, own = os.path.join(root, LATEST), step_directory(root, step)
+    if pointed is not None and not _is_complete(pointed):  # it named a moved (or a missing) step
+        os.rename(pointer, os.path.join(target, LATEST))
+    if _is_complete(own):
+        atomic_write_text(pointer, os.path.basename(own) + "\n")
+    return target
+
+
+def check_later_checkpoints(root: str | os.PathLike, step: int, refuse: bool = False) -> list[str]:
+    """The complete checkpoints under ``root`` after ``step``, which a run starting at ``step``
+    must not mix with; with ``refuse`` (``train.on_later_checkpoints=refuse``) having any is a
+    ConfigError naming them. Read-only: call on every rank before any process group."""
+    later = later_checkpoints(root, step)
+    if later and refuse:
+        names = ", ".join(os.path.basename(d) for d in later)
+        raise ConfigError(
+            f"{os.fspath(root)} has checkpoints after step {step} ({names}) from an earlier run; a run starting at "
+            f"step {step} would mix with them. Resume from the newest (--resume), choose another train.out_dir, "
+            f"or set train.on_later_checkpoints=move_aside to move them into {SUPERSEDED_PREFIX}<timestamp>/."
+        )
+    return later
+
+
+def move_aside_together(root: str | os.PathLike, step: int) -> str:
+    """:func:`move_aside_later_checkpoints` on rank 0; every rank returns the same message, or
+    raises the same ConfigError if the move failed (no rank is left waiting)."""
+    outcome: list = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            moved = move_aside_later_checkpoints(root, step)
+            outcome[0] = (True, f"moved the checkpoints after step {step} into {moved}")
+        except (ValueError, OSError) as e:
+            outcome[0] = (False, f"could not move the checkpoints after step {step} in {os.fspath(root)} aside: {e}")
+    if dist.is_initialized():
+        dist.broadcast_object_list(outcome, src=0)
+    ok, message = outcome[0]
+    if not ok:
+        raise ConfigError(message)
+    return message
 
 
 def load_checkpoint(
@@ -85,12 +211,7 @@ def load_checkpoint(
     """Load a training checkpoint (a step directory, or a root with a ``latest`` pointer);
     returns its trainer state (with ``step``). RNG states are restored when the layout is
     the same as when it was saved."""
-    path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, MANIFEST)):
-        found = latest_checkpoint(path)
-        if found is None:
-            raise ConfigError(f"no complete checkpoint in {path}.")
-        path = found
+    path = resolve_checkpoint(path)
     state = load_sharded(model, path, optimizer=optimizer)
     state["rng_restored"] = restore_rng_states(path)
     state["path"] = path

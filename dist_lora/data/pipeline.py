@@ -15,6 +15,8 @@ from typing import Optional, Protocol
 
 import torch
 
+from ..config import ConfigError
+
 
 class Tokenizer(Protocol):
     vocab_size: int
@@ -105,6 +107,11 @@ class PackedDataset:
             )
         stream = torch.tensor(ids[: windows * (seq_len + 1)], dtype=torch.long).view(windows, seq_len + 1)
         n_eval = max(1, int(round(windows * eval_fraction))) if eval_fraction > 0 else 0
+        if n_eval >= windows:
+            raise ConfigError(
+                f"data.eval_fraction={eval_fraction} holds out all {windows} sequences of {seq_len + 1} tokens, "
+                "leaving none for training; lower data.eval_fraction, add data or lower data.seq_len."
+            )
         self.train = stream[: windows - n_eval]
         self.eval = stream[windows - n_eval :]
         self.seq_len = seq_len
