@@ -15,6 +15,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -177,6 +179,21 @@ def test_divergence_stops_every_rank_keeping_the_last_good_checkpoint(tmp_path) 
     assert "train.on_nonfinite=stop" in said[0] and "last good checkpoint is " + os.path.join(out, "checkpoints", "step_00000001") in said[0]
     assert latest_checkpoint(os.path.join(out, "checkpoints")) == os.path.join(out, "checkpoints", "step_00000001")
     assert not os.path.exists(os.path.join(out, "adapter"))
+
+
+def test_divergence_under_torchrun_fails_with_one_line_per_rank(tmp_path) -> None:
+    """The CLI exits non-zero, every rank prints the error as one line, nothing is released."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "dist_lora.cli",
+         "train", "--config", SMALL, f"train.out_dir={out}", "optim.lr=1.0e+30", "train.consolidate=true"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("dist-lora train: error: step 2: the loss (nan)") == 2, result.stderr[-3000:]
+    assert "NonFiniteTrainingError" not in result.stderr, "a rank printed a traceback"  # torchrun's own is expected
+    assert not (out / "adapter").exists()
 
 
 def test_nan_gradient_on_one_rank_stops_all(tmp_path) -> None:
