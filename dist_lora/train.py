@@ -4,6 +4,12 @@ run under torchrun (one process per rank).
 Every check that can fail (config keys, layout against the model, data) runs on every rank
 before any process-group work, so bad input gives the same clear error everywhere instead of
 a hang. Rank 0 prints the summary, the progress bar and the evaluation lines.
+
+Each step's loss and gradient norm are agreed by all ranks in one all-reduce; a non-finite one
+stops the run (``train.on_nonfinite=stop``: NonFiniteTrainingError on every rank, the last good
+checkpoint kept, nothing released) or skips that optimizer step (``skip``: counted in the log,
+the summary and the checkpoints' trainer state). A run owns the checkpoints after its start
+step (see ``train.on_later_checkpoints`` in :mod:`dist_lora.train_config`).
 """
 
 from __future__ import annotations
@@ -149,7 +155,9 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
     ckpt_root, identity = os.path.join(t.out_dir, "checkpoints"), model_identity(arch)
     resume_path = _resume_checkpoint(resume, ckpt_root, identity)
     start = checkpoint_step(resume_path) if resume_path else 0
-    later = check_later_checkpoints(ckpt_root, start, refuse=t.on_later_checkpoints == "refuse")  # refused here, on every rank
+    # a run owns the steps after its start: later checkpoints are refused here (every rank, no
+    # process group yet) or moved aside by rank 0 once the group exists
+    later = check_later_checkpoints(ckpt_root, start, refuse=t.on_later_checkpoints == "refuse")
     init_distributed(tp=p.tp, pp=p.pp, seed=t.seed)
     if later:
         _log(move_aside_together(ckpt_root, start))
@@ -203,8 +211,8 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
             last_eval = _evaluate(model, dataset, config, dp, dp_rank)
             _log(f"step {done}: train loss {loss:.4f}, eval loss {last_eval:.4f}")
         if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == t.steps:
-            state = {"model": identity, "config": config.to_dict(), "skipped_steps": skipped}
-            save_checkpoint(ckpt_root, done, model, optimizer, state, t.keep_last)
+            trainer_state = {"model": identity, "config": config.to_dict(), "skipped_steps": skipped}
+            save_checkpoint(ckpt_root, done, model, optimizer, trainer_state, t.keep_last)
     bar.close()
     elapsed = time.perf_counter() - started
     summary = {
