@@ -3,7 +3,9 @@
     model:    {hf_dir: null}            # a local HF Llama-family checkpoint; null = built-in tiny model
     parallel: {tp: 2, pp: 1, sp: false}
     lora:     {...}                     # any LoraConfig field
-    data:     {path: null, text_field: text, seq_len: 64, eval_fraction: 0.1}
+    data:     {path: null, format: null, seq_len: 64, eval_fraction: 0.1, packing: true,
+               train_on_prompt: false, overlong: drop, skip_invalid: false,
+               text_field: text, prompt_field: prompt, completion_field: completion, messages_field: messages}
     optim:    {lr: 3e-3, weight_decay: 0.0, betas: [0.9, 0.999], warmup_steps: 10,
                schedule: cosine, min_lr_ratio: 0.1, grad_clip: 1.0}
     train:    {steps: 300, micro_batch_size: 8, grad_accum: 1, seed: 1234, log_interval: 10,
@@ -41,9 +43,26 @@ class ParallelSection:
 @dataclass
 class DataSection:
     path: Optional[str] = None
+    format: Optional[str] = None  # text | prompt_completion | messages; None: from the first record
     text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
     seq_len: int = 64
     eval_fraction: float = 0.1
+    packing: bool = True
+    train_on_prompt: bool = False
+    overlong: str = "drop"
+    skip_invalid: bool = False
+
+    def sft_settings(self):
+        """The instruction-data settings (dist_lora.data.SftSettings) of this section."""
+        from .data import SftSettings
+        from .data.records import Fields
+
+        fields = Fields(self.text_field, self.prompt_field, self.completion_field, self.messages_field)
+        return SftSettings(self.format, fields, self.seq_len, self.packing, self.train_on_prompt, self.overlong,
+                           self.eval_fraction, self.skip_invalid)
 
 
 @dataclass
@@ -168,6 +187,10 @@ def _validate(config: TrainConfig) -> None:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}.")
     if o.schedule not in ("constant", "linear", "cosine"):
         raise ConfigError(f"optim.schedule must be constant, linear or cosine, got {o.schedule!r}.")
+    if d.format not in (None, "text", "prompt_completion", "messages"):
+        raise ConfigError(f"data.format must be text, prompt_completion or messages (or unset), got {d.format!r}.")
+    if d.overlong not in ("truncate", "drop", "error"):
+        raise ConfigError(f"data.overlong must be truncate, drop or error, got {d.overlong!r}.")
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction!r}.")
     if p.sp and p.tp == 1:

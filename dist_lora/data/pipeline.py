@@ -76,6 +76,10 @@ class PackedDataset:
         self.eval = stream[windows - n_eval :]
         self.seq_len = seq_len
 
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "eval": len(self.eval)}
+
     def batch(self, split: str, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``index`` of a split, cycling over it in a fixed shuffled order per epoch."""
         data = self.train if split == "train" else self.eval

@@ -50,6 +50,18 @@ class Batch:
     position_ids: Optional[torch.Tensor] = None
     document_ids: Optional[torch.Tensor] = None
 
+    @classmethod
+    def of(cls, item) -> "Batch":
+        """A Batch, or the (tokens, labels) pair of a raw-text PackedDataset, as a Batch."""
+        return item if isinstance(item, Batch) else cls(*item)
+
+    def loss_mask(self) -> torch.Tensor:
+        """1.0 where the label is trained, 0.0 where it is IGNORE."""
+        return (self.labels != IGNORE).float()
+
+    def trained_tokens(self) -> torch.Tensor:
+        return (self.labels != IGNORE).sum()
+
     def attention_mask(self) -> Optional[torch.Tensor]:
         return None if self.document_ids is None else attention_mask(self.document_ids)
 
