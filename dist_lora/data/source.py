@@ -11,6 +11,7 @@ dataset with ``sizes`` and ``batch(split, index, batch_size)``.
 
 from __future__ import annotations
 
+import json
 import os
 from importlib import resources
 from typing import Optional
@@ -37,15 +38,27 @@ def resolve(path: Optional[str], fmt: Optional[str], fields) -> tuple[str, str]:
     if path.endswith(".txt"):
         if fmt not in (None, "text"):
             raise ConfigError(f"data.path {path} is plain text: data.format {fmt} needs .jsonl, .json, .parquet or a saved dataset.")
-        if not os.path.isfile(path):
-            raise ConfigError(f"data file {path} does not exist.")
         return path, "text"
     if fmt is None:
-        records = load_records(path)
-        if len(records) == 0:
-            raise ConfigError(f"data file {path} holds no records.")
-        fmt = detect_format(records[0], fields)
+        first = _first_record(path)
+        fmt = "text" if first is None else detect_format(first, fields)
     return path, fmt
+
+
+def _first_record(path: str) -> Optional[dict]:
+    """The first record (None for an empty or missing file: the text reader names the problem)."""
+    if path.endswith(".jsonl"):
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            number, line = next(((n, line) for n, line in enumerate(f, 1) if line.strip()), (0, None))
+        try:
+            record = None if line is None else json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{number} is not valid JSON ({e}).") from None
+        return record if isinstance(record, dict) else None
+    records = load_records(path)
+    return records[0] if len(records) else None
 
 
 def open_dataset(section, tokenizer: Tokenizer, cache_dir: str) -> PackedDataset | SftDataset:
