@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
-from .data import PackedDataset, builtin_corpus_path, load_tokenizer, read_documents
+from .data import Batch, load_tokenizer
+from .data.source import open_dataset
 from .train_config import TrainConfig, TrainSection
 
 PROBE_BATCH = 2  # sequences of the held-out probe whose logits are saved for verification
@@ -69,24 +70,37 @@ def prepare(config: TrainConfig, world_size: int):
     tokenizer = load_tokenizer(config.model.hf_dir)
     if tokenizer.vocab_size > arch.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {arch.vocab_size}.")
-    docs = read_documents(config.data.path or builtin_corpus_path(), config.data.text_field)
-    dataset = PackedDataset(docs, tokenizer, config.data.seq_len, config.data.eval_fraction)
+    dataset = open_dataset(config.data, tokenizer, os.path.join(config.train.out_dir, "data_cache"))
     return hf_dir, arch, dataset
 
 
 def run_microbatches(model, batches: list, config: TrainConfig, forward_only: bool = False) -> float:
     """Forward (and backward) ``batches`` through megatron's schedule for this layout
-    (1F1B across pipeline stages when PP > 1, plain gradient accumulation otherwise); returns
-    the mean loss, known on every rank of the data-parallel replica."""
+    (1F1B across pipeline stages when PP > 1, plain gradient accumulation otherwise).
+
+    The loss is the mean over the trained tokens (label != IGNORE) of the whole global batch:
+    all M micro-batches of all D data-parallel ranks, N tokens in all. Micro-batch m returns
+    ``sum_m · M · D / N``: megatron's schedule divides it by M and the data-parallel gradient
+    average by D, so the gradient is that of ``sum / N`` and grad_accum, the DP size and
+    packing do not change the numbers. Returns this rank's share of the loss (the global mean
+    once averaged over the data-parallel group), known on every rank of the replica."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    batches = [Batch.of(b) for b in batches]
+    group = parallel_state.get_data_parallel_group()
+    trained = torch.stack([b.trained_tokens() for b in batches]).sum()  # int64: exact at any batch size
+    dist.all_reduce(trained, group=group)
+    scale = len(batches) * dist.get_world_size(group) / max(trained.item(), 1.0)
+
     def forward_step(data_iterator, model):
-        tokens, labels = next(data_iterator)
-        per_token = model(tokens, position_ids=None, attention_mask=None, labels=labels)
+        batch = next(data_iterator)
+        per_token = model(batch.tokens, position_ids=batch.position_ids, attention_mask=batch.attention_mask(),
+                          labels=batch.labels.clamp(min=0))  # IGNORE labels: any valid id, masked below
+        mask = batch.loss_mask()
 
         def loss_func(output):
-            loss = output.float().mean()
+            loss = (output.float() * mask).sum() * scale
             return loss, {"loss": loss.detach().clone()}  # megatron divides `loss` in place
 
         return per_token, loss_func
@@ -103,8 +117,8 @@ def run_microbatches(model, batches: list, config: TrainConfig, forward_only: bo
     return loss.item()
 
 
-def _evaluate(model, dataset: PackedDataset, config: TrainConfig, dp: int, dp_rank: int) -> float:
-    if len(dataset.eval) == 0:
+def _evaluate(model, dataset, config: TrainConfig, dp: int, dp_rank: int) -> float:
+    if dataset.sizes["eval"] == 0:
         return float("nan")
     model.eval()
     batches = [dataset.batch("eval", i * dp + dp_rank, config.train.micro_batch_size) for i in range(config.train.eval_batches)]
@@ -177,8 +191,10 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
         f"dist_lora: {arch.model_type} {arch.num_layers} layers, hidden {arch.hidden_size} | layout TP={p.tp} "
         f"PP={p.pp} DP={dp} SP={p.sp} | trainable {trainable:,} of {trainable + frozen:,} parameters "
         f"({100 * trainable / (trainable + frozen):.3f}%), adapter {trainable * 4 / 2**20:.2f} MB (fp32) | "
-        f"{len(dataset.train)} training sequences of {config.data.seq_len} tokens"
+        f"{dataset.sizes['train']} training sequences of {config.data.seq_len} tokens"
     )
+    if getattr(dataset, "stats", None):
+        _log(_data_summary(dataset.stats))
     from tqdm.auto import tqdm
 
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=not is_rank0(), desc="training")
@@ -294,6 +310,13 @@ def _handle_nonfinite(
     )
 
 
+def _data_summary(stats: dict) -> str:
+    dropped = f", {stats['overlong']} overlong dropped or truncated" if stats["overlong"] else ""
+    skipped = f", {stats['skipped_invalid']} invalid skipped" if stats["skipped_invalid"] else ""
+    return (f"data: {stats['samples']} {stats['format']} samples{dropped}{skipped}; "
+            f"{stats['train_sequences']} packed sequences, {100 * stats['pad_fraction']:.1f}% padding")
+
+
 def _check_resume_identity(path: str, identity: dict) -> None:
     from .checkpoint.sharded import read_manifest
 
@@ -305,14 +328,14 @@ def _check_resume_identity(path: str, identity: dict) -> None:
         )
 
 
-def _save_probe_logits(model, dataset: PackedDataset, config: TrainConfig, out_dir: str) -> str:
+def _save_probe_logits(model, dataset, config: TrainConfig, out_dir: str) -> str:
     """Write the megatron model's full-vocabulary logits on a fixed held-out batch (from the
     last pipeline stage), so that the consolidated adapter can be checked in another process."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from safetensors.torch import save_file
 
-    tokens, _ = dataset.batch("eval" if len(dataset.eval) else "train", 0, PROBE_BATCH)
+    tokens = Batch.of(dataset.batch("eval" if dataset.sizes["eval"] else "train", 0, PROBE_BATCH)).tokens
 
     def forward_step(data_iterator, model):
         logits = model(next(data_iterator), position_ids=None, attention_mask=None)  # [b, s, vocab / tp]

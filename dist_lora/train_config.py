@@ -3,7 +3,9 @@
     model:    {hf_dir: null}            # a local HF Llama-family checkpoint; null = built-in tiny model
     parallel: {tp: 2, pp: 1, sp: false}
     lora:     {...}                     # any LoraConfig field
-    data:     {path: null, text_field: text, seq_len: 64, eval_fraction: 0.1}
+    data:     {path: null, format: null, seq_len: 64, eval_fraction: 0.1, packing: true,
+               train_on_prompt: false, overlong: drop, skip_invalid: false,
+               text_field: text, prompt_field: prompt, completion_field: completion, messages_field: messages}
     optim:    {lr: 3e-3, weight_decay: 0.0, betas: [0.9, 0.999], warmup_steps: 10,
                schedule: cosine, min_lr_ratio: 0.1, grad_clip: 1.0}
     train:    {steps: 300, micro_batch_size: 8, grad_accum: 1, seed: 1234, log_interval: 10,
@@ -59,9 +61,26 @@ class ParallelSection:
 @dataclass
 class DataSection:
     path: Optional[str] = None
+    format: Optional[str] = None  # text | prompt_completion | messages; None: from the first record
     text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
     seq_len: int = 64
     eval_fraction: float = 0.1
+    packing: bool = True
+    train_on_prompt: bool = False
+    overlong: str = "drop"
+    skip_invalid: bool = False
+
+    def sft_settings(self):
+        """The instruction-data settings (dist_lora.data.SftSettings) of this section."""
+        from .data import SftSettings
+        from .data.records import Fields
+
+        fields = Fields(self.text_field, self.prompt_field, self.completion_field, self.messages_field)
+        return SftSettings(self.format, fields, self.seq_len, self.packing, self.train_on_prompt, self.overlong,
+                           self.eval_fraction, self.skip_invalid)
 
 
 @dataclass
@@ -182,7 +201,15 @@ RULES: dict[str, Rule] = {
     "parallel.pp": _integer(1),
     "parallel.sp": _BOOL,
     "data.path": _optional(_TEXT, "the built-in corpus"),
+    "data.format": _optional(_choice("text", "prompt_completion", "messages"), "detected from the first record"),
     "data.text_field": _TEXT,
+    "data.prompt_field": _TEXT,
+    "data.completion_field": _TEXT,
+    "data.messages_field": _TEXT,
+    "data.packing": _BOOL,
+    "data.train_on_prompt": _BOOL,
+    "data.overlong": _choice("truncate", "drop", "error"),
+    "data.skip_invalid": _BOOL,
     "data.seq_len": _integer(1),
     "data.eval_fraction": _number("in [0, 1)", lambda v: 0 <= v < 1),
     "optim.lr": _number(">= 0", lambda v: v >= 0),

@@ -11,52 +11,11 @@ from __future__ import annotations
 import json
 import os
 from importlib import resources
-from typing import Optional, Protocol
 
 import torch
 
 from ..config import ConfigError
-
-
-class Tokenizer(Protocol):
-    vocab_size: int
-    eos_token_id: Optional[int]
-
-    def encode(self, text: str) -> list[int]: ...
-
-
-class ByteTokenizer:
-    """The built-in tokenizer: UTF-8 bytes are the tokens (vocabulary 256, no downloads)."""
-
-    vocab_size = 256
-    eos_token_id = None
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
-
-
-class _HFTokenizer:
-    def __init__(self, tokenizer) -> None:
-        self._tok = tokenizer
-        self.vocab_size = len(tokenizer)
-        self.eos_token_id = tokenizer.eos_token_id
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok(text, add_special_tokens=False)["input_ids"]
-
-
-def load_tokenizer(model_dir: Optional[str]) -> Tokenizer:
-    """The model directory's tokenizer when it has one, else the built-in byte tokenizer."""
-    if model_dir and any(
-        os.path.isfile(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer.model")
-    ):
-        from transformers import AutoTokenizer
-
-        return _HFTokenizer(AutoTokenizer.from_pretrained(model_dir, local_files_only=True))
-    return ByteTokenizer()
+from .tokenizer import ByteTokenizer, Tokenizer, end_of_document, load_tokenizer  # noqa: F401 (re-exported)
 
 
 def builtin_corpus_path() -> str:
@@ -91,6 +50,13 @@ def read_documents(path: str, text_field: str = "text") -> list[str]:
     return docs
 
 
+def epoch_row(i: int, rows: int) -> int:
+    """The row that the ``i``-th draw reads: each pass over ``rows`` rows is a fixed
+    permutation (seeded by the pass number), the same on every rank and at every layout."""
+    epoch, pos = divmod(i, rows)
+    return int(torch.randperm(rows, generator=torch.Generator().manual_seed(epoch))[pos])
+
+
 class PackedDataset:
     """Fixed-length (inputs, labels) windows over the packed token stream."""
 
@@ -98,7 +64,7 @@ class PackedDataset:
         ids: list[int] = []
         for doc in docs:
             ids += tokenizer.encode(doc)
-            ids += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else tokenizer.encode("\n\n")
+            ids += end_of_document(tokenizer)
         windows = len(ids) // (seq_len + 1)
         if windows < 2:
             raise ValueError(
@@ -116,13 +82,12 @@ class PackedDataset:
         self.eval = stream[windows - n_eval :]
         self.seq_len = seq_len
 
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "eval": len(self.eval)}
+
     def batch(self, split: str, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``index`` of a split, cycling over it in a fixed shuffled order per epoch."""
         data = self.train if split == "train" else self.eval
-        rows = []
-        for i in range(index * batch_size, (index + 1) * batch_size):
-            epoch, pos = divmod(i, len(data))
-            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch))
-            rows.append(data[order[pos]])
-        windows = torch.stack(rows)
+        windows = torch.stack([data[epoch_row(i, len(data))] for i in range(index * batch_size, (index + 1) * batch_size)])
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
