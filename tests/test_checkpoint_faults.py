@@ -226,10 +226,11 @@ def test_malformed_manifest_names_the_field(ckpt, base, tmp_path, capsys, breaks
     "changes,needles",
     [
         ({"rank_pattern": ["q_proj"]}, ()),
+        ({"rank_pattern": 5}, ()),
         ({"rank_pattern": {"q_proj(": 2}}, ("rank_pattern", "'q_proj('", "not a valid regular expression")),
         ({"alpha_pattern": {"[v_proj": 4}}, ("alpha_pattern", "'[v_proj'")),
     ],
-    ids=["rank_pattern_list", "rank_pattern_regex", "alpha_pattern_regex"],
+    ids=["rank_pattern_list", "rank_pattern_number", "rank_pattern_regex", "alpha_pattern_regex"],
 )
 def test_bad_adapter_config_names_the_file(ckpt, tmp_path, capsys, changes, needles) -> None:
     _edit_config(ckpt, **changes)

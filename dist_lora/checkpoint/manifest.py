@@ -264,7 +264,7 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     path = os.path.join(os.fspath(directory), CONFIG_NAME)
     try:
         config = LoraConfig.from_pretrained(directory)
-    except ValueError as e:  # ConfigError included
+    except (ValueError, TypeError) as e:  # ConfigError included; TypeError: a field of the wrong type
         message = str(e)
         raise ConfigError(message if path in message else f"{path}: {message}") from None
     for field in ("rank_pattern", "alpha_pattern"):  # keys are regexes (PEFT's rule): compile them now
