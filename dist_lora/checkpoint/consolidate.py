@@ -37,12 +37,14 @@ assembled once from its pieces (plain file reads), and the one or more output te
 from it (row ranges, no copies) are appended. Peak memory is about one assembled tensor plus
 one piece, independent of the adapter's size.
 
-Checks (all before anything is written): the manifest is complete (a missing shard names its
-PP stage, TP rank and tensors), checksums match (the error names the file), every tensor's
+Checks (all before anything is written): the manifest follows its schema with plain file
+names only and is complete (a missing shard names its PP stage, TP rank and tensors),
+checksums match, adapter_config.json's included (the error names the file), every tensor's
 pieces cover it exactly, shard headers are valid, the HF config agrees with the checkpoint
 (hidden size, layers, attention heads, intermediate size: the error says which), and every
 output key names a module of the HF model (built on the meta device) with the right shape:
-PEFT silently ignores keys that name nothing. The output directory is built under a
+PEFT silently ignores keys that name nothing. While writing, a tensor with NaN/Inf values
+stops the release (unless ``allow_nonfinite``). The output directory is built under a
 temporary name next to ``out_dir`` and renamed into place at the end, so on any error
 ``out_dir`` is left as it was.
 """
@@ -270,7 +272,7 @@ def _consolidate(
 
 
 def _read_manifest(directory: str, verify: bool) -> dict:
-    """The checked manifest (:func:`.sharded.read_manifest`: schema, plain file names, every
+    """The checked manifest (:func:`.manifest.read_manifest`: schema, plain file names, every
     adapter shard and adapter_config.json present and, with ``verify``, their sha256). Only the
     adapter matters here: optimizer and RNG files are neither read nor needed."""
     try:
