@@ -56,9 +56,8 @@ def _consolidate(args: argparse.Namespace, rest: list[str]) -> int:
     if not deepspeed and (args.config or args.tag or args.adapter != "default"):
         return _error("consolidate", "--config/--tag/--adapter apply to DeepSpeed checkpoints only")
     if deepspeed and (args.format != "peft" or args.initial):
-        return _error(
-            "consolidate", "a DeepSpeed checkpoint is written as a PEFT adapter only (no --format megatron, no --initial)"
-        )
+        message = "a DeepSpeed checkpoint is written as a PEFT adapter only (no --format megatron, no --initial)"
+        return _error("consolidate", message)
     options = dict(hf_model_dir=args.hf_model, overwrite=args.overwrite, show_progress=not args.no_progress,
                    allow_nonfinite=args.allow_nonfinite)
     if deepspeed:

@@ -262,7 +262,8 @@ def _consolidate(
 
     groups.sort(key=lambda group: -group[0].dtype.itemsize)  # keeps every tensor's data aligned
     with _staging(out_dir, overwrite) as staging:
-        _write(os.path.join(staging, WEIGHTS_NAME), groups, checkpoint_dir, show_progress, allow_nonfinite=allow_nonfinite)
+        path = os.path.join(staging, WEIGHTS_NAME)
+        _write(path, groups, checkpoint_dir, show_progress, allow_nonfinite=allow_nonfinite)
         out_config.save_pretrained(staging)
     return out_dir
 

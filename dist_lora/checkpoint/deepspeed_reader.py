@@ -157,7 +157,8 @@ def _check_model_states(states: dict, path: str) -> None:
     dims = states.get("checkpoint_parallel_dimensions")
     _check_field(dims is None or isinstance(dims, dict), path, "checkpoint_parallel_dimensions", "a dict", dims)
     pp = (dims or {}).get("pp_degree")
-    _check_field(pp is None or _is_count(pp, 1), path, "checkpoint_parallel_dimensions.pp_degree", "an integer >= 1", pp)
+    field = "checkpoint_parallel_dimensions.pp_degree"
+    _check_field(pp is None or _is_count(pp, 1), path, field, "an integer >= 1", pp)
     for field in ("module", "frozen_param_shapes"):
         value = states.get(field)
         _check_field(value is None or isinstance(value, dict), path, field, "a dict", value)

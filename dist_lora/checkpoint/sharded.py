@@ -258,8 +258,9 @@ def read_rng_states(directory: str | os.PathLike) -> Optional[dict]:
     try:
         states = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        detail = str(e).splitlines()[0] if str(e) else ""
         raise ConfigError(
-            f"{path} is not a readable RNG state file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+            f"{path} is not a readable RNG state file ({type(e).__name__}: {detail}): "
             "restore it from a copy of the checkpoint, or resume from another checkpoint."
         ) from None
     _check_rng_states(states, path)
