@@ -83,7 +83,7 @@ def make_checkpoint(directory: str, layers: int, rank: int, tp: int, dtype: str,
     from transformers import LlamaConfig
 
     from dist_lora import LoraConfig
-    from dist_lora.checkpoint.sharded import FORMAT, _sha256
+    from dist_lora.checkpoint.sharded import FORMAT, sha256_file
 
     ckpt, hf = os.path.join(directory, "ckpt"), os.path.join(directory, "hf")
     os.makedirs(ckpt), os.makedirs(hf)
@@ -127,8 +127,9 @@ def make_checkpoint(directory: str, layers: int, rank: int, tp: int, dtype: str,
     for (pp, t), (tensors, entries) in files.items():
         name = f"shard-pp{pp:03d}-tp{t:03d}.safetensors"
         save_file(tensors, os.path.join(ckpt, name), metadata={"format": "pt"})
-        manifest["files"][name] = {"sha256": _sha256(os.path.join(ckpt, name)), "tensors": entries}
-    LoraConfig(r=rank, lora_alpha=2 * rank).save_pretrained(ckpt)
+        manifest["files"][name] = {"sha256": sha256_file(os.path.join(ckpt, name)), "tensors": entries}
+    config_path = LoraConfig(r=rank, lora_alpha=2 * rank).save_pretrained(ckpt)
+    manifest["config"] = {os.path.basename(config_path): {"sha256": sha256_file(config_path)}}
     with open(os.path.join(ckpt, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,

@@ -37,3 +37,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
+
+
+def is_plain_file_name(name: object) -> bool:
+    """True for a plain file name that stays inside the directory it is joined to: a non-empty
+    string with no directory part (no ``/`` or ``\\``), not ``.`` / ``..``, no NUL. File names read
+    from a checkpoint's own files (manifests, ``latest`` pointers) must pass this before use."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in ("/", "\\", "\0"))
+        and os.path.basename(name) == name
+    )

@@ -35,7 +35,7 @@ from transformers import (  # noqa: E402
 from dist_lora import LoraConfig, get_lora_model  # noqa: E402
 from dist_lora.bridges import build_megatron_gpt  # noqa: E402
 from dist_lora.checkpoint.consolidate import ConsolidationError, consolidate  # noqa: E402
-from dist_lora.checkpoint.sharded import _sha256, save_sharded  # noqa: E402
+from dist_lora.checkpoint.sharded import save_sharded, sha256_file  # noqa: E402
 from dist_lora.cli import main as cli_main  # noqa: E402
 from dist_lora.model import LoraModel  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
@@ -243,12 +243,10 @@ def test_modules_to_save_are_mapped(run, hf_dirs, tmp_path) -> None:
         save_file({"output_layer.weight": rows.contiguous()}, os.path.join(ckpt, name), metadata={"format": "pt"})
         entry = {"key": "output_layer.weight", "global_shape": [VOCAB, 64], "offsets": [64 * tp, 0],
                  "shape": [64, 64], "dtype": "float32"}
-        sha = _sha256(os.path.join(ckpt, name))
+        sha = sha256_file(os.path.join(ckpt, name))
         manifest["files"][name] = {"sha256": sha, "tensors": {"output_layer.weight": entry}}
     json.dump(manifest, open(path, "w"))
-    config = LoraConfig.from_pretrained(ckpt)
-    config.modules_to_save = ["output_layer"]
-    config.save_pretrained(ckpt)
+    _edit_config(ckpt, modules_to_save=["output_layer"])
     out = consolidate(ckpt, tmp_path / "adapter", hf_model_dir=hf_dirs["llama"], show_progress=False)
     _check_keys_name_hf_modules(out, hf_dirs["llama"])
     assert json.load(open(os.path.join(out, "adapter_config.json")))["modules_to_save"] == ["lm_head"]
@@ -307,6 +305,17 @@ def _manifest(ckpt: str) -> tuple[str, dict]:
     return path, json.load(open(path))
 
 
+def _edit_config(ckpt: str, **changes) -> None:
+    """Change the checkpoint's adapter_config.json on purpose: the manifest records its new sha256."""
+    config = LoraConfig.from_pretrained(ckpt)
+    for field, value in changes.items():
+        setattr(config, field, value)
+    config_path = config.save_pretrained(ckpt)
+    path, manifest = _manifest(ckpt)
+    manifest["config"]["adapter_config.json"]["sha256"] = sha256_file(config_path)
+    json.dump(manifest, open(path, "w"))
+
+
 def test_missing_shard_names_rank_and_tensor(run, hf_dirs, tmp_path) -> None:
     ckpt = _copy(run("llama_tp2")[0], tmp_path)
     out, hf = str(tmp_path / "out"), hf_dirs["llama"]
@@ -361,7 +370,7 @@ def test_corrupt_safetensors_is_a_clear_error(run, hf_dirs, tmp_path, how) -> No
         data = data[:-100]
     open(path, "wb").write(bytes(data))
     manifest_path, manifest = _manifest(ckpt)  # as if it was corrupt before the manifest was written
-    manifest["files"]["shard-pp000-tp001.safetensors"]["sha256"] = _sha256(path)
+    manifest["files"]["shard-pp000-tp001.safetensors"]["sha256"] = sha256_file(path)
     json.dump(manifest, open(manifest_path, "w"))
     match = r"shard-pp000-tp001\.safetensors is not a valid safetensors file: " + (
         "the header is not JSON" if how == "header" else ".*truncated"
@@ -412,9 +421,7 @@ def test_config_rank_disagreeing_with_tensors_is_refused(run, hf_dirs, tmp_path)
     """E.g. a layer-indexed rank_pattern applied to local layer names under PP: the alphas
     written for the HF modules could not be trusted."""
     ckpt = _copy(run("llama_tp2")[0], tmp_path)
-    config = LoraConfig.from_pretrained(ckpt)
-    config.rank_pattern = {"decoder.layers.1.mlp.linear_fc2": 2}  # layer 0's fc2 has rank 2 too
-    config.save_pretrained(ckpt)
+    _edit_config(ckpt, rank_pattern={"decoder.layers.1.mlp.linear_fc2": 2})  # layer 0's fc2 has rank 2 too
     _fails(ckpt, str(tmp_path / "out"), r"decoder\.layers\.0\.mlp\.linear_fc2\.lora_A\.weight has rank 2.*rank 4",
            hf_model_dir=hf_dirs["llama"])
 

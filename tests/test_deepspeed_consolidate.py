@@ -26,6 +26,7 @@ from peft import PeftModel  # noqa: E402
 from dist_lora import LoraConfig, get_lora_model  # noqa: E402
 from dist_lora.checkpoint.consolidate import ConsolidationError  # noqa: E402
 from dist_lora.checkpoint.deepspeed_adapter import consolidate_deepspeed  # noqa: E402
+from dist_lora.cli import RELEASE_ERROR  # noqa: E402
 from dist_lora.cli import main as cli_main  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
 from tests.hf_models import load_base, logits, sample_ids, save_base, tiny_llama  # noqa: E402
@@ -199,3 +200,60 @@ def test_wrong_adapter_name_and_missing_config(zero2, tmp_path) -> None:
     weights = "adapter_model.safetensors"
     assert (pathlib.Path(by_tag) / weights).read_bytes() == (pathlib.Path(out) / weights).read_bytes()
     assert tag.startswith("global_step")
+
+
+@pytest.mark.parametrize(
+    "file,field,value",
+    [
+        ("mp_rank_00_model_states.pt", "param_shapes", "a dict"),
+        ("mp_rank_00_model_states.pt", "dp_world_size", "2"),
+        ("zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_stage", "2"),
+    ],
+)
+def test_malformed_field_names_the_file(zero2, tmp_path, capsys, file, field, value) -> None:
+    ckpt = _copy(zero2[0], tmp_path)
+    path = _tag_dir(ckpt) / file
+    states = torch.load(path, weights_only=False)  # the test's own file, with DeepSpeed's classes
+    target = states["optimizer_state_dict"] if "optim" in file else states
+    target[field] = {k: v for group in target[field] for k, v in group.items()} if value == "a dict" else value
+    torch.save(states, path)
+    out = tmp_path / "out"
+    assert cli_main(["consolidate", str(ckpt), str(out), "--no-progress"]) == RELEASE_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("dist-lora consolidate: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert f"{path}: " in err and f"{field} must be" in err, err
+    assert not out.exists()
+
+
+def test_latest_pointing_outside_the_checkpoint_is_refused(zero2, tmp_path) -> None:
+    ckpt = _copy(zero2[0], tmp_path)
+    shutil.copytree(_tag_dir(ckpt), tmp_path / "elsewhere")
+    (ckpt / "latest").write_text("../elsewhere\n")
+    with pytest.raises(ConsolidationError, match=r"latest names '\.\./elsewhere', which is not a tag directory"):
+        consolidate_deepspeed(ckpt, tmp_path / "out", show_progress=False)
+
+
+def test_bad_rank_pattern_names_the_config_file(zero2, tmp_path) -> None:
+    ckpt = _copy(zero2[0], tmp_path)
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"q_proj(": 2}
+    (ckpt / "adapter_config.json").write_text(json.dumps(config))
+    message = rf"{ckpt}/adapter_config\.json: rank_pattern key 'q_proj\(' is not a valid regular expression"
+    with pytest.raises(ConsolidationError, match=message):
+        consolidate_deepspeed(ckpt, tmp_path / "out", show_progress=False)
+
+
+def test_nonfinite_adapter_is_not_released(zero2, tmp_path) -> None:
+    ckpt = _copy(zero2[0], tmp_path)
+    optim_path = _tag_dir(ckpt) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    model_path = _tag_dir(ckpt) / "mp_rank_00_model_states.pt"
+    optim, model = torch.load(optim_path, weights_only=False), torch.load(model_path, weights_only=False)
+    first = next(iter(model["param_shapes"][0]))  # its element 0 is element 0 of rank 0's partition
+    with torch.no_grad():
+        optim["optimizer_state_dict"]["single_partition_of_fp32_groups"][0][0] = float("inf")
+        model["module"][first].view(-1)[0] = float("inf")  # the saved weight agrees with its master
+    torch.save(optim, optim_path)
+    torch.save(model, model_path)
+    with pytest.raises(ConsolidationError, match=r"lora_\S+ in .* has 1 NaN/Inf values.*--allow-nonfinite"):
+        consolidate_deepspeed(ckpt, tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()

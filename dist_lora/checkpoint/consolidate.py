@@ -37,12 +37,14 @@ assembled once from its pieces (plain file reads), and the one or more output te
 from it (row ranges, no copies) are appended. Peak memory is about one assembled tensor plus
 one piece, independent of the adapter's size.
 
-Checks (all before anything is written): the manifest is complete (a missing shard names its
-PP stage, TP rank and tensors), checksums match (the error names the file), every tensor's
+Checks (all before anything is written): the manifest follows its schema with plain file
+names only and is complete (a missing shard names its PP stage, TP rank and tensors),
+checksums match, adapter_config.json's included (the error names the file), every tensor's
 pieces cover it exactly, shard headers are valid, the HF config agrees with the checkpoint
 (hidden size, layers, attention heads, intermediate size: the error says which), and every
 output key names a module of the HF model (built on the meta device) with the right shape:
-PEFT silently ignores keys that name nothing. The output directory is built under a
+PEFT silently ignores keys that name nothing. While writing, a tensor with NaN/Inf values
+stops the release (unless ``allow_nonfinite``). The output directory is built under a
 temporary name next to ``out_dir`` and renamed into place at the end, so on any error
 ``out_dir`` is left as it was.
 """
@@ -62,11 +64,11 @@ import torch
 from ..config import ConfigError, LoraConfig, explicit_pattern
 from .peft_format import PREFIX, WEIGHTS_NAME
 from .safetensors_stream import DTYPES, SafetensorsFormatError, ShardReader, StreamWriter, row_runs
-from .sharded import FORMAT, MANIFEST, _sha256
+from .manifest import MANIFEST, entry_dtype, read_adapter_config, read_manifest, shard_file_name, shard_rank
+from .training import complete_checkpoints, latest_checkpoint
 
 FORMATS = ("peft", "megatron")
 LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector")
-_SHARD_NAME = re.compile(r"shard-pp(\d+)-tp(\d+)\.safetensors")
 _LAYER = re.compile(r"(?:.*\.)?decoder\.layers\.(\d+)\.(.+)")
 # Init methods that change the base weights: the adapter is only valid with those weights.
 _BASE_CHANGING_INIT = ("olora", "pissa", "corda", "loftq")
@@ -132,9 +134,11 @@ def consolidate(
     show_progress: bool = True,
     verify: bool = True,
     initial_checkpoint_dir: Optional[str | os.PathLike] = None,
+    allow_nonfinite: bool = False,
 ) -> str:
     """Write the sharded adapter checkpoint in ``checkpoint_dir`` as one adapter into
-    ``out_dir``; return ``out_dir``.
+    ``out_dir``; return ``out_dir``. ``checkpoint_dir`` may also be a training run's checkpoint
+    root: its ``latest`` checkpoint is used (:func:`resolve_checkpoint_dir`).
 
     ``initial_checkpoint_dir``: for a PiSSA / OLoRA / CorDA run, the sharded checkpoint of the
     adapter saved before training; the output is then the plain LoRA adapter (rank 2r) that
@@ -143,27 +147,51 @@ def consolidate(
     ``hf_model_dir`` (an HF model directory with ``config.json``) gives the attention geometry
     needed to split a fused QKV adapter (required for ``format="peft"`` when there is one), is
     checked against the checkpoint and becomes ``base_model_name_or_path``. A non-empty
-    ``out_dir`` is refused unless ``overwrite``. ``verify`` checks the shards' sha256 sums.
+    ``out_dir`` is refused unless ``overwrite``. ``verify`` checks the sha256 sums of the shards
+    and adapter_config.json. A tensor with NaN/Inf values is refused unless ``allow_nonfinite``.
     Raises :class:`ConsolidationError` (a ``ConfigError``/``ValueError``) naming the problem.
     """
-    checkpoint_dir, out_dir = os.fspath(checkpoint_dir), os.fspath(out_dir)
+    checkpoint_dir, out_dir = resolve_checkpoint_dir(checkpoint_dir), os.fspath(out_dir)
     hf_model_dir = None if hf_model_dir is None else os.fspath(hf_model_dir)
     if format not in FORMATS:
         raise ConsolidationError(f"format must be one of {FORMATS}, got {format!r}.")
     _check_out_dir(out_dir, overwrite, checkpoint_dir)
+    options = dict(hf_model_dir=hf_model_dir, format=format, show_progress=show_progress, verify=verify,
+                   allow_nonfinite=allow_nonfinite)
     if initial_checkpoint_dir is not None:
         initial_checkpoint_dir = os.fspath(initial_checkpoint_dir)
         _check_out_dir(out_dir, overwrite, initial_checkpoint_dir)
-        options = dict(hf_model_dir=hf_model_dir, format=format, show_progress=show_progress, verify=verify)
         return _consolidate_converted(checkpoint_dir, initial_checkpoint_dir, out_dir, overwrite, options)
-    return _consolidate(checkpoint_dir, out_dir, hf_model_dir, format, overwrite, show_progress, verify)
+    return _consolidate(checkpoint_dir, out_dir, overwrite=overwrite, **options)
+
+
+def is_training_root(path: str | os.PathLike) -> bool:
+    """A training run's checkpoint root (``<train.out_dir>/checkpoints``: ``step_N`` checkpoint
+    directories and a ``latest`` pointer), not a checkpoint itself."""
+    path = os.fspath(path)
+    return not os.path.isfile(os.path.join(path, MANIFEST)) and bool(complete_checkpoints(path))
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> str:
+    """The sharded checkpoint to read for ``path``: the checkpoint that a training run's root
+    points to with ``latest`` (:func:`is_training_root`), else ``path`` itself."""
+    path = os.fspath(path)
+    if not is_training_root(path):
+        return path
+    try:
+        found = latest_checkpoint(path)
+    except ConfigError as e:
+        raise ConsolidationError(f"{e} Pass one of its step_N checkpoint directories instead.") from None
+    if found is None:  # pragma: no cover  (a root has a complete checkpoint)
+        raise ConsolidationError(f"{path} holds no complete checkpoint: pass a step_N checkpoint directory.")
+    return found
 
 
 def _consolidate_converted(checkpoint_dir: str, initial_dir: str, out_dir: str, overwrite: bool, options: dict) -> str:
     """Consolidate the trained and the initial checkpoint, then convert (adapter-sized work)."""
     from .conversion import ConversionError, check_convertible, convert_adapter_dir
 
-    run_config = LoraConfig.from_pretrained(checkpoint_dir)
+    run_config = _read_config(checkpoint_dir)
     try:
         check_convertible(run_config)
     except ConversionError as e:
@@ -188,10 +216,11 @@ def _consolidate(
     overwrite: bool,
     show_progress: bool,
     verify: bool,
+    allow_nonfinite: bool,
     allow_base_changing: bool = False,
 ) -> str:
-    manifest = _load_manifest(checkpoint_dir, verify)
-    config = LoraConfig.from_pretrained(checkpoint_dir)
+    manifest = _read_manifest(checkpoint_dir, verify)
+    config = _read_config(checkpoint_dir)
     headers = _read_headers(checkpoint_dir, manifest)
     sources = _sources(checkpoint_dir, manifest, headers)
     init = config.init_lora_weights
@@ -233,7 +262,8 @@ def _consolidate(
 
     groups.sort(key=lambda group: -group[0].dtype.itemsize)  # keeps every tensor's data aligned
     with _staging(out_dir, overwrite) as staging:
-        _write(os.path.join(staging, WEIGHTS_NAME), groups, checkpoint_dir, show_progress)
+        path = os.path.join(staging, WEIGHTS_NAME)
+        _write(path, groups, checkpoint_dir, show_progress, allow_nonfinite=allow_nonfinite)
         out_config.save_pretrained(staging)
     return out_dir
 
@@ -242,40 +272,21 @@ def _consolidate(
 # Input: manifest, shard headers, pieces
 
 
-def _load_manifest(directory: str, verify: bool) -> dict:
-    """The manifest, with every adapter shard present and (``verify``) its sha256 checked.
-    Only the adapter shards matter here: optimizer state files are neither read nor needed."""
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
-        raise ConsolidationError(
-            f"{directory} has no {MANIFEST}: the checkpoint is incomplete (still being written, or its save "
-            "failed) or is not a dist_lora sharded checkpoint."
-        )
+def _read_manifest(directory: str, verify: bool) -> dict:
+    """The checked manifest (:func:`.manifest.read_manifest`: schema, plain file names, every
+    adapter shard and adapter_config.json present and, with ``verify``, their sha256). Only the
+    adapter matters here: optimizer and RNG files are neither read nor needed."""
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConsolidationError(f"{path} is not valid JSON ({e}): the checkpoint is corrupt.") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or manifest.get("format") != FORMAT:
-        raise ConsolidationError(f"{path} is not a {FORMAT!r} manifest.")
-    for name, info in manifest["files"].items():
-        if not os.path.isfile(os.path.join(directory, name)):
-            m = _SHARD_NAME.fullmatch(name)
-            rank = f" (PP stage {int(m[1])}, TP rank {int(m[2])})" if m else ""
-            keys = sorted({entry["key"] for entry in info.get("tensors", {}).values()})
-            raise ConsolidationError(
-                f"checkpoint {directory} is incomplete: shard {name}{rank} is missing; it holds "
-                f"{len(keys)} tensors, e.g. {', '.join(keys[:3])}."
-            )
-    if verify:
-        for name, info in manifest["files"].items():
-            file_path = os.path.join(directory, name)
-            if _sha256(file_path) != info.get("sha256"):
-                raise ConsolidationError(
-                    f"checksum mismatch for {file_path}: the file is corrupt or was changed after saving."
-                )
-    return manifest
+        return read_manifest(directory, verify=verify, parts=("adapter",))
+    except ConfigError as e:
+        raise ConsolidationError(str(e)) from None
+
+
+def _read_config(directory: str) -> LoraConfig:
+    try:
+        return read_adapter_config(directory)
+    except ConfigError as e:
+        raise ConsolidationError(str(e)) from None
 
 
 def _read_headers(directory: str, manifest: dict) -> dict[str, dict]:
@@ -293,16 +304,10 @@ def _sources(directory: str, manifest: dict, headers: dict[str, dict]) -> dict[s
     """Global tensors by key, each checked to be covered exactly once by its pieces."""
     sources: dict[str, _Source] = {}
     for name, info in sorted(manifest["files"].items()):
-        for file_key, entry in sorted(info["tensors"].items()):
+        for file_key, entry in sorted(info["tensors"].items()):  # entries are schema-checked
             where = f"{name}:{file_key}"
-            try:
-                key, global_shape = entry["key"], tuple(entry["global_shape"])
-                dtype = getattr(torch, entry["dtype"])
-                if not isinstance(dtype, torch.dtype):
-                    raise TypeError(f"dtype {entry['dtype']!r}")
-                piece = _Piece(name, file_key, list(entry["offsets"]), list(entry["shape"]))
-            except (KeyError, TypeError, AttributeError) as e:
-                raise ConsolidationError(f"{directory}/{MANIFEST}: bad entry for {where} ({e!r}).") from None
+            key, global_shape, dtype = entry["key"], tuple(entry["global_shape"]), entry_dtype(entry)
+            piece = _Piece(name, file_key, list(entry["offsets"]), list(entry["shape"]))
             stored = headers[name].get(file_key)
             if stored is None:
                 raise ConsolidationError(f"{where}: listed in the manifest but not in the file (corrupt shard?).")
@@ -314,12 +319,6 @@ def _sources(directory: str, manifest: dict, headers: dict[str, dict]) -> dict[s
             source = sources.setdefault(key, _Source(key, global_shape, dtype, []))
             if (source.global_shape, source.dtype) != (global_shape, dtype):
                 raise ConsolidationError(f"{key}: its pieces disagree on the global shape or dtype.")
-            if len(piece.offsets) != len(global_shape) or any(
-                o < 0 or o + s > g for o, s, g in zip(piece.offsets, piece.shape, global_shape)
-            ):
-                raise ConsolidationError(
-                    f"{where}: piece {piece.offsets}+{piece.shape} lies outside {list(global_shape)}."
-                )
             source.pieces.append(piece)
     if not sources:
         raise ConsolidationError(f"checkpoint {directory} holds no tensors.")
@@ -357,10 +356,10 @@ def _check_coverage(source: _Source, tp_size: int) -> None:
     total = torch.Size(source.global_shape).numel()
     if covered == total:
         return
-    ranks = {(int(m[1]), int(m[2])) for p in source.pieces if (m := _SHARD_NAME.fullmatch(p.file))}
+    ranks = {rank for p in source.pieces if (rank := shard_rank(p.file)) is not None}
     stages = {pp for pp, _ in ranks}
     missing = [
-        f"shard-pp{pp:03d}-tp{tp:03d}.safetensors (PP stage {pp}, TP rank {tp})"
+        f"{shard_file_name('shard', pp, tp)} (PP stage {pp}, TP rank {tp})"
         for pp in sorted(stages)
         for tp in range(tp_size)
         if (pp, tp) not in ranks
@@ -789,11 +788,17 @@ def _fsync_dir(path: str) -> None:
 
 
 def _write(
-    path: str, groups: list, checkpoint_dir: str, show_progress: bool, fetch: Optional[Callable[[_Source], torch.Tensor]] = None
+    path: str,
+    groups: list,
+    checkpoint_dir: str,
+    show_progress: bool,
+    fetch: Optional[Callable[[_Source], torch.Tensor]] = None,
+    allow_nonfinite: bool = False,
 ) -> None:
     """Stream every group's outputs into one safetensors file. A source's tensor is assembled
     from its shard pieces, or (``fetch``, for sources with no pieces, e.g. a DeepSpeed
-    checkpoint's) returned by ``fetch(source)``."""
+    checkpoint's) returned by ``fetch(source)``; one with NaN/Inf values is refused unless
+    ``allow_nonfinite``."""
     from tqdm.auto import tqdm
 
     specs = [(out.name, src.dtype, out.shape) for src, outs in groups for out in outs]
@@ -808,6 +813,8 @@ def _write(
                     tensor = fetch(source)
                 else:
                     tensor = _assemble(source, readers, tensors.tensor(source.global_shape, source.dtype), pieces)
+                if not allow_nonfinite:
+                    _check_finite(source.key, tensor, checkpoint_dir)
                 for out in outputs:
                     chunks = [tensor] if out.runs is None else [tensor[a:b] for a, b in out.runs]
                     writer.write(out.name, *chunks)
@@ -817,6 +824,16 @@ def _write(
         bar.close()
         readers.close()
     _verify_written(path, specs)
+
+
+def _check_finite(key: str, tensor: torch.Tensor, checkpoint_dir: str) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+        raise ConsolidationError(
+            f"{key} in {checkpoint_dir} has {bad} NaN/Inf values (of {tensor.numel()}): the run diverged or the "
+            "checkpoint is damaged. Release an earlier checkpoint, or pass --allow-nonfinite (allow_nonfinite=True) "
+            "to write it anyway."
+        )
 
 
 def _verify_written(path: str, specs: list) -> None:

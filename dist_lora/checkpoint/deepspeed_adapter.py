@@ -41,9 +41,10 @@ from typing import Optional
 
 import torch
 
-from ..config import CONFIG_NAME, LoraConfig
+from ..config import CONFIG_NAME, ConfigError, LoraConfig
 from . import consolidate as cons
 from .deepspeed_reader import DeepSpeedCheckpoint, DeepSpeedCheckpointError
+from .manifest import read_adapter_config
 from .peft_format import PREFIX, WEIGHTS_NAME
 
 _WRAPPER_PREFIXES = ("base_model.model.", "model.")  # PeftModel, dist_lora LoraModel
@@ -62,9 +63,11 @@ def consolidate_deepspeed(
     tag: Optional[str] = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    allow_nonfinite: bool = False,
 ) -> str:
     """Write adapter ``adapter`` of the DeepSpeed checkpoint in ``checkpoint_dir`` (the
     ``latest`` tag unless ``tag``) as one PEFT adapter into ``out_dir``; return ``out_dir``.
+    A tensor with NaN/Inf values is refused unless ``allow_nonfinite``.
     Raises :class:`~dist_lora.checkpoint.consolidate.ConsolidationError` (a ``ValueError``)."""
     checkpoint_dir, out_dir = os.fspath(checkpoint_dir), os.fspath(out_dir)
     hf_model_dir = None if hf_model_dir is None else os.fspath(hf_model_dir)
@@ -102,7 +105,10 @@ def consolidate_deepspeed(
         return checkpoint.tensor(by_key[source.key])
 
     with cons._staging(out_dir, overwrite) as staging:
-        cons._write(os.path.join(staging, WEIGHTS_NAME), groups, checkpoint.dir, show_progress, fetch=fetch)
+        cons._write(
+            os.path.join(staging, WEIGHTS_NAME), groups, checkpoint.dir, show_progress, fetch=fetch,
+            allow_nonfinite=allow_nonfinite,
+        )
         out_config.save_pretrained(staging)
     return out_dir
 
@@ -174,9 +180,9 @@ def _load_config(config: Optional[str | os.PathLike], save_dir: str, tag_dir: st
     for directory in candidates:
         if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
             try:
-                return LoraConfig.from_pretrained(directory)
-            except ValueError as e:
-                raise cons.ConsolidationError(f"{directory}/{CONFIG_NAME}: {e}") from None
+                return read_adapter_config(directory)
+            except ConfigError as e:
+                raise cons.ConsolidationError(str(e)) from None
     raise cons.ConsolidationError(
         f"a DeepSpeed checkpoint holds no LoRA config and there is no {CONFIG_NAME} in {save_dir} or {tag_dir}: "
         "pass --config DIR (a directory with the adapter_config.json of the run), or save it next to the "

@@ -52,6 +52,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import ConfigError
+from ..io import is_plain_file_name
 
 LATEST = "latest"
 _OPTIM = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
@@ -124,6 +125,60 @@ def safe_load(path: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+# The fields read from the files (checked before use: the error names the file and the field)
+
+
+def _is_count(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_field(ok: bool, path: str, field: str, what: str, value: Any) -> None:
+    if not ok:
+        got = type(value).__name__ if isinstance(value, (dict, list, tuple)) else repr(value)
+        raise DeepSpeedCheckpointError(
+            f"{path}: {field} must be {what}, got {got}. The file was not written by DeepSpeed's "
+            "engine.save_checkpoint or was changed afterwards: use the files as DeepSpeed wrote them."
+        )
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, (torch.Size, list, tuple)) and all(_is_count(n) for n in value)
+
+
+def _check_model_states(states: dict, path: str) -> None:
+    groups = states["param_shapes"]
+    ok = isinstance(groups, list) and all(
+        isinstance(g, dict) and all(isinstance(k, str) and _is_shape(v) for k, v in g.items()) for g in groups
+    )
+    _check_field(ok, path, "param_shapes", "a list (one per parameter group) of {name: shape}", groups)
+    for field in ("dp_world_size", "mp_world_size"):
+        value = states.get(field)
+        _check_field(value is None or _is_count(value, 1), path, field, "an integer >= 1", value)
+    dims = states.get("checkpoint_parallel_dimensions")
+    _check_field(dims is None or isinstance(dims, dict), path, "checkpoint_parallel_dimensions", "a dict", dims)
+    pp = (dims or {}).get("pp_degree")
+    field = "checkpoint_parallel_dimensions.pp_degree"
+    _check_field(pp is None or _is_count(pp, 1), path, field, "an integer >= 1", pp)
+    for field in ("module", "frozen_param_shapes"):
+        value = states.get(field)
+        _check_field(value is None or isinstance(value, dict), path, field, "a dict", value)
+
+
+def _check_optim_states(osd: dict, path: str) -> None:
+    stage = osd["zero_stage"]
+    ok = isinstance(stage, _ZeroStage) or _is_count(stage)
+    _check_field(ok, path, "optimizer_state_dict.zero_stage", "an integer (the ZeRO stage)", stage)
+    counts = osd.get("partition_count")
+    ok = _is_count(counts, 1) or (isinstance(counts, list) and bool(counts) and all(_is_count(c, 1) for c in counts))
+    _check_field(ok, path, "optimizer_state_dict.partition_count", "an integer >= 1 or a list of them", counts)
+    paddings = osd.get("param_alignment_paddings")
+    ok = paddings is None or (isinstance(paddings, list) and all(
+        isinstance(p, list) and all(_is_count(n) for n in p) for p in paddings
+    ))
+    _check_field(ok, path, "optimizer_state_dict.param_alignment_paddings", "a list of lists of integers", paddings)
+
+
+# ---------------------------------------------------------------------------------------------
 # Directory layout
 
 
@@ -150,6 +205,11 @@ def resolve_tag_dir(path: str | os.PathLike, tag: Optional[str] = None) -> str:
     if tag is None:
         with open(os.path.join(path, LATEST)) as f:
             tag = f.read().strip()
+        if not is_plain_file_name(tag):
+            raise DeepSpeedCheckpointError(
+                f"{path}/{LATEST} names {tag!r}, which is not a tag directory inside {path} (no directories, no '..', "
+                "no absolute paths): the file is corrupt or was edited; pass --tag."
+            )
     tag_dir = os.path.join(path, tag)
     if not os.path.isdir(tag_dir):
         raise DeepSpeedCheckpointError(
@@ -192,12 +252,13 @@ class DeepSpeedCheckpoint:
         states = safe_load(model_file)
         if not isinstance(states, dict) or "param_shapes" not in states:
             raise DeepSpeedCheckpointError(f"{model_file} is not a DeepSpeed model-states file (no 'param_shapes').")
+        _check_model_states(states, model_file)
         self._check_parallelism(states, model_file)
         self.ds_version = states.get("ds_version")
         self.module_state: dict[str, torch.Tensor] = states.get("module") or {}
         self.frozen_names: list[str] = list((states.get("frozen_param_shapes") or {}).keys())
         groups = states["param_shapes"]
-        self.world_size = int(states.get("dp_world_size") or 0) or self._count_optim_files()
+        self.world_size = states.get("dp_world_size") or self._count_optim_files()
         self._optim = [self._load_optim(rank) for rank in range(self.world_size)]
         self.stage = self._stage()
         self._flat = [self._flat_groups(rank) for rank in range(self.world_size)]
@@ -244,6 +305,7 @@ class DeepSpeedCheckpoint:
                 f"{path} is not a ZeRO optimizer-states file (no optimizer_state_dict.zero_stage); ZeRO stage 0 "
                 "checkpoints are not supported: their weights are in the model states, load them with DeepSpeed."
             )
+        _check_optim_states(osd, path)
         return osd
 
     def _stage(self) -> int:
@@ -275,6 +337,11 @@ class DeepSpeedCheckpoint:
                 f"{self.dir}: the optimizer files hold a different number of parameter groups than param_shapes."
             )
         paddings = self._optim[0].get("param_alignment_paddings")
+        if paddings and [len(p) for p in paddings] != [len(shapes) for shapes in groups]:
+            raise DeepSpeedCheckpointError(
+                f"{self.dir}/{_OPTIM.format(0)}: param_alignment_paddings has {[len(p) for p in paddings]} entries per "
+                f"group, param_shapes {[len(shapes) for shapes in groups]}: the files do not belong together."
+            )
         out = {}
         for g, shapes in enumerate(groups):
             bounds, start = [], 0  # (rank, start, stop) of each rank's piece in the group vector

@@ -35,7 +35,7 @@ from ..config import LoraConfig
 from ..layers import math as lm
 from .consolidate import ConsolidationError, _check_out_dir, _staging, consolidate
 from .peft_format import PREFIX, WEIGHTS_NAME
-from .safetensors_stream import DTYPES, StreamWriter
+from .safetensors_stream import DTYPES, SafetensorsFormatError, ShardReader, StreamWriter
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -73,10 +73,13 @@ def merge_export(
     overwrite: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     show_progress: bool = True,
+    allow_nonfinite: bool = False,
 ) -> str:
     """Write the base model in ``hf_model_dir`` with the adapter of the sharded checkpoint
     ``checkpoint_dir`` merged into it, as an HF safetensors checkpoint in ``out_dir``; return
-    ``out_dir``. A non-empty ``out_dir`` is refused unless ``overwrite``."""
+    ``out_dir``. A non-empty ``out_dir`` is refused unless ``overwrite``; an adapter tensor with
+    NaN/Inf values unless ``allow_nonfinite``; a base safetensors file that is truncated or
+    corrupt always (the error names it)."""
     checkpoint_dir, hf_model_dir, out_dir = map(os.fspath, (checkpoint_dir, hf_model_dir, out_dir))
     limit = parse_size(max_shard_size)
     _check_out_dir(out_dir, overwrite, checkpoint_dir)
@@ -85,12 +88,13 @@ def merge_export(
         raise MergedExportError(f"the output directory {out_dir} must not be, contain or lie inside the base model {hf_model_dir}.")
     if not os.path.isfile(os.path.join(hf_model_dir, "config.json")):
         raise MergedExportError(f"{hf_model_dir} has no config.json: pass the Hugging Face model directory with --hf-model.")
+    _check_base_files(hf_model_dir)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     # next to OUT_DIR (same file system as the output), not in a possibly small /tmp
     with tempfile.TemporaryDirectory(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.adapter-", dir=parent) as tmp:
         adapter_dir = consolidate(checkpoint_dir, os.path.join(tmp, "adapter"), hf_model_dir=hf_model_dir,
-                                  show_progress=False)
+                                  show_progress=False, allow_nonfinite=allow_nonfinite)
         config = LoraConfig.from_pretrained(adapter_dir)
         with _AdapterFile(os.path.join(adapter_dir, WEIGHTS_NAME), config) as adapter, \
                 CheckpointReader(hf_model_dir) as reader, _staging(out_dir, overwrite) as staging:
@@ -99,6 +103,17 @@ def merge_export(
                 if os.path.isfile(os.path.join(hf_model_dir, name)):
                     shutil.copyfile(os.path.join(hf_model_dir, name), os.path.join(staging, name))
     return out_dir
+
+
+def _check_base_files(hf_model_dir: str) -> None:
+    """Every safetensors file of the base model has a valid header that fits the file's size
+    (a truncated download would otherwise fail deep inside the safetensors library)."""
+    for name in sorted(os.listdir(hf_model_dir)):
+        if name.endswith(".safetensors"):
+            try:
+                ShardReader(os.path.join(hf_model_dir, name)).close()
+            except SafetensorsFormatError as e:
+                raise MergedExportError(f"--hf-model: {e}") from None
 
 
 class _AdapterFile:

@@ -4,8 +4,11 @@ Layout of a checkpoint directory::
 
     adapter_config.json
     shard-pp000-tp001.safetensors   one file per (PP stage, TP rank) of data-parallel rank 0
+    optim-pp000-tp001.safetensors   with an optimizer: its state, sharded like the adapter
+    rng-rank00000.pt                with a trainer state: each rank's RNG states
     manifest.json                   written last: layout, and per file its sha256 and, per
                                     tensor, the global shape, this piece's offsets and dtype
+                                    (schema and reader: :mod:`.manifest`)
 
 Tensor keys are layout-independent: ``<global module name>.lora_A.weight`` (megatron layer
 indices are global, see :mod:`dist_lora.naming`). A replicated tensor is written once (by TP
@@ -17,9 +20,9 @@ loads at another.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import pickle
 import shutil
 from typing import TYPE_CHECKING, Optional
 
@@ -28,17 +31,26 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import ConfigError, LoraConfig
+from ..config import CONFIG_NAME, ConfigError
 from ..io import atomic_path, atomic_write_text
 from ..naming import global_module_name
 from ..parallel.tp import partition_stride
+from .manifest import (  # noqa: F401  (MANIFEST, FORMAT, read_manifest: this module's public face too)
+    FORMAT,
+    LEGACY_FORMATS,
+    MANIFEST,
+    check_file,
+    entry_dtype,
+    read_adapter_config,
+    read_manifest,
+    rng_file_name,
+    sha256_file,
+    shard_file_name,
+)
 from .peft_format import expected_keys, resolve_parameter, set_tensor
 
 if TYPE_CHECKING:
     from ..model import LoraModel
-
-MANIFEST = "manifest.json"
-FORMAT = "dist_lora.sharded/1"
 
 
 def _ranks() -> dict[str, int]:
@@ -87,14 +99,6 @@ def _local_tensors(model: "LoraModel", adapter: str) -> dict[str, tuple[torch.nn
     return expected_keys(model, adapter, module_key=lambda name: global_module_name(model.model, name))
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -127,10 +131,10 @@ def _write_file(staging: str, file_name: str, pieces: list) -> dict:
     path = os.path.join(staging, file_name)
     with atomic_path(path) as tmp:
         save_file({file_key: tensor for file_key, tensor, _ in pieces}, tmp, metadata={"format": "pt"})
-    return {"sha256": _sha256(path), "tensors": {file_key: entry for file_key, _, entry in pieces}}
+    return {"sha256": sha256_file(path), "tensors": {file_key: entry for file_key, _, entry in pieces}}
 
 
-def _gather_records(record: tuple) -> list:
+def _gather_records(record: dict) -> list[dict]:
     if not dist.is_initialized():
         return [record]
     gathered = [None] * dist.get_world_size()
@@ -162,7 +166,36 @@ def save_sharded(
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     _barrier()
-    suffix = f"pp{ranks['pp']:03d}-tp{ranks['tp']:03d}.safetensors"
+    records = _gather_records(_write_rank_files(model, staging, adapter, optimizer, trainer_state is not None, ranks))
+    _barrier()
+    if _is_rank0():
+        config_path = model.peft_config[adapter].save_pretrained(staging)
+        manifest = {
+            "format": FORMAT,
+            "adapter_name": adapter,
+            "layout": {"tp": ranks["tp_size"], "pp": ranks["pp_size"], "world": len(records)},
+            "files": dict(r["shard"] for r in records if r["shard"][1]),
+            "config": {CONFIG_NAME: {"sha256": sha256_file(config_path)}},
+        }
+        if optimizer is not None:
+            manifest["optimizer"] = {
+                "files": dict(r["optim"] for r in records if r["optim"][1]),
+                "scalars": {k: v for r in records for k, v in r["scalars"].items()},
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+            }
+        if trainer_state is not None:
+            manifest["trainer_state"] = trainer_state
+            manifest["rng"] = dict(r["rng"] for r in records)
+        atomic_write_text(os.path.join(staging, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+        _replace_directory(staging, directory)
+    _barrier()
+
+
+def _write_rank_files(
+    model: "LoraModel", staging: str, adapter: str, optimizer: Optional[torch.optim.Optimizer], rng: bool, ranks: dict
+) -> dict:
+    """Write this rank's adapter / optimizer shards (and ``rng``: its RNG states); its manifest
+    records: ``shard`` / ``optim`` / ``rng`` as (file name, record), ``scalars``."""
     adapter_pieces, optim_pieces, optim_scalars = [], [], {}
     if ranks["dp"] == 0:
         for key, (module, path) in _local_tensors(model, adapter).items():
@@ -177,34 +210,16 @@ def save_sharded(
                     optim_pieces += _pieces_of(f"{key}::{name}", value, param, ranks)
                 else:
                     optim_scalars[f"{key}::{name}"] = value.item() if torch.is_tensor(value) else value
-    records = _gather_records(
-        (f"shard-{suffix}", _write_file(staging, f"shard-{suffix}", adapter_pieces),
-         f"optim-{suffix}", _write_file(staging, f"optim-{suffix}", optim_pieces), optim_scalars)
-    )
-    if trainer_state is not None:
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        with atomic_path(os.path.join(staging, f"rng-rank{rank:05d}.pt")) as tmp:
+    record = {"scalars": optim_scalars}
+    for kind, pieces in (("shard", adapter_pieces), ("optim", optim_pieces)):
+        name = shard_file_name(kind, ranks["pp"], ranks["tp"])
+        record[kind] = (name, _write_file(staging, name, pieces))
+    if rng:
+        name = rng_file_name(dist.get_rank() if dist.is_initialized() else 0)
+        with atomic_path(os.path.join(staging, name)) as tmp:
             torch.save(_rng_states(), tmp)
-    _barrier()
-    if _is_rank0():
-        manifest = {
-            "format": FORMAT,
-            "adapter_name": adapter,
-            "layout": {"tp": ranks["tp_size"], "pp": ranks["pp_size"], "world": len(records)},
-            "files": {name: info for name, info, *_ in records if info},
-        }
-        if optimizer is not None:
-            manifest["optimizer"] = {
-                "files": {name: info for _, _, name, info, _ in records if info},
-                "scalars": {k: v for *_, scalars in records for k, v in scalars.items()},
-                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
-            }
-        if trainer_state is not None:
-            manifest["trainer_state"] = trainer_state
-        model.peft_config[adapter].save_pretrained(staging)
-        atomic_write_text(os.path.join(staging, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
-        _replace_directory(staging, directory)
-    _barrier()
+        record["rng"] = (name, {"sha256": sha256_file(os.path.join(staging, name))})
+    return record
 
 
 def _rng_states() -> dict:
@@ -222,16 +237,56 @@ def _rng_states() -> dict:
     return states
 
 
+def read_rng_states(directory: str | os.PathLike) -> Optional[dict]:
+    """This rank's RNG states saved with the checkpoint, checked (checksum, safe load, types);
+    None when there are none for this layout (saved without a trainer state, or by a different
+    number of ranks). Raises a ConfigError naming the file when it is not a valid RNG file."""
+    directory = os.fspath(directory)
+    manifest = read_manifest(directory, verify=False, parts=("adapter",))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    name = rng_file_name(dist.get_rank() if dist.is_initialized() else 0)
+    if manifest["layout"]["world"] != world:
+        return None
+    if manifest["format"] in LEGACY_FORMATS:  # no checksums for RNG files yet
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            return None
+    elif name not in manifest.get("rng", {}):
+        return None
+    else:
+        path = check_file(directory, name, manifest["rng"][name])
+    try:
+        states = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError(
+            f"{path} is not a readable RNG state file ({type(e).__name__}: {detail}): "
+            "restore it from a copy of the checkpoint, or resume from another checkpoint."
+        ) from None
+    _check_rng_states(states, path)
+    return states
+
+
+def _check_rng_states(states: object, path: str) -> None:
+    generator = torch.get_rng_state()
+    ok = isinstance(states, dict) and torch.is_tensor(states.get("torch"))
+    ok = ok and states["torch"].dtype == generator.dtype and states["torch"].shape == generator.shape
+    tracker = states.get("tracker", {}) if ok else {}
+    ok = ok and isinstance(tracker, dict) and all(torch.is_tensor(v) for v in tracker.values())
+    ok = ok and ("cuda" not in states or torch.is_tensor(states["cuda"]))
+    if not ok:
+        raise ConfigError(
+            f"{path} does not hold RNG states (a dict with the torch generator state, as save_sharded writes): "
+            "restore it from a copy of the checkpoint, or resume from another checkpoint."
+        )
+
+
 def restore_rng_states(directory: str | os.PathLike) -> bool:
     """Restore this rank's RNG states saved with the checkpoint; False (nothing restored)
-    when the checkpoint was written by a different number of ranks."""
-    manifest = read_manifest(directory, verify=False)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    path = os.path.join(os.fspath(directory), f"rng-rank{rank:05d}.pt")
-    if manifest["layout"].get("world") != world or not os.path.isfile(path):
+    when there are none for this layout (see :func:`read_rng_states`)."""
+    states = read_rng_states(directory)
+    if states is None:
         return False
-    states = torch.load(path, weights_only=True)
     torch.set_rng_state(states["torch"])
     if "tracker" in states:
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
@@ -252,32 +307,6 @@ def _replace_directory(staging: str, directory: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_manifest(directory: str | os.PathLike, verify: bool = True) -> dict:
-    """The manifest of a complete checkpoint; raises naming what is missing or corrupt."""
-    directory = os.fspath(directory)
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{directory} has no {MANIFEST}: the checkpoint is incomplete or not a dist_lora checkpoint.")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}): the checkpoint is corrupt.") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ConfigError(f"{path}: not a {FORMAT!r} manifest.")
-    files = {**manifest["files"], **manifest.get("optimizer", {}).get("files", {})}
-    for name, info in files.items():
-        file_path = os.path.join(directory, name)
-        if not os.path.isfile(file_path):
-            raise ConfigError(
-                f"checkpoint {directory} is missing {name} (the shard of that pipeline stage and TP rank; "
-                f"tensors {sorted(e['key'] for e in info['tensors'].values())[:3]} ...)."
-            )
-        if verify and _sha256(file_path) != info["sha256"]:
-            raise ConfigError(f"checksum mismatch for {file_path}: the file is corrupt or was changed after saving.")
-    return manifest
-
-
 def _index(files: dict) -> dict[str, list[tuple[str, str, dict]]]:
     """Global key -> the (file, file key, entry) pieces that hold parts of it."""
     pieces: dict[str, list[tuple[str, str, dict]]] = {}
@@ -295,7 +324,7 @@ def _read_local(directory: str, key: str, pieces: dict, param: torch.Tensor, ran
     global_shape, boxes = _boxes(param, ranks["tp"], ranks["tp_size"])
     if first["global_shape"] != global_shape:
         raise ConfigError(f"{key}: global shape {first['global_shape']} in the checkpoint, the model has {global_shape}.")
-    value = torch.empty(param.shape, dtype=getattr(torch, first["dtype"]))
+    value = torch.empty(param.shape, dtype=entry_dtype(first))
     for index, offsets, shape in boxes:
         value[index] = _assemble(directory, key, pieces[key], offsets, shape)
     return value
@@ -315,13 +344,13 @@ def load_sharded(
     read and checked before the model or optimizer changes.
     """
     directory = os.fspath(directory)
-    manifest = read_manifest(directory, verify=verify)
+    manifest = read_manifest(directory, verify=verify, parts=("adapter", "optimizer") if optimizer else ("adapter",))
     adapter = adapter or manifest["adapter_name"]
     if optimizer is not None and "optimizer" not in manifest:
         raise ConfigError(f"checkpoint {directory} has no optimizer state (it was saved without one).")
     created = adapter not in model.peft_config
     if created:
-        model.add_adapter(adapter, LoraConfig.from_pretrained(directory), low_cpu_mem_usage=True)
+        model.add_adapter(adapter, read_adapter_config(directory), low_cpu_mem_usage=True)
     ranks = _ranks()
     pieces = _index(manifest["files"])
     try:
@@ -370,7 +399,7 @@ def _read_optimizer_states(directory: str, manifest: dict, optimizer, updates: l
 
 def _assemble(directory: str, key: str, pieces: list, offsets: list, shape: list) -> torch.Tensor:
     """Cut the box [offsets, offsets + shape) of a global tensor out of the saved pieces."""
-    out = torch.empty(shape, dtype=getattr(torch, pieces[0][2]["dtype"]))
+    out = torch.empty(shape, dtype=entry_dtype(pieces[0][2]))
     covered = 0
     for file_name, file_key, entry in pieces:
         lo = [max(a, b) for a, b in zip(offsets, entry["offsets"])]
