@@ -10,9 +10,6 @@ from typing import Callable
 
 
 BAD_INPUT = 2  # exit code for bad input: a bad argument (as argparse), a bad config or file
-# consolidate / merge exit with 1 on bad input (existing tests assert it); the issue asks for
-# BAD_INPUT: a one-line change here once the lead decides.
-RELEASE_ERROR = 1
 
 
 def _error(command: str, message: str, code: int = BAD_INPUT) -> int:
@@ -35,7 +32,7 @@ def _release(command: str, write: Callable[[], str]) -> int:
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     if out is None:
-        return _error(command, error, RELEASE_ERROR)
+        return _error(command, error)
     print(f"wrote {out}")
     return 0
 

@@ -21,7 +21,7 @@ from dist_lora.checkpoint.consolidate import ConsolidationError, consolidate
 from dist_lora.checkpoint.manifest import LEGACY_FORMATS
 from dist_lora.checkpoint.sharded import load_sharded, read_manifest, restore_rng_states, save_sharded, sha256_file
 from dist_lora.checkpoint.training import load_checkpoint, save_checkpoint
-from dist_lora.cli import RELEASE_ERROR
+from dist_lora.cli import BAD_INPUT
 from dist_lora.cli import main as cli_main
 from tests.hf_models import load_base, sample_ids, save_base, tiny_llama
 
@@ -92,7 +92,7 @@ def _cli_fails(capsys, argv: list[str], *needles: str) -> str:
     """The command exits with the error code, one stderr line naming ``needles``, no traceback,
     and writes no OUT_DIR (argv[2])."""
     capsys.readouterr()
-    assert cli_main([*argv, "--no-progress"]) == RELEASE_ERROR
+    assert cli_main([*argv, "--no-progress"]) == BAD_INPUT
     err = capsys.readouterr().err
     assert err.startswith(f"dist-lora {argv[0]}: error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err

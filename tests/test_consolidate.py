@@ -278,7 +278,7 @@ def test_cli(run, hf_dirs, tmp_path, capsys) -> None:
     out = str(tmp_path / "cli")
     assert cli_main(["consolidate", ckpt, out, "--hf-model", hf_dirs["llama"]]) == 0  # with a progress bar
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert cli_main(["consolidate", ckpt, out, "--hf-model", hf_dirs["llama"], "--no-progress"]) == 1
+    assert cli_main(["consolidate", ckpt, out, "--hf-model", hf_dirs["llama"], "--no-progress"]) == 2  # bad input: exit code 2, as argparse
     err = capsys.readouterr().err
     assert "is not empty; pass --overwrite" in err and "Traceback" not in err
 

@@ -26,7 +26,7 @@ from peft import PeftModel  # noqa: E402
 from dist_lora import LoraConfig, get_lora_model  # noqa: E402
 from dist_lora.checkpoint.consolidate import ConsolidationError  # noqa: E402
 from dist_lora.checkpoint.deepspeed_adapter import consolidate_deepspeed  # noqa: E402
-from dist_lora.cli import RELEASE_ERROR  # noqa: E402
+from dist_lora.cli import BAD_INPUT  # noqa: E402
 from dist_lora.cli import main as cli_main  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
 from tests.hf_models import load_base, logits, sample_ids, save_base, tiny_llama  # noqa: E402
@@ -145,7 +145,7 @@ def test_corrupt_partition_is_a_clear_error(zero2, tmp_path) -> None:
     path = _tag_dir(ckpt) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     path.write_bytes(path.read_bytes()[:2000])  # a truncated save
     out = tmp_path / "out"
-    assert cli_main(["consolidate", str(ckpt), str(out), "--no-progress"]) == 1
+    assert cli_main(["consolidate", str(ckpt), str(out), "--no-progress"]) == 2  # bad input: exit code 2, as argparse
     corrupt = "zero_pp_rank_0_mp_rank_00_optim_states.pt is not a readable.*corrupt or truncated"
     with pytest.raises(ConsolidationError, match=corrupt):
         consolidate_deepspeed(ckpt, out, show_progress=False)
@@ -218,7 +218,7 @@ def test_malformed_field_names_the_file(zero2, tmp_path, capsys, file, field, va
     target[field] = {k: v for group in target[field] for k, v in group.items()} if value == "a dict" else value
     torch.save(states, path)
     out = tmp_path / "out"
-    assert cli_main(["consolidate", str(ckpt), str(out), "--no-progress"]) == RELEASE_ERROR
+    assert cli_main(["consolidate", str(ckpt), str(out), "--no-progress"]) == BAD_INPUT
     err = capsys.readouterr().err
     assert err.startswith("dist-lora consolidate: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert f"{path}: " in err and f"{field} must be" in err, err

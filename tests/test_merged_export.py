@@ -87,7 +87,7 @@ def test_non_empty_out_dir_needs_overwrite(trained, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert cli_main(["merge", ckpt, "--hf-model", hf_dir, str(out), "--no-progress"]) == 1
+    assert cli_main(["merge", ckpt, "--hf-model", hf_dir, str(out), "--no-progress"]) == 2  # bad input: exit code 2, as argparse
     assert "--overwrite" in capsys.readouterr().err
     assert os.listdir(out) == ["keep.txt"]
     merge_export(ckpt, hf_dir, out, overwrite=True, show_progress=False)
