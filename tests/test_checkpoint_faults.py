@@ -251,8 +251,12 @@ def test_rng_file_that_is_not_a_tensor_file(ckpt, base, content) -> None:
     with pytest.raises(ConfigError, match=f"{RNG} is not a readable RNG state file.*restore it"):
         restore_rng_states(ckpt)
     model = _model(base)
+    optimizer = _step(model)
+    _step(model)  # now unlike the checkpoint
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match=RNG):
-        load_checkpoint(ckpt, model, _step(model))
+        load_checkpoint(ckpt, model, optimizer)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before loading
 
 
 def test_rng_file_with_other_content(ckpt) -> None:

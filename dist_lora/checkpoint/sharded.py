@@ -284,7 +284,11 @@ def _check_rng_states(states: object, path: str) -> None:
 def restore_rng_states(directory: str | os.PathLike) -> bool:
     """Restore this rank's RNG states saved with the checkpoint; False (nothing restored)
     when there are none for this layout (see :func:`read_rng_states`)."""
-    states = read_rng_states(directory)
+    return apply_rng_states(read_rng_states(directory))
+
+
+def apply_rng_states(states: Optional[dict]) -> bool:
+    """Set this rank's RNG states from :func:`read_rng_states`' result; False for None."""
     if states is None:
         return False
     torch.set_rng_state(states["torch"])

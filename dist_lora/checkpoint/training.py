@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from ..io import atomic_write_text
-from .sharded import MANIFEST, load_sharded, restore_rng_states, save_sharded
+from ..parallel.collectives import raise_together
+from .sharded import MANIFEST, apply_rng_states, load_sharded, read_rng_states, save_sharded
 
 if TYPE_CHECKING:
     from ..model import LoraModel
@@ -212,7 +213,13 @@ def load_checkpoint(
     returns its trainer state (with ``step``). RNG states are restored when the layout is
     the same as when it was saved."""
     path = resolve_checkpoint(path)
+    error, rng = None, None
+    try:  # every file is checked before the model changes, and every rank learns of a bad one
+        rng = read_rng_states(path)
+    except ConfigError as e:
+        error = e
+    raise_together(error)
     state = load_sharded(model, path, optimizer=optimizer)
-    state["rng_restored"] = restore_rng_states(path)
+    state["rng_restored"] = apply_rng_states(rng)
     state["path"] = path
     return state

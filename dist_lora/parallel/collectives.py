@@ -62,3 +62,23 @@ def data_parallel_group() -> Optional[dist.ProcessGroup]:
     except ImportError:
         pass
     return dist.group.WORLD if communicates(dist.group.WORLD) else None
+
+
+def world() -> Optional[dist.ProcessGroup]:
+    """The whole job's group, or None in a single process."""
+    return dist.group.WORLD if dist.is_initialized() else None
+
+
+def raise_together(error: Optional[BaseException], group: Optional[dist.ProcessGroup] = None) -> None:
+    """Raise on every rank of ``group`` (default: the world) when any rank has an ``error``:
+    the first failing rank's ValueError, named, so that no rank goes on into a collective that
+    the failed ones never reach. A no-op when no rank failed."""
+    group = world() if group is None else group
+    messages = all_gather_object(None if error is None else str(error), group)
+    failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+    if not failed:
+        return
+    if isinstance(error, ValueError):
+        raise error
+    rank, message = failed[0]
+    raise ValueError(f"rank {rank}: {message}" if len(messages) > 1 else message)
