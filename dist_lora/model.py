@@ -1,9 +1,12 @@
 """LoraModel: inject adapters into a model, manage their lifecycle, merge and unload.
 
 The public surface follows PEFT's LoraModel/PeftModel name for name (add_adapter, set_adapter,
-delete_adapter, enable/disable_adapter_layers, disable_adapter, merge_and_unload, unload,
-save_pretrained, from_pretrained, ...). It works the same on a plain Hugging Face model and
-on a megatron-core model with tensor/sequence parallelism.
+delete_adapter, enable/disable_adapter_layers, merge_and_unload, unload, from_pretrained, ...;
+the other PeftModel-level names, e.g. save_pretrained, load_adapter, disable_adapter and the
+status reports, come from :class:`dist_lora.peft_api.PeftModelApi`). It works the same on a
+plain Hugging Face model and on a megatron-core model with tensor/sequence parallelism.
+
+A call that fails hands the model back exactly as it was (:meth:`LoraModel.rollback_on_error`).
 """
 
 from __future__ import annotations
@@ -19,15 +22,15 @@ import torch.distributed as dist
 from torch import nn
 
 from . import config as cfg
+from .checkpoint.conversion import changes_base_weight
 from .config import ConfigError, LoraConfig
 from .deepspeed.zero import full_shape, gathered
-from .checkpoint.conversion import changes_base_weight
 from .layers import LoraLayer, LoraLinear
 from .init import check_data_driven_init, is_weight_driven
 from .layers import math as lm
 from .modules_to_save import ModulesToSaveWrapper
-from .peft_api import PeftModelApi
 from .naming import global_module_name
+from .peft_api import PeftModelApi
 from .replication import Replication, replicate_layers
 from .rollback import ModelSnapshot
 from .targeting import find_targets, parallel_linear_kind
@@ -142,7 +145,7 @@ class LoraModel(PeftModelApi, nn.Module):
         self._seed = _shared_seed(seed)
         self._replication: Optional[Replication] = None  # set by the first adapter with layer_replication
         self.targeted_module_names: list[str] = []  # as PEFT: every adapter's targets, first seen first
-        self._snapshot: Optional[ModelSnapshot] = None  # set inside rollback_on_error
+        self._snapshots: list[ModelSnapshot] = []  # one per open rollback_on_error block
 
     @classmethod
     def _without_adapter(cls, model: nn.Module, adapter_name: str, seed: Optional[int]) -> "LoraModel":
@@ -160,17 +163,13 @@ class LoraModel(PeftModelApi, nn.Module):
     def rollback_on_error(self) -> Iterator[None]:
         """Undo everything done to the model and to this LoraModel inside the block if it raises:
         adapters added or loaded, modules wrapped, parameters frozen, base weights rewritten
-        (PiSSA/OLoRA/CorDA/LoftQ; kept in host memory meanwhile), layers replicated, configs and
-        active adapters (see :mod:`dist_lora.rollback`). A nested block is undone by the outermost.
-        Under tensor/pipeline parallelism every rank must fail together (as every rank runs
-        the same collectives)."""
-        if self._snapshot is not None:
-            yield
-            return
+        (PiSSA/OLoRA/CorDA/LoftQ; copied to host memory meanwhile), layers replicated, configs
+        and active adapters (see :mod:`dist_lora.rollback`). Blocks nest. Under tensor/pipeline
+        parallelism every rank must fail together (as every rank runs the same collectives)."""
         snapshot = ModelSnapshot(self.model)
         configs, active = dict(self.peft_config), list(self._active_adapters)
         replication, targeted = self._replication, list(self.targeted_module_names)
-        self._snapshot = snapshot
+        self._snapshots.append(snapshot)
         try:
             yield
         except BaseException:
@@ -182,7 +181,14 @@ class LoraModel(PeftModelApi, nn.Module):
             self._active_adapters, self._replication, self.targeted_module_names = active, replication, targeted
             raise
         finally:
-            self._snapshot = None
+            self._snapshots.pop()
+
+    def _keep_weight(self, param: torch.Tensor) -> None:
+        """``param`` is about to be rewritten: every open snapshot records it (one host copy)."""
+        copy = None
+        for snapshot in self._snapshots:
+            kept = snapshot.keep_weight(param, copy)
+            copy = copy if kept is None else kept
 
     # --- attribute passthrough -----------------------------------------------------------
 
@@ -291,7 +297,7 @@ class LoraModel(PeftModelApi, nn.Module):
                 layer = make_lora_layer(layer, config)
                 self._replace(target.name, layer)
             if rewrites:
-                self._snapshot.keep_weight(layer.base_weight)  # undone exactly if a later layer fails
+                self._keep_weight(layer.base_weight)  # undone exactly if a later layer fails
             layer.update_layer(
                 adapter_name,
                 r=target.r,
@@ -568,6 +574,37 @@ class LoraModel(PeftModelApi, nn.Module):
                 active = module.active_adapter
                 self._replace(name, module.modules_to_save[active] if active else module.original_module)
         return self.model
+
+    # --- loading (saving and the other PeftModel-level names: :mod:`dist_lora.peft_api`) -----
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: Optional[LoraConfig] = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        seed: Optional[int] = None,
+    ) -> "LoraModel":
+        """Wrap ``model`` and load the PEFT adapter in ``model_id`` (PeftModel.from_pretrained's
+        role): frozen and in eval mode unless ``is_trainable``. ``config`` replaces the
+        directory's adapter_config.json (it is copied, not changed). ``seed`` matters only for
+        ``pissa_niter_<N>`` adapters, whose randomised init is redone with it. If anything
+        fails, ``model`` is handed back exactly as it was."""
+        from .checkpoint.peft_format import load_adapter
+
+        lora_model = cls._without_adapter(model, adapter_name, seed)
+        with lora_model.rollback_on_error():
+            lora_model._freeze_base()
+            load_adapter(
+                lora_model, model_id, adapter_name, is_trainable=is_trainable, config=config,
+                autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage,
+            )
+        return lora_model
+
 
 def _cast_to_base_dtype(layer: LoraLayer, adapter_name: str) -> None:
     """``autocast_adapter_dtype=False``: the adapter's parameters in the base weight's dtype

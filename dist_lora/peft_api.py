@@ -410,31 +410,3 @@ class PeftModelApi:
             self, model_id, adapter_name, is_trainable=is_trainable,
             autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage,
         )
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        model_id: str | os.PathLike,
-        adapter_name: str = "default",
-        is_trainable: bool = False,
-        config: Optional[LoraConfig] = None,
-        autocast_adapter_dtype: bool = True,
-        low_cpu_mem_usage: bool = False,
-        seed: Optional[int] = None,
-    ) -> "LoraModel":
-        """Wrap ``model`` and load the PEFT adapter in ``model_id`` (PeftModel.from_pretrained's
-        role): frozen and in eval mode unless ``is_trainable``. ``config`` replaces the
-        directory's adapter_config.json (it is copied, not changed). ``seed`` matters only for
-        ``pissa_niter_<N>`` adapters, whose randomised init is redone with it. If anything
-        fails, ``model`` is handed back exactly as it was."""
-        from .checkpoint.peft_format import load_adapter
-
-        lora_model = cls._without_adapter(model, adapter_name, seed)
-        with lora_model.rollback_on_error():
-            lora_model._freeze_base()
-            load_adapter(
-                lora_model, model_id, adapter_name, is_trainable=is_trainable, config=config,
-                autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage,
-            )
-        return lora_model

@@ -6,8 +6,8 @@ may expand the layer stack (layer_replication) and may rewrite base weights (PiS
 CorDA, LoftQ). :class:`ModelSnapshot` records, before the operation, what it can change:
 
 - every module's children (``_modules``), so replaced and added modules are undone;
-- the adapters, active adapters and enabled state of existing LoRA layers and
-  modules_to_save wrappers (their plain-dict bookkeeping is not in ``_modules``);
+- the adapters and active adapters of existing LoRA layers, and those and the enabled state
+  of modules_to_save wrappers (their plain-dict bookkeeping is not in ``_modules``);
 - ``requires_grad`` of every parameter and ``training`` of every module;
 - CorDA's per-layer data (``corda_eigens``), which an init consumes;
 - base weights, on demand (:meth:`keep_weight`, called just before a weight is rewritten): a
@@ -21,7 +21,7 @@ replication) is restored by :meth:`dist_lora.model.LoraModel.rollback_on_error`,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -47,9 +47,7 @@ class ModelSnapshot:
         self._children = [(m, dict(m._modules)) for m in modules]
         self._training = [(m, m.training) for m in modules]
         self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-        self._layers = [
-            (m, set(m.r), list(m._active_adapters), m._disable_adapters) for m in modules if isinstance(m, LoraLayer)
-        ]
+        self._layers = [(m, set(m.r), m.active_adapters) for m in modules if isinstance(m, LoraLayer)]
         self._wrappers = [
             (m, set(m.modules_to_save), m.active_adapter, m.disabled)
             for m in modules
@@ -61,24 +59,27 @@ class ModelSnapshot:
         self._weights: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._kept: set[int] = set()
 
-    def keep_weight(self, param: torch.Tensor) -> None:
-        """Copy ``param``'s local values (to host memory) before something rewrites them."""
+    def keep_weight(self, param: torch.Tensor, copy: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Record ``param``'s local values before something rewrites them: ``copy`` (one an
+        enclosing snapshot has just taken, so nested snapshots share it) or a new host copy.
+        Returns the copy, None if this snapshot holds one already."""
         if id(param) in self._kept or param.is_meta:
-            return
+            return None
+        copy = _local_data(param).detach().to("cpu", copy=True) if copy is None else copy
         self._kept.add(id(param))
-        self._weights.append((param, _local_data(param).detach().to("cpu", copy=True)))
+        self._weights.append((param, copy))
+        return copy
 
     @torch.no_grad()
     def restore(self) -> None:
         """Undo every change listed in the module docstring."""
         for param, saved in self._weights:
             _local_data(param).copy_(saved)
-        for layer, adapters, active, disabled in self._layers:
+        for layer, adapters, active in self._layers:
             added = set(layer.r) | set(layer.lora_alpha) | set(layer.scaling) | set(layer.use_rslora)
             for name in sorted(added - adapters):
                 layer.delete_adapter(name)
-            layer._active_adapters = active
-            layer._disable_adapters = disabled
+            layer.set_adapter(active)  # its requires_grad flags are restored below
         for wrapper, adapters, active, disabled in self._wrappers:
             for name in [n for n in wrapper.modules_to_save if n not in adapters]:
                 wrapper.delete(name)

@@ -174,6 +174,24 @@ def test_add_adapter_failing_late_keeps_the_other_adapters(monkeypatch):
     assert set(host.peft_config) == {"default", "third", "second"}
 
 
+def test_rollback_blocks_nest(monkeypatch):
+    """An inner failure (caught by the caller) undoes only the inner call; the outer block,
+    failing later, undoes everything, including base weights rewritten in both."""
+    host = get_lora_model(hf_models.tiny_llama(), _cfg(target_modules=["q_proj"]), seed=0)
+    outer = _State(host)
+    with pytest.raises(RuntimeError, match="outer failure"):
+        with host.rollback_on_error():
+            host.add_adapter("a", _cfg(target_modules=["k_proj", "q_proj"], init_lora_weights="pissa"))
+            inner = _State(host)
+            _fail_at(monkeypatch, LoraLinear, "update_layer", 3)
+            with pytest.raises(RuntimeError, match="injected failure"):
+                host.add_adapter("b", _cfg(target_modules=["q_proj", "o_proj"], init_lora_weights="olora"))
+            inner.check()
+            monkeypatch.undo()
+            raise RuntimeError("outer failure")
+    outer.check()
+
+
 def test_layer_replication_is_undone(monkeypatch):
     base = _trainable_base()
     state = _State(base)
