@@ -414,3 +414,43 @@ def test_megatron_tp2_rollback_and_pissa_reload(tmp_path):
     for result in results:
         assert result["calls"] == 4
         assert result["loss"] == pytest.approx(expected, abs=1e-5)
+
+
+# --- DeepSpeed ZeRO-3 ------------------------------------------------------------------------
+
+
+def _zero3_rollback() -> dict:
+    from dist_lora.deepspeed import zero
+    from tests.test_deepspeed_zero import build_base, ds_config
+
+    base = build_base(3, ds_config(3))
+    weights = zero.full_tensors(dict(base.named_parameters()))
+    modules = [(n, type(m)) for n, m in base.named_modules()]
+    original, calls = LoraLinear.update_layer, []
+
+    def failing(self, *args, **kwargs):  # after 4 layers' PiSSA rewrote their (partitioned) weights
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("injected failure")
+        return original(self, *args, **kwargs)
+
+    LoraLinear.update_layer = failing
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            get_lora_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="pissa"), seed=0)
+    finally:
+        LoraLinear.update_layer = original
+    after = zero.full_tensors(dict(base.named_parameters()))
+    return {
+        "same_weights": after.keys() == weights.keys() and all(torch.equal(after[k], v) for k, v in weights.items()),
+        "same_modules": [(n, type(m)) for n, m in base.named_modules()] == modules,
+        "still_partitioned": all(p.data.numel() == 0 for p in base.parameters()),
+        "calls": len(calls),
+    }
+
+
+def test_zero3_partitioned_weights_are_restored():
+    import tests.test_deepspeed_zero  # noqa: F401  (prepares DeepSpeed once, before the ranks fork)
+
+    for result in run_distributed(_zero3_rollback, 2):
+        assert result == {"same_weights": True, "same_modules": True, "still_partitioned": True, "calls": 5}
