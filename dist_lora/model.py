@@ -612,9 +612,9 @@ def _cast_to_base_dtype(layer: LoraLayer, adapter_name: str) -> None:
     dtype = layer.base_weight.dtype
     if not dtype.is_floating_point:
         return
-    for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+    for store in (getattr(layer, name) for name in layer.adapter_layer_names):
         if adapter_name in store:
-            store[adapter_name].to(dtype)
+            store[adapter_name].to(dtype)  # in place: same Parameter objects, markers kept
 
 
 def get_lora_model(

@@ -92,7 +92,7 @@ def _per_adapter(module: Union[LoraLayer, ModulesToSaveWrapper]) -> dict[str, li
     out: dict[str, list[torch.Tensor]] = {}
     for store in stores:
         for adapter, sub in getattr(module, store).items():
-            out.setdefault(adapter, []).extend(sub.parameters())
+            out.setdefault(adapter, []).extend([sub] if isinstance(sub, nn.Parameter) else sub.parameters())
     return out
 
 
