@@ -2,6 +2,13 @@
 
 from .config import ConfigError, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig
 from .model import LoraModel, get_lora_model
+from .peft_api import (
+    get_layer_status,
+    get_model_status,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
 from .init import preprocess_corda, replace_lora_weights_loftq
 from .init.eva import get_eva_state_dict, initialize_lora_eva_weights
 
@@ -16,8 +23,13 @@ __all__ = [
     "LoraModel",
     "LoraRuntimeConfig",
     "get_eva_state_dict",
+    "get_layer_status",
     "get_lora_model",
+    "get_model_status",
+    "get_peft_model_state_dict",
     "initialize_lora_eva_weights",
+    "inject_adapter_in_model",
     "preprocess_corda",
     "replace_lora_weights_loftq",
+    "set_peft_model_state_dict",
 ]

@@ -1,15 +1,19 @@
 """LoraModel: inject adapters into a model, manage their lifecycle, merge and unload.
 
 The public surface follows PEFT's LoraModel/PeftModel name for name (add_adapter, set_adapter,
-delete_adapter, enable/disable_adapter_layers, disable_adapter, merge_and_unload, unload,
-save_pretrained, from_pretrained, ...). It works the same on a plain Hugging Face model and
-on a megatron-core model with tensor/sequence parallelism.
+delete_adapter, enable/disable_adapter_layers, merge_and_unload, unload, from_pretrained, ...;
+the other PeftModel-level names, e.g. save_pretrained, load_adapter, disable_adapter and the
+status reports, come from :class:`dist_lora.peft_api.PeftModelApi`). It works the same on a
+plain Hugging Face model and on a megatron-core model with tensor/sequence parallelism.
+
+A call that fails hands the model back exactly as it was (:meth:`LoraModel.rollback_on_error`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 from typing import Iterable, Iterator, Optional
 
@@ -18,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import config as cfg
+from .checkpoint.conversion import changes_base_weight
 from .config import ConfigError, LoraConfig
 from .deepspeed.zero import full_shape, gathered
 from .layers import LoraLayer, LoraLinear
@@ -25,7 +30,9 @@ from .init import check_data_driven_init, is_weight_driven
 from .layers import math as lm
 from .modules_to_save import ModulesToSaveWrapper
 from .naming import global_module_name
+from .peft_api import PeftModelApi
 from .replication import Replication, replicate_layers
+from .rollback import ModelSnapshot
 from .targeting import find_targets, parallel_linear_kind
 
 
@@ -93,8 +100,28 @@ def _shared_seed(seed: Optional[int]) -> int:
     return value
 
 
-class LoraModel(nn.Module):
-    """A model with LoRA adapters. ``self.model`` is the wrapped model (modified in place)."""
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """One module an adapter is added to, with everything derived from the config for it."""
+
+    name: str  # in this model (this pipeline stage)
+    global_name: str  # PP-independent: what patterns and seeds see
+    r: int
+    alpha: float
+    seed: int
+
+
+def _extend_unique(names: list[str], new: Iterable[str]) -> None:
+    names.extend(n for n in new if n not in names)
+
+
+class LoraModel(PeftModelApi, nn.Module):
+    """A model with LoRA adapters. ``self.model`` is the wrapped model (modified in place).
+
+    It plays both of PEFT's roles, ``PeftModel`` and its tuner ``LoraModel``: ``base_model``
+    is the LoraModel itself, so PEFT code such as ``peft_model.base_model.model`` reaches the
+    wrapped model as in PEFT.
+    """
 
     def __init__(
         self,
@@ -103,16 +130,65 @@ class LoraModel(nn.Module):
         adapter_name: str = "default",
         low_cpu_mem_usage: bool = False,
         seed: Optional[int] = None,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
         super().__init__()
+        self._attach(model, adapter_name, seed)
+        with self.rollback_on_error():  # a refused adapter leaves the caller's model untouched (unfrozen too)
+            self._freeze_base()
+            self.add_adapter(adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
+
+    def _attach(self, model: nn.Module, adapter_name: str, seed: Optional[int]) -> None:
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self._active_adapters: list[str] = [adapter_name]
         self._seed = _shared_seed(seed)
         self._replication: Optional[Replication] = None  # set by the first adapter with layer_replication
-        for param in model.parameters():
+        self.targeted_module_names: list[str] = []  # as PEFT: every adapter's targets, first seen first
+        self._snapshots: list[ModelSnapshot] = []  # one per open rollback_on_error block
+
+    @classmethod
+    def _without_adapter(cls, model: nn.Module, adapter_name: str, seed: Optional[int]) -> "LoraModel":
+        """A LoraModel around ``model`` whose first adapter is still to be added (loaded)."""
+        lora_model = cls.__new__(cls)
+        nn.Module.__init__(lora_model)
+        lora_model._attach(model, adapter_name, seed)
+        return lora_model
+
+    def _freeze_base(self) -> None:
+        for param in self.model.parameters():
             param.requires_grad_(False)
-        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+
+    @contextlib.contextmanager
+    def rollback_on_error(self) -> Iterator[None]:
+        """Undo everything done to the model and to this LoraModel inside the block if it raises:
+        adapters added or loaded, modules wrapped, parameters frozen, base weights rewritten
+        (PiSSA/OLoRA/CorDA/LoftQ; copied to host memory meanwhile), layers replicated, configs
+        and active adapters (see :mod:`dist_lora.rollback`). Blocks nest. Under tensor/pipeline
+        parallelism every rank must fail together (as every rank runs the same collectives)."""
+        snapshot = ModelSnapshot(self.model)
+        configs, active = dict(self.peft_config), list(self._active_adapters)
+        replication, targeted = self._replication, list(self.targeted_module_names)
+        self._snapshots.append(snapshot)
+        try:
+            yield
+        except BaseException:
+            if self._replication is not replication:
+                self._unreplicate()  # layer indices and config; the module tree comes back below
+            snapshot.restore()
+            self.peft_config.clear()
+            self.peft_config.update(configs)
+            self._active_adapters, self._replication, self.targeted_module_names = active, replication, targeted
+            raise
+        finally:
+            self._snapshots.pop()
+
+    def _keep_weight(self, param: torch.Tensor) -> None:
+        """``param`` is about to be rewritten: every open snapshot records it (one host copy)."""
+        copy = None
+        for snapshot in self._snapshots:
+            kept = snapshot.keep_weight(param, copy)
+            copy = copy if kept is None else kept
 
     # --- attribute passthrough -----------------------------------------------------------
 
@@ -147,88 +223,127 @@ class LoraModel(nn.Module):
             if isinstance(module, ModulesToSaveWrapper):
                 yield module
 
-    def add_adapter(self, adapter_name: str, config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Inject adapter ``adapter_name`` into every module ``config`` targets.
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: LoraConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Inject adapter ``adapter_name`` into every module ``config`` targets (it is not
+        activated unless it is the first).
 
-        Nothing is changed if the config is refused or targets nothing.
+        Everything the config decides is checked before the model changes, and if anything
+        fails on the way the model is handed back exactly as it was (:meth:`rollback_on_error`).
+        ``autocast_adapter_dtype`` (PEFT's): adapters of a float16/bfloat16 base are kept in
+        float32; False keeps them in the base weight's dtype.
         """
+        self._check_new_adapter(adapter_name, config)
+        config = copy.deepcopy(config)  # never mutate the caller's config
+        with self.rollback_on_error():
+            self._replicate(config)  # layer_replication: expand the stack before targeting
+            targets = self._plan(adapter_name, config)
+            save_names = self._modules_to_save_names(config)
+            if not low_cpu_mem_usage:
+                self._check_weight_driven(targets, config)  # PiSSA/OLoRA change base weights
+                check_data_driven_init(self.model, [t.name for t in targets], config)  # CorDA/LoftQ too
+            self._inject(adapter_name, config, targets, low_cpu_mem_usage, autocast_adapter_dtype)
+            for name in save_names:
+                module = self.model.get_submodule(name)
+                if not isinstance(module, ModulesToSaveWrapper):
+                    module = ModulesToSaveWrapper(module)
+                    self._replace(name, module)
+                module.add(adapter_name)
+            self.peft_config[adapter_name] = config
+            _extend_unique(self.targeted_module_names, (t.name for t in targets))
+            self._mark_trainable()
+
+    def _check_new_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name.")
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}.")
         _refuse_unsupported(config)
-        config = copy.deepcopy(config)  # never mutate the caller's config
-        replicated_now = self._replicate(config)  # layer_replication: expand the stack before targeting
-        try:
-            targets = _find_targets_on_all_stages(self.model, config)
-            save_names = self._modules_to_save_names(config)  # may raise: before anything changes
-            if not low_cpu_mem_usage:
-                self._check_weight_driven(targets, config)  # PiSSA/OLoRA change base weights
-                check_data_driven_init(self.model, targets, config)  # CorDA/LoftQ too
-        except Exception:
-            if replicated_now:
-                self._unreplicate()
-            raise
-        device = "meta" if low_cpu_mem_usage else None
-        for name in targets:
+        with_bias = [name for name, c in self.peft_config.items() if c.bias != "none"]
+        if config.bias != "none" and with_bias:
+            raise ConfigError(  # PEFT's rule and words: both adapters would train the same base biases
+                f"LoraModel supports only 1 adapter with bias. When using multiple adapters, set bias to 'none' for "
+                f"all adapters (adapter {with_bias[0]!r} has bias={self.peft_config[with_bias[0]].bias!r}, "
+                f"{adapter_name!r} asks for bias={config.bias!r})."
+            )
+
+    def _plan(self, adapter_name: str, config: LoraConfig) -> list[_Target]:
+        """This stage's targets with their rank, alpha and init seed (patterns are applied
+        here, so a bad one fails before any module is touched)."""
+        targets = []
+        for name in _find_targets_on_all_stages(self.model, config):
             global_name = global_module_name(self.model, name)  # patterns and seeds see global layer indices
-            layer = self.model.get_submodule(name)
+            targets.append(
+                _Target(
+                    name, global_name, config.rank_for(global_name), config.alpha_for(global_name),
+                    lm.init_seed(self._seed, global_name, adapter_name),
+                )
+            )
+        return targets
+
+    def _inject(
+        self, adapter_name: str, config: LoraConfig, targets: list[_Target], low_cpu_mem_usage: bool, autocast: bool
+    ) -> None:
+        device = "meta" if low_cpu_mem_usage else None
+        rewrites = changes_base_weight(config.init_lora_weights) and not low_cpu_mem_usage
+        for target in targets:
+            layer = self.model.get_submodule(target.name)
             if not isinstance(layer, LoraLayer):
                 layer = make_lora_layer(layer, config)
-                self._replace(name, layer)
+                self._replace(target.name, layer)
+            if rewrites:
+                self._keep_weight(layer.base_weight)  # undone exactly if a later layer fails
             layer.update_layer(
                 adapter_name,
-                r=config.rank_for(global_name),
-                lora_alpha=config.alpha_for(global_name),
+                r=target.r,
+                lora_alpha=target.alpha,
                 lora_dropout=config.lora_dropout,
                 init_lora_weights=config.init_lora_weights,
                 use_rslora=config.use_rslora,
                 lora_bias=config.lora_bias,
                 use_dora=config.use_dora,
-                seed=lm.init_seed(self._seed, global_name, adapter_name),
+                seed=target.seed,
                 loftq_config=config.loftq_config or None,
                 device=device,
             )
-        for name in save_names:
-            module = self.model.get_submodule(name)
-            if not isinstance(module, ModulesToSaveWrapper):
-                module = ModulesToSaveWrapper(module)
-                self._replace(name, module)
-            module.add(adapter_name)
-        self.peft_config[adapter_name] = config
-        self._mark_trainable()
+            if not autocast:
+                _cast_to_base_dtype(layer, adapter_name)
 
-    def _check_weight_driven(self, targets: list[str], config: LoraConfig) -> None:
+    def _check_weight_driven(self, targets: list[_Target], config: LoraConfig) -> None:
         """PiSSA / OLoRA rewrite each target's base weight: refuse before the first one changes."""
         if not is_weight_driven(config.init_lora_weights):
             return
-        for name in targets:
-            layer = self.model.get_submodule(name)
+        for target in targets:
+            layer = self.model.get_submodule(target.name)
             if isinstance(layer, LoraLayer):
                 sizes, weight = (layer.in_features, layer.out_features), layer.base_weight
             else:
                 weight = layer.weight
                 sizes = (getattr(layer, "input_size", None), getattr(layer, "output_size", None))
                 sizes = tuple(full_shape(weight)) if None in sizes else sizes  # ZeRO-3: ds_shape
-            r = config.rank_for(global_module_name(self.model, name))
-            if r > min(sizes):
+            if target.r > min(sizes):
                 raise ValueError(
                     f"init_lora_weights={config.init_lora_weights!r} needs r <= min(in_features, out_features) = "
-                    f"{min(sizes)} on {name!r}, got r={r}."
+                    f"{min(sizes)} on {target.name!r}, got r={target.r}."
                 )
             if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 raise TypeError(
                     f"init_lora_weights={config.init_lora_weights!r} needs a float32/float16/bfloat16 base weight, "
-                    f"{name!r} has {weight.dtype}."
+                    f"{target.name!r} has {weight.dtype}."
                 )
 
-    def _replicate(self, config: LoraConfig) -> bool:
-        """Apply ``config.layer_replication`` (see :mod:`dist_lora.replication`); True if the stack
-        was expanded now. Every adapter of a replicated model must give the same ranges."""
+    def _replicate(self, config: LoraConfig) -> None:
+        """Apply ``config.layer_replication`` (see :mod:`dist_lora.replication`). Every adapter
+        of a replicated model must give the same ranges."""
         ranges = config.layer_replication
         done = None if self._replication is None else self._replication.ranges
         if ranges == done:
-            return False
+            return
         if done is not None:
             raise ConfigError(
                 f"the model's layers were replicated with layer_replication={done}; an adapter with "
@@ -240,7 +355,6 @@ class LoraModel(nn.Module):
                 f"{sorted(self.peft_config)} already sit on the original layers."
             )
         self._replication = replicate_layers(self.model, ranges)
-        return True
 
     def _unreplicate(self) -> None:
         if self._replication is not None:
@@ -387,15 +501,6 @@ class LoraModel(nn.Module):
         for wrapper in self._wrappers():
             wrapper.disabled = not enabled
 
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """``with model.disable_adapter(): ...`` runs the base model."""
-        self.disable_adapter_layers()
-        try:
-            yield
-        finally:
-            self.enable_adapter_layers()
-
     # --- parameters ----------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -470,76 +575,46 @@ class LoraModel(nn.Module):
                 self._replace(name, module.modules_to_save[active] if active else module.original_module)
         return self.model
 
-    # --- state dicts and files -----------------------------------------------------------
-
-    def adapter_state_dict(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
-        """This rank's adapter tensors under PEFT's saved names
-        (``base_model.model.<module>.lora_A.weight``, no adapter name)."""
-        from .checkpoint.peft_format import adapter_state_dict
-
-        return adapter_state_dict(self, adapter_name or self._active_adapters[0])
-
-    def subtract_mutated_init(
-        self, output_state_dict: dict[str, torch.Tensor], adapter_name: str, kwargs: Optional[dict] = None
-    ) -> dict[str, torch.Tensor]:
-        """Turn a trained PiSSA/OLoRA/CorDA adapter into a plain LoRA adapter for the ORIGINAL
-        base (PEFT's ``LoraModel.subtract_mutated_init``): A' = [A; A0], B' = [B, -B0] (see
-        :mod:`dist_lora.checkpoint.conversion`).
-
-        ``output_state_dict`` holds the trained adapter (this rank's tensors under PEFT's saved
-        names, as :meth:`adapter_state_dict` gives them); ``adapter_name`` is an adapter of this
-        model holding the factors A0, B0 as they were at initialisation. Non-factor entries are
-        dropped, as PEFT does. Works shard-wise under TP. Save the result with
-        :func:`dist_lora.checkpoint.conversion.converted_config`."""
-        from .checkpoint.conversion import mutated_to_plain
-
-        del kwargs  # PEFT's ``state_dict`` override; this model's adapters are read directly
-        return mutated_to_plain(output_state_dict, self.adapter_state_dict(adapter_name), keep_others=False)
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        selected_adapters: Optional[list[str]] = None,
-        path_initial_model_for_weight_conversion: Optional[str | os.PathLike] = None,
-    ) -> None:
-        """Write PEFT's adapter files (``adapter_config.json`` + ``adapter_model.safetensors``);
-        adapters other than ``default`` go into ``<dir>/<adapter_name>/`` as in PEFT.
-
-        ``path_initial_model_for_weight_conversion``: the directory this PiSSA/OLoRA/CorDA
-        adapter was saved to before training; the adapter is then written as a plain LoRA
-        adapter of twice the rank that applies to the original base model
-        (:mod:`dist_lora.checkpoint.conversion`)."""
-        from .checkpoint.peft_format import save_adapter
-
-        for name in selected_adapters or list(self.peft_config):
-            directory = save_directory if name == "default" else os.path.join(save_directory, name)
-            save_adapter(self, directory, name, initial_dir=path_initial_model_for_weight_conversion)
-
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False) -> None:
-        """Load a PEFT adapter directory as ``adapter_name`` (sliced to this rank's shards)."""
-        from .checkpoint.peft_format import load_adapter
-
-        load_adapter(self, model_id, adapter_name, is_trainable=is_trainable)
+    # --- loading (saving and the other PeftModel-level names: :mod:`dist_lora.peft_api`) -----
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: Optional[LoraConfig] = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        seed: Optional[int] = None,
     ) -> "LoraModel":
-        """Wrap ``model`` and load the PEFT adapter in ``model_id`` (PeftModel.from_pretrained's role)."""
-        config = LoraConfig.from_pretrained(model_id)
-        config.inference_mode = not is_trainable
-        lora_model = cls(model, config, adapter_name, low_cpu_mem_usage=True, seed=0)
-        try:
-            lora_model._load_files(model_id, adapter_name)
-        except Exception:
-            lora_model._discard_adapter(adapter_name)  # hand back the caller's model unwrapped
-            raise
+        """Wrap ``model`` and load the PEFT adapter in ``model_id`` (PeftModel.from_pretrained's
+        role): frozen and in eval mode unless ``is_trainable``. ``config`` replaces the
+        directory's adapter_config.json (it is copied, not changed). ``seed`` matters only for
+        ``pissa_niter_<N>`` adapters, whose randomised init is redone with it. If anything
+        fails, ``model`` is handed back exactly as it was."""
+        from .checkpoint.peft_format import load_adapter
+
+        lora_model = cls._without_adapter(model, adapter_name, seed)
+        with lora_model.rollback_on_error():
+            lora_model._freeze_base()
+            load_adapter(
+                lora_model, model_id, adapter_name, is_trainable=is_trainable, config=config,
+                autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage,
+            )
         return lora_model
 
-    def _load_files(self, model_id: str | os.PathLike, adapter_name: str) -> None:
-        from .checkpoint.peft_format import load_adapter_weights
 
-        load_adapter_weights(self, model_id, adapter_name)
+def _cast_to_base_dtype(layer: LoraLayer, adapter_name: str) -> None:
+    """``autocast_adapter_dtype=False``: the adapter's parameters in the base weight's dtype
+    (PEFT's behaviour; a non-float, e.g. quantised, base keeps float32 adapters)."""
+    dtype = layer.base_weight.dtype
+    if not dtype.is_floating_point:
+        return
+    for store in (getattr(layer, name) for name in layer.adapter_layer_names):
+        if adapter_name in store:
+            store[adapter_name].to(dtype)  # in place: same Parameter objects, markers kept
 
 
 def get_lora_model(
@@ -548,14 +623,16 @@ def get_lora_model(
     adapter_name: str = "default",
     low_cpu_mem_usage: bool = False,
     seed: Optional[int] = None,
+    autocast_adapter_dtype: bool = True,
 ) -> LoraModel:
-    """Freeze ``model`` and add LoRA adapter ``adapter_name`` as ``config`` describes.
+    """Freeze ``model`` and add LoRA adapter ``adapter_name`` as ``config`` describes. If the
+    config is refused, ``model`` is handed back exactly as it was.
 
     Adapter initialisation is layout-independent: each factor is drawn in full from a seed
     derived from ``seed`` (default ``torch.initial_seed()``, taken from rank 0) and the
     module's global name, then sliced to this rank's shard.
     """
-    return LoraModel(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, seed=seed)
+    return LoraModel(model, config, adapter_name, low_cpu_mem_usage, seed, autocast_adapter_dtype)
 
 
 def _progress(items: list, enabled: bool, desc: str) -> Iterable:

@@ -29,6 +29,15 @@ from ..io import atomic_path
 
 # init_lora_weights values whose adapters convert; LoftQ's base is quantised, not W - s·B0·A0.
 CONVERTIBLE_INITS = ("pissa", "olora", "corda")
+# init_lora_weights values that rewrite the base weight when the adapter is created ("pissa_niter_<N>" too).
+BASE_CHANGING_INITS = CONVERTIBLE_INITS + ("loftq",)
+
+
+def changes_base_weight(init) -> bool:
+    """Whether ``init_lora_weights`` rewrites the base weight when an adapter is created
+    (PiSSA / OLoRA / CorDA: W - s·B0·A0; LoftQ: its quantised weight). A saved, unconverted
+    adapter of such an init computes the trained function only on a base rewritten the same way."""
+    return isinstance(init, str) and init.startswith(BASE_CHANGING_INITS)
 
 
 class ConversionError(ConfigError):

@@ -8,8 +8,10 @@ into a tensor-parallel model at any TP size.
 
 from __future__ import annotations
 
+import copy
 import os
-from typing import TYPE_CHECKING, Callable, Optional
+import warnings
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -19,12 +21,30 @@ from ..config import ConfigError, LoraConfig
 from ..deepspeed import zero
 from ..io import atomic_path
 from ..layers.base import LoraLayer
+from .conversion import changes_base_weight
 
 if TYPE_CHECKING:
     from ..model import LoraModel
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+
+
+class IncompatibleKeys(NamedTuple):
+    """What PEFT's ``load_adapter`` / ``set_peft_model_state_dict`` return (torch's
+    ``load_state_dict`` result). Always empty here: such keys are refused instead."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def adapter_root(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """(module holding the adapter layers, prefix of saved keys): a LoraModel's wrapped model
+    under PEFT's ``base_model.model.``; a model with adapters injected into it
+    (:func:`dist_lora.inject_adapter_in_model`) itself, with no prefix (as PEFT)."""
+    from ..model import LoraModel
+
+    return (model.model, PREFIX) if isinstance(model, LoraModel) else (model, "")
 
 
 def _layer_tensors(layer: LoraLayer, adapter: str) -> dict[str, torch.Tensor]:
@@ -41,17 +61,18 @@ def adapter_state_dict(model: "LoraModel", adapter: str, keep_vars: bool = False
     ``keep_vars``: the parameters themselves, as ZeRO-3 gathering needs them)."""
     from ..modules_to_save import ModulesToSaveWrapper
 
-    if adapter not in model.peft_config:
-        raise ValueError(f"unknown adapter {adapter!r}; existing: {sorted(model.peft_config)}.")
+    configs = getattr(model, "peft_config", {})
+    if adapter not in configs:
+        raise ValueError(f"unknown adapter {adapter!r}; existing: {sorted(configs)}.")
+    root, prefix = adapter_root(model)
     out = {}
-    for name, layer in model.lora_layers():
-        if adapter in layer.lora_A:
-            for key, tensor in _layer_tensors(layer, adapter).items():
-                out[f"{PREFIX}{name}.{key}"] = tensor if keep_vars else tensor.detach()
-    for name, module in model.model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
+    for name, module in root.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            for key, tensor in _layer_tensors(module, adapter).items():
+                out[f"{prefix}{name}.{key}"] = tensor if keep_vars else tensor.detach()
+        elif isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
             for key, tensor in module.modules_to_save[adapter].state_dict(keep_vars=keep_vars).items():
-                out[f"{PREFIX}{name}.{key}"] = tensor
+                out[f"{prefix}{name}.{key}"] = tensor
     return out
 
 
@@ -101,23 +122,90 @@ def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file ({e}); re-save or re-download it.") from None
 
 
-def load_adapter(model: "LoraModel", directory: str | os.PathLike, adapter: str, is_trainable: bool = False) -> None:
-    """Add adapter ``adapter`` from a PEFT directory. The model is unchanged if anything fails."""
-    config = LoraConfig.from_pretrained(directory)
-    config.inference_mode = not is_trainable
+def load_adapter(
+    model: "LoraModel",
+    directory: str | os.PathLike,
+    adapter: str,
+    is_trainable: bool = False,
+    config: Optional[LoraConfig] = None,
+    autocast_adapter_dtype: bool = True,
+    low_cpu_mem_usage: bool = False,
+) -> IncompatibleKeys:
+    """Add adapter ``adapter`` from a PEFT directory, as PEFT's ``PeftModel.load_adapter``:
+    frozen unless ``is_trainable``, and then the model is put in eval mode (dropout off).
+    ``config`` (copied) replaces the directory's adapter_config.json.
+
+    An adapter whose init rewrote the base weight (PiSSA, OLoRA, LoftQ) is initialised again
+    first, as PEFT does, so that the base becomes what it was trained on; the file's factors
+    then replace the fresh ones. CorDA needs its data pass for that (``preprocess_corda`` on
+    this model, as in PEFT); without it the adapter is refused with how to save a loadable one.
+    Other adapters are created empty and filled from the file whatever ``low_cpu_mem_usage``
+    says (same result; PEFT's default only spends time on an init the file overwrites).
+
+    Everything is read and checked before the model changes, and if anything fails the model is
+    handed back exactly as it was. Returns PEFT's result, always empty (see :func:`assign_tensors`)."""
+    del low_cpu_mem_usage  # see above
+    directory = os.fspath(directory)
+    config = config_for_load(directory, config, is_trainable)
+    check_reproducible(model, config, directory)
     tensors = read_adapter_file(os.path.join(directory, WEIGHTS_NAME))  # fail before touching the model
-    model.add_adapter(adapter, config, low_cpu_mem_usage=True)
-    try:
-        _assign(model, tensors, adapter, source=str(directory))
-    except Exception:
-        model._discard_adapter(adapter)
-        raise
+    with model.rollback_on_error():
+        redo_init = changes_base_weight(config.init_lora_weights)
+        model.add_adapter(adapter, config, low_cpu_mem_usage=not redo_init, autocast_adapter_dtype=autocast_adapter_dtype)
+        assign_tensors(model, tensors, adapter, source=directory)
     if not is_trainable:
-        model._mark_trainable()
+        model.eval()
+    return IncompatibleKeys([], [])
+
+
+def config_for_load(directory: str, config: Optional[LoraConfig], is_trainable: bool) -> LoraConfig:
+    """The config an adapter is loaded with: ``config`` (a copy) or the directory's, with
+    ``inference_mode`` set from ``is_trainable`` as PEFT does."""
+    if config is None:
+        config = LoraConfig.from_pretrained(directory)
+    elif isinstance(config, LoraConfig):
+        config = copy.deepcopy(config)  # never mutate the caller's config (PEFT does)
+    else:
+        raise ConfigError(
+            f"config must be a dist_lora LoraConfig, got {type(config).__name__}; build one with "
+            "dist_lora.LoraConfig(...) or LoraConfig.from_pretrained(adapter_dir)."
+        )
+    config.inference_mode = not is_trainable
+    return config
+
+
+def check_reproducible(model: torch.nn.Module, config: LoraConfig, directory: str) -> None:
+    """Refuse (or warn about) an adapter whose base rewrite cannot be redone here.
+
+    The files of an unconverted PiSSA / OLoRA / CorDA / LoftQ adapter hold the trained factors
+    only; they compute the trained function on the rewritten base, which loading recomputes
+    from the original weight. CorDA's rewrite needs the covariance data of ``preprocess_corda``:
+    refused unless this model holds it (PEFT refuses too). ``pissa_niter_<N>`` recomputes a
+    randomised SVD: warned."""
+    init = config.init_lora_weights
+    source = os.path.join(directory, "adapter_config.json")
+    root, _ = adapter_root(model)
+    if init == "corda" and not any(hasattr(m, "corda_eigens") for m in root.modules()):
+        raise ConfigError(
+            f"{source}: this adapter was trained with init_lora_weights='corda', which rewrote the base weights "
+            "with a data-dependent residual; the files hold only the trained factors, which compute something "
+            "else on the original model. Save a loadable adapter instead: "
+            "save_pretrained(out, path_initial_model_for_weight_conversion=<the adapter saved before training>) "
+            "(a plain LoRA adapter of rank 2r for the original model; for a sharded run `dist-lora consolidate "
+            "CKPT OUT --initial INITIAL_CKPT`). Or run dist_lora.init.preprocess_corda(model, config, run_model) "
+            "on this model with the training data first, as PEFT requires."
+        )
+    if isinstance(init, str) and init.startswith("pissa_niter_"):
+        warnings.warn(
+            f"{source}: init_lora_weights={init!r} is redone to rewrite the base weight; on a layer that is not "
+            "tensor parallel its randomised SVD reproduces the trained model's base only with the seed and adapter "
+            "name of the training run (LoraModel.from_pretrained(..., seed=...)). For an exact release save it with "
+            "save_pretrained(out, path_initial_model_for_weight_conversion=<the adapter saved before training>)."
+        )
 
 
 def load_adapter_weights(model: "LoraModel", directory: str | os.PathLike, adapter: str) -> None:
-    _assign(model, read_adapter_file(os.path.join(directory, WEIGHTS_NAME)), adapter, source=str(directory))
+    assign_tensors(model, read_adapter_file(os.path.join(directory, WEIGHTS_NAME)), adapter, source=str(directory))
 
 
 def expected_keys(
@@ -126,18 +214,18 @@ def expected_keys(
     """Saved key -> (module, parameter path) for every tensor ``adapter`` owns.
 
     ``module_key`` maps a module name to the name used in keys (default: PEFT's
-    ``base_model.model.<name>``).
+    ``base_model.model.<name>``; no prefix for a model with injected adapters).
     """
     from ..modules_to_save import ModulesToSaveWrapper
 
-    module_key = module_key or (lambda name: PREFIX + name)
+    root, prefix = adapter_root(model)
+    module_key = module_key or (lambda name: prefix + name)
     keys = {}
-    for name, layer in model.lora_layers():
-        if adapter in layer.lora_A:
-            for key in _layer_tensors(layer, adapter):
-                keys[f"{module_key(name)}.{key}"] = (layer, key)
-    for name, module in model.model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
+    for name, module in root.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            for key in _layer_tensors(module, adapter):
+                keys[f"{module_key(name)}.{key}"] = (module, key)
+        elif isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
             for key in module.modules_to_save[adapter].state_dict():
                 keys[f"{module_key(name)}.{key}"] = (module.modules_to_save[adapter], key)
     return keys
@@ -170,7 +258,7 @@ def set_tensor(sub: torch.nn.Module, pname: str, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _assign(model: "LoraModel", tensors: dict[str, torch.Tensor], adapter: str, source: str) -> None:
+def assign_tensors(model: "LoraModel", tensors: dict[str, torch.Tensor], adapter: str, source: str) -> None:
     """Put full (unsharded) tensors into ``adapter``'s parameters, slicing to this rank's
     shard. Missing and unexpected keys are errors: PEFT only warns on the first and ignores
     the second, which loads a different model without a word."""
