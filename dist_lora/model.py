@@ -20,7 +20,8 @@ from torch import nn
 from . import config as cfg
 from .config import ConfigError, LoraConfig
 from .deepspeed.zero import full_shape, gathered
-from .layers import LoraLayer, LoraLinear
+from .layers import LoraEmbedding, LoraLayer, LoraLinear
+from .layers.embedding import check_embedding_targets, embedding_kind
 from .init import check_data_driven_init, is_weight_driven
 from .layers import math as lm
 from .modules_to_save import ModulesToSaveWrapper
@@ -31,6 +32,13 @@ from .targeting import find_targets, parallel_linear_kind
 
 def make_lora_layer(module: nn.Module, config: LoraConfig) -> LoraLayer:
     """Wrap ``module`` in the LoRA layer class for its kind."""
+    embedding = embedding_kind(module)
+    if embedding == "embedding":
+        return LoraEmbedding(module)
+    if embedding == "vocab_parallel":
+        from .layers.parallel_embedding import LoraVocabParallelEmbedding
+
+        return LoraVocabParallelEmbedding(module)
     kind = parallel_linear_kind(module)
     if kind is None:
         return LoraLinear(module, fan_in_fan_out=config.fan_in_fan_out)
@@ -161,6 +169,7 @@ class LoraModel(nn.Module):
         replicated_now = self._replicate(config)  # layer_replication: expand the stack before targeting
         try:
             targets = _find_targets_on_all_stages(self.model, config)
+            check_embedding_targets(self.model, targets, config)  # lora_bias / inits embeddings cannot take
             save_names = self._modules_to_save_names(config)  # may raise: before anything changes
             if not low_cpu_mem_usage:
                 self._check_weight_driven(targets, config)  # PiSSA/OLoRA change base weights
