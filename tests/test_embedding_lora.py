@@ -3,13 +3,14 @@
 Hugging Face ``nn.Embedding`` (tiny Llama / GPT-2 and a bare module): the same targets as
 PEFT (by name; ``all-linear`` never picks an embedding), the same logits from the same adapter
 files in both directions (plain and DoRA), the same gradients (padding_idx, embed_scale), the
-same merged weights, and clear refusals that leave the model as it was.
+same merged weights and weighted combinations, and clear refusals that leave the model as it was.
 
 megatron ``VocabParallelEmbedding`` (tiny GPTModel): TP=2 with SP off and on computes the same
 losses, gathered gradients and adapters after AdamW steps as TP=1 (plain and DoRA), the
 replicated B stays identical on both ranks, LoRA adds no collective beyond the once-per-step
 sum, and a sharded TP=2 checkpoint consolidates into a file the real PEFT loads onto the HF
-Llama with the megatron model's logits (and reloads at TP=1).
+Llama with the megatron model's logits (and reloads at TP=1; ``dist-lora merge`` exports it
+merged into the HF checkpoint with the same logits).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 from dist_lora import LoraConfig, get_lora_model  # noqa: E402
 from dist_lora.bridges import build_megatron_gpt  # noqa: E402
 from dist_lora.checkpoint.consolidate import consolidate  # noqa: E402
+from dist_lora.checkpoint.merged_export import merge_export  # noqa: E402
 from dist_lora.checkpoint.sharded import load_sharded, save_sharded  # noqa: E402
 from dist_lora.config import ConfigError  # noqa: E402
 from dist_lora.layers import LoraEmbedding  # noqa: E402
@@ -146,6 +148,26 @@ def test_merge_and_unmerge_match_peft(tmp_path) -> None:
     peft_merged = peft_model.merge_and_unload().model.embed_tokens.weight
     torch.testing.assert_close(merged, peft_merged, atol=1e-6, rtol=1e-5)
     assert (merged - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("combination_type", ["linear", "cat", "svd"])
+def test_add_weighted_adapter_matches_peft(combination_type) -> None:
+    config = dict(r=4, lora_alpha=8, target_modules=["embed_tokens"], init_lora_weights=False)
+    ours = get_lora_model(tiny_llama(), LoraConfig(**config), seed=0)
+    ours.add_adapter("other", LoraConfig(**config))
+    theirs = _peft(tiny_llama(), **config)
+    theirs.add_adapter("other", peft.LoraConfig(**config))
+    layer, peft_layer = ours.model.model.embed_tokens, theirs.base_model.model.model.embed_tokens
+    with torch.no_grad():
+        for name in ("default", "other"):
+            peft_layer.lora_embedding_A[name].copy_(layer.lora_A[name].weight)
+            peft_layer.lora_embedding_B[name].copy_(layer.lora_B[name].weight)
+    for model in (ours, theirs):
+        model.add_weighted_adapter(["default", "other"], [0.7, 0.4], "mix", combination_type=combination_type)
+        model.set_adapter("mix")
+    ids = _ids()
+    assert (_logits(ours, ids) - _logits(tiny_llama(), ids)).abs().max() > 0.1
+    torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), atol=1e-5, rtol=0)
 
 
 class _ScaledEmbedding(nn.Embedding):
@@ -385,4 +407,8 @@ def test_sharded_checkpoint_consolidates_for_peft(tmp_path, sp, dora) -> None:
     torch.testing.assert_close(_logits(peft_model, ids), logits, atol=1e-4, rtol=0)
     used = peft.utils.get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     assert set(used) == set(tensors)
+
+    merged_dir = merge_export(ckpt, hf_dir, tmp_path / "merged", show_progress=False)  # dist-lora merge
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(merged, ids), logits, atol=1e-4, rtol=0)
 
