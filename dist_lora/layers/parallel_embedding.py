@@ -66,7 +66,7 @@ class LoraVocabParallelEmbedding(LoraEmbedding):
 
     def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of a local table, as the base layer looks them up."""
-        if self.base_layer.deterministic_mode:
+        if getattr(self.base_layer, "deterministic_mode", False):
             return table[ids]
         return torch.nn.functional.embedding(ids, table)
 
