@@ -25,7 +25,8 @@ from . import config as cfg
 from .checkpoint.conversion import changes_base_weight
 from .config import ConfigError, LoraConfig
 from .deepspeed.zero import full_shape, gathered
-from .layers import LoraLayer, LoraLinear
+from .layers import LoraEmbedding, LoraLayer, LoraLinear
+from .layers.embedding import check_embedding_targets, embedding_kind
 from .init import check_data_driven_init, is_weight_driven
 from .layers import math as lm
 from .modules_to_save import ModulesToSaveWrapper
@@ -38,6 +39,13 @@ from .targeting import find_targets, parallel_linear_kind
 
 def make_lora_layer(module: nn.Module, config: LoraConfig) -> LoraLayer:
     """Wrap ``module`` in the LoRA layer class for its kind."""
+    embedding = embedding_kind(module)
+    if embedding == "embedding":
+        return LoraEmbedding(module)
+    if embedding == "vocab_parallel":
+        from .layers.parallel_embedding import LoraVocabParallelEmbedding
+
+        return LoraVocabParallelEmbedding(module)
     kind = parallel_linear_kind(module)
     if kind is None:
         return LoraLinear(module, fan_in_fan_out=config.fan_in_fan_out)
@@ -243,6 +251,7 @@ class LoraModel(PeftModelApi, nn.Module):
         with self.rollback_on_error():
             self._replicate(config)  # layer_replication: expand the stack before targeting
             targets = self._plan(adapter_name, config)
+            check_embedding_targets(self.model, [t.name for t in targets], config)  # lora_bias / inits embeddings cannot take
             save_names = self._modules_to_save_names(config)
             if not low_cpu_mem_usage:
                 self._check_weight_driven(targets, config)  # PiSSA/OLoRA change base weights

@@ -3,7 +3,8 @@
 Rules (as PEFT):
 - ``target_modules`` a string: a regex that must ``fullmatch`` the module name;
   a list: a name matches if it equals an entry or ends with ``"." + entry``;
-  ``"all-linear"``: every linear/Conv1D layer except the output head.
+  ``"all-linear"``: every linear/Conv1D layer except the output head (never an embedding;
+  embeddings are adapted only when named).
 - ``exclude_modules``: the same rules, applied first.
 - ``layers_to_transform``: only modules inside those layer indices, found as
   ``<layers_pattern>.<index>.`` in the name (any ``<name>.<index>.`` if no pattern is given).
@@ -18,6 +19,7 @@ from typing import Iterator, Optional
 from torch import nn
 
 from .config import ConfigError, LoraConfig
+from .layers.embedding import embedding_kind
 from .layers.linear import is_conv1d
 from .naming import global_module_name
 
@@ -43,8 +45,14 @@ def parallel_linear_kind(module: nn.Module) -> Optional[str]:
     return None
 
 
-def is_supported_layer(module: nn.Module) -> bool:
+def is_linear_layer(module: nn.Module) -> bool:
+    """nn.Linear, Conv1D or a megatron parallel linear: what ``all-linear`` targets."""
     return isinstance(module, nn.Linear) or is_conv1d(module) or parallel_linear_kind(module) is not None
+
+
+def is_supported_layer(module: nn.Module) -> bool:
+    """A layer LoRA can wrap: a linear one, or an embedding (targeted by name only, as in PEFT)."""
+    return is_linear_layer(module) or embedding_kind(module) is not None
 
 
 def _name_matches(spec: str | list[str], name: str) -> bool:
@@ -110,7 +118,7 @@ def find_targets(model: nn.Module, config: LoraConfig, allow_empty: bool = False
         if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in saved):
             continue
         if spec == ALL_LINEAR:
-            if name in heads or not is_supported_layer(module):
+            if name in heads or not is_linear_layer(module):
                 continue
         elif not _name_matches(spec, key):
             continue
@@ -119,11 +127,12 @@ def find_targets(model: nn.Module, config: LoraConfig, allow_empty: bool = False
         if not is_supported_layer(module):
             raise ConfigError(
                 f"target module {name!r} is a {type(module).__name__}; LoRA here supports nn.Linear, "
-                "transformers Conv1D and megatron Column/RowParallelLinear."
+                "transformers Conv1D and megatron Column/RowParallelLinear (and embeddings: nn.Embedding, "
+                "megatron VocabParallelEmbedding)."
             )
         found.append(name)
     if not found and not allow_empty:
-        candidates = [n for n, m in _candidate_modules(model) if is_supported_layer(m)]
+        candidates = [n for n, m in _candidate_modules(model) if is_linear_layer(m)]
         shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
         raise ConfigError(
             f"target_modules={spec!r} matched no module of {type(model).__name__}"

@@ -7,8 +7,9 @@ names that received a LoRA layer must be equal.
 Known, deliberate differences from PEFT 0.21.2 (not cross-checked here):
 - a ``target_modules`` list entry equal to a full module name bypasses ``layers_to_transform``
   in PEFT (``key in target_modules`` short-circuits the layer filter); dist_lora applies it;
-- dist_lora supports only linear layers (nn.Linear, Conv1D, megatron Column/RowParallelLinear):
-  an explicitly targeted Embedding/Conv2d is an error here, PEFT would adapt it;
+- dist_lora supports linear layers (nn.Linear, Conv1D, megatron Column/RowParallelLinear) and
+  embeddings (nn.Embedding, megatron VocabParallelEmbedding; see tests/test_embedding_lora.py):
+  an explicitly targeted Conv2d is an error here, PEFT would adapt it;
 - ``all-linear`` also excludes modules named ``lm_head``/``output_layer`` on models that are
   not ``PreTrainedModel`` (PEFT only drops the output embedding of a PreTrainedModel), and
   includes megatron's parallel linears (which PEFT's all-linear never sees);
@@ -219,15 +220,20 @@ def test_no_match_candidates_list_is_truncated(models):
 
 @pytest.mark.parametrize(
     "arch, targets, name, kind",
-    [("llama", ["embed_tokens"], "model.embed_tokens", "Embedding"),
-     ("gpt2", ["wte", "c_attn"], "transformer.wte", "Embedding"),
-     ("llama", r".*layernorm", "model.layers.0.input_layernorm", "LlamaRMSNorm"),
+    [("llama", r".*layernorm", "model.layers.0.input_layernorm", "LlamaRMSNorm"),
      ("gpt2", ["attn"], "transformer.h.0.attn", "GPT2Attention")],
 )
 def test_unsupported_module_type(models, arch, targets, name, kind):
     with pytest.raises(ConfigError, match=rf"target module '{re.escape(name)}' is a {kind}; LoRA here supports "
                                           r"nn\.Linear, transformers Conv1D and megatron Column/RowParallelLinear"):
         find_targets(models[arch], LoraConfig(target_modules=targets))
+
+
+def test_conv_layers_stay_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ConfigError, match=r"target module '0' is a Conv2d; LoRA here supports "
+                                          r"nn\.Linear, transformers Conv1D and megatron Column/RowParallelLinear"):
+        find_targets(model, LoraConfig(target_modules=["0", "2"]))
 
 
 def test_unsupported_module_outside_layers_to_transform_is_skipped(models):
@@ -367,13 +373,13 @@ def _check_explicit_targets(gpt_model):
         "self_attention.linear_qkv", "mlp.linear_fc1", prefix="decoder.layers")
 
 
-def test_megatron_embedding_is_refused():
-    _with_gpt(_check_embedding_refused)
+def test_megatron_embedding_is_targeted_by_name():
+    _with_gpt(_check_embedding_targeted)
 
 
-def _check_embedding_refused(gpt_model):
-    with pytest.raises(ConfigError, match=r"target module 'embedding.word_embeddings' is a VocabParallelEmbedding"):
-        find_targets(gpt_model, LoraConfig(target_modules=["word_embeddings"]))
+def _check_embedding_targeted(gpt_model):
+    assert ours(gpt_model, target_modules=["word_embeddings"]) == ["embedding.word_embeddings"]
+    assert "embedding.word_embeddings" not in ours(gpt_model, target_modules="all-linear")
 
 
 def test_megatron_no_match_lists_candidates():

@@ -21,6 +21,7 @@ Mapping of megatron LoRA factors to HF modules (``decoder.layers.N.`` -> ``model
                                B [2F, r], bias      -> [gate; up] rows (split_gate_up)
     self_attention.linear_proj                      -> o_proj     (as is)
     mlp.linear_fc2                                  -> down_proj  (as is)
+    embedding.word_embeddings  lora_embedding_A/B   -> model.embed_tokens (as is)
 
 A fused adapter with A shared by q/k/v is exactly three adapters with equal A's, each of rank
 r and the fused module's alpha, so the scaling is unchanged. modules_to_save tensors are
@@ -62,13 +63,21 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config import ConfigError, LoraConfig, explicit_pattern
+from ..layers.base import LoraLayer
+from ..layers.embedding import FACTOR_KEYS as EMBEDDING_FACTOR_KEYS
 from .peft_format import PREFIX, WEIGHTS_NAME
 from .safetensors_stream import DTYPES, SafetensorsFormatError, ShardReader, StreamWriter, row_runs
 from .manifest import MANIFEST, entry_dtype, read_adapter_config, read_manifest, shard_file_name, shard_rank
 from .training import complete_checkpoints, latest_checkpoint
 
 FORMATS = ("peft", "megatron")
+<<<<<<< HEAD
 LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector")
+=======
+LORA_SUFFIXES = (*LoraLayer.factor_keys, "lora_B.bias", "lora_magnitude_vector", *EMBEDDING_FACTOR_KEYS)
+A_SUFFIXES = (LoraLayer.factor_keys[0], EMBEDDING_FACTOR_KEYS[0])  # A [r, in] of a linear layer / an embedding
+_SHARD_NAME = re.compile(r"shard-pp(\d+)-tp(\d+)\.safetensors")
+>>>>>>> i14-e
 _LAYER = re.compile(r"(?:.*\.)?decoder\.layers\.(\d+)\.(.+)")
 # Init methods that change the base weights: the adapter is only valid with those weights.
 _BASE_CHANGING_INIT = ("olora", "pissa", "corda", "loftq")
@@ -334,9 +343,10 @@ def _check_factors(sources: dict[str, _Source], config: LoraConfig) -> None:
     for source in sources.values():
         if source.suffix in LORA_SUFFIXES:
             present.setdefault(source.module, set()).add(source.suffix)
-    want = {"lora_A.weight", "lora_B.weight"} | ({"lora_B.bias"} if config.lora_bias else set())
-    want |= {"lora_magnitude_vector"} if config.use_dora else set()  # DoRA's m [out]: split like B's rows
+    dora = {"lora_magnitude_vector"} if config.use_dora else set()  # DoRA's m [out]: split like B's rows
+    linear = {*LoraLayer.factor_keys} | ({"lora_B.bias"} if config.lora_bias else set()) | dora
     for module, suffixes in sorted(present.items()):
+        want = {*EMBEDDING_FACTOR_KEYS} | dora if suffixes & {*EMBEDDING_FACTOR_KEYS} else linear
         if suffixes != want:
             missing, extra = sorted(want - suffixes), sorted(suffixes - want)
             raise ConsolidationError(
@@ -575,7 +585,7 @@ def _megatron_to_hf(sources: dict[str, _Source], arch: Any) -> list[tuple[_Sourc
     groups = []
     for source in sources.values():
         hf_names = hf_module_names(source.module)
-        if len(hf_names) == 1 or source.suffix == "lora_A.weight":  # as is, or A copied per module
+        if len(hf_names) == 1 or source.suffix in A_SUFFIXES:  # as is, or A copied per module
             outputs = [_Output(f"{PREFIX}{hf}.{source.suffix}", source.global_shape, None) for hf in hf_names]
         else:  # split output rows with the bridge's own layout functions, applied to row indices
             rows = torch.arange(source.global_shape[0])
@@ -607,7 +617,7 @@ def _check_ranks(config: LoraConfig, sources: dict[str, _Source]) -> dict[str, i
     """module -> rank (rows of its A), checked against the config's rank_for(module)."""
     ranks = {}
     for source in sources.values():
-        if source.suffix == "lora_A.weight":
+        if source.suffix in A_SUFFIXES:
             rank, expected = source.global_shape[0], config.rank_for(source.module)
             if rank != expected:
                 raise ConsolidationError(
@@ -671,14 +681,21 @@ def _check_against_hf_model(groups: list, hf_model_dir: str, layer_replication: 
                     f"{out.name} names no module of the HF model at {hf_model_dir} ({module!r}); PEFT would "
                     "silently ignore it. Is this the model the adapter was trained on?"
                 )
-            features, params = modules[module]
+            features, params, embedding = modules[module]
             if suffix in LORA_SUFFIXES:
                 if features is None:
-                    raise ConsolidationError(f"{out.name}: HF module {module} is not a linear layer.")
+                    raise ConsolidationError(f"{out.name}: HF module {module} is not a linear or embedding layer.")
+                if suffix in (*LoraLayer.factor_keys, *EMBEDDING_FACTOR_KEYS) and embedding != (suffix in EMBEDDING_FACTOR_KEYS):
+                    raise ConsolidationError(
+                        f"{out.name}: HF module {module} is {'an embedding' if embedding else 'a linear layer'}; PEFT "
+                        f"names its factors {EMBEDDING_FACTOR_KEYS if embedding else LoraLayer.factor_keys}."
+                    )
                 n_in, n_out = features
                 want = {
                     "lora_A.weight": (out.shape[0], n_in),
                     "lora_B.weight": (n_out, out.shape[-1]),
+                    "lora_embedding_A": (out.shape[0], n_in),
+                    "lora_embedding_B": (n_out, out.shape[-1]),
                     "lora_B.bias": (n_out,),
                     "lora_magnitude_vector": (n_out,),
                 }[suffix]
@@ -694,9 +711,10 @@ def _check_against_hf_model(groups: list, hf_model_dir: str, layer_replication: 
 
 def _hf_modules(
     hf_model_dir: str, layer_replication: Optional[list] = None
-) -> dict[str, tuple[Optional[tuple[int, int]], dict[str, tuple]]]:
-    """module name -> ((in, out) for linear layers, {param: shape}) of the HF model, built on
-    the meta device from its config.json (no weights are read)."""
+) -> dict[str, tuple[Optional[tuple[int, int]], dict[str, tuple], bool]]:
+    """module name -> ((in, out) for linear and embedding layers, {param: shape}, whether it is
+    an embedding) of the HF model, built on the meta device from its config.json (no weights
+    are read)."""
     import transformers
 
     try:
@@ -719,9 +737,11 @@ def _hf_modules(
             features = (module.in_features, module.out_features)
         elif type(module).__name__ == "Conv1D" and "weight" in params:  # GPT-2: weight is [in, out]
             features = params["weight"]
+        elif isinstance(module, torch.nn.Embedding):  # in = vocabulary, out = embedding_dim
+            features = (module.num_embeddings, module.embedding_dim)
         else:
             features = None
-        out[name] = (features, params)
+        out[name] = (features, params, isinstance(module, torch.nn.Embedding))
     return out
 
 

@@ -145,18 +145,22 @@ class _AdapterFile:
         if module not in self.modules or kind not in ("weight", "bias"):
             return tensor
         a, b = self._get(f"{PREFIX}{module}.lora_A.weight"), self._get(f"{PREFIX}{module}.lora_B.weight")
+        fan_in_fan_out = self.config.fan_in_fan_out
+        if a is None:  # an embedding: PEFT's lora_embedding_A/B, its weight stored [vocab, dim]
+            a, b = self._get(f"{PREFIX}{module}.lora_embedding_A"), self._get(f"{PREFIX}{module}.lora_embedding_B")
+            fan_in_fan_out = True
         scaling = lm.lora_scaling(self.config.alpha_for(module), a.shape[0], self.config.use_rslora)
         if kind == "bias":
             bias = self._get(f"{PREFIX}{module}.lora_B.bias")
             return tensor if bias is None else (tensor.float() + bias.float() * scaling).to(tensor.dtype)
-        delta = lm.delta_weight(a, b, scaling, self.config.fan_in_fan_out)
+        delta = lm.delta_weight(a, b, scaling, fan_in_fan_out)
         if delta.shape != tensor.shape:
             raise MergedExportError(f"{module}: ΔW is {tuple(delta.shape)}, the base weight {tuple(tensor.shape)}.")
         merged = tensor.float() + delta
         magnitude = self._get(f"{PREFIX}{module}.lora_magnitude_vector")
         if magnitude is not None:  # DoRA: W' = m / ||W + ΔW||_row · (W + ΔW); the bias is not rescaled
-            scale = lm.dora_scale(magnitude.float(), lm.dora_norm_sq(tensor, delta, self.config.fan_in_fan_out).sqrt())
-            merged = merged * (scale[None, :] if self.config.fan_in_fan_out else scale[:, None])
+            scale = lm.dora_scale(magnitude.float(), lm.dora_norm_sq(tensor, delta, fan_in_fan_out).sqrt())
+            merged = merged * (scale[None, :] if fan_in_fan_out else scale[:, None])
         return merged.to(tensor.dtype)
 
     def close(self) -> None:

@@ -48,7 +48,8 @@ def adapter_root(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
 
 
 def _layer_tensors(layer: LoraLayer, adapter: str) -> dict[str, torch.Tensor]:
-    out = {"lora_A.weight": layer.lora_A[adapter].weight, "lora_B.weight": layer.lora_B[adapter].weight}
+    key_a, key_b = layer.factor_keys
+    out = {key_a: layer.lora_A[adapter].weight, key_b: layer.lora_B[adapter].weight}
     if layer.lora_B[adapter].bias is not None:
         out["lora_B.bias"] = layer.lora_B[adapter].bias
     if adapter in layer.lora_magnitude_vector:  # DoRA's m: PEFT saves it without ".weight"
@@ -236,6 +237,8 @@ def resolve_parameter(module: torch.nn.Module, path: str, adapter: str) -> tuple
     if isinstance(module, LoraLayer):
         if path == "lora_magnitude_vector":
             return module.lora_magnitude_vector[adapter], "weight"
+        if path in module.factor_keys:  # an embedding's "lora_embedding_A" has no ".weight"
+            return (module.lora_A, module.lora_B)[module.factor_keys.index(path)][adapter], "weight"
         factor, _, pname = path.partition(".")
         return getattr(module, factor)[adapter], pname
     sub_name, _, pname = path.rpartition(".")
@@ -263,6 +266,7 @@ def assign_tensors(model: "LoraModel", tensors: dict[str, torch.Tensor], adapter
     shard. Missing and unexpected keys are errors: PEFT only warns on the first and ignores
     the second, which loads a different model without a word."""
     keys = expected_keys(model, adapter)
+    tensors = _without_saved_embeddings(model, tensors, source)
     missing = sorted(set(keys) - set(tensors))
     unexpected = sorted(set(tensors) - set(keys))
     if missing or unexpected:
@@ -286,9 +290,30 @@ def assign_tensors(model: "LoraModel", tensors: dict[str, torch.Tensor], adapter
         set_tensor(sub, pname, value)
 
 
+def _without_saved_embeddings(model: "LoraModel", tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``tensors`` without the base weights PEFT saves next to an adapted embedding
+    (``save_embedding_layers``), each checked equal to the model's: loading an adapter never
+    changes base weights (PEFT would overwrite them)."""
+    from ..layers.embedding import SAVED_BASE_WEIGHT, LoraEmbedding
+
+    out = dict(tensors)
+    for name, layer in model.lora_layers():
+        key = f"{PREFIX}{name}.{SAVED_BASE_WEIGHT}"
+        if key not in out or not isinstance(layer, LoraEmbedding):
+            continue
+        saved, weight = out.pop(key), layer.base_weight
+        if saved.shape != weight.shape or not torch.equal(saved.to(weight.dtype), weight.detach()):
+            raise ConfigError(
+                f"{key} in {source}: PEFT saved this embedding's base weight with the adapter "
+                "(save_embedding_layers) and it differs from the model's; dist_lora loads adapters, not base "
+                "weights: put that weight into the base model first (e.g. after resizing the vocabulary)."
+            )
+    return out
+
+
 def _shard_for(layer: LoraLayer, path: str, value: torch.Tensor, key: str) -> torch.Tensor:
     """The part of a full factor that lives on this rank."""
-    if path == "lora_A.weight":
+    if path == layer.factor_keys[0]:
         if value.shape[1] != layer.in_features:
             raise ConfigError(f"{key}: in_features {value.shape[1]} in the file, the model has {layer.in_features}.")
         return layer.shard_a(value)

@@ -2,6 +2,7 @@
 class per kind of base layer."""
 
 from .base import LoraLayer
+from .embedding import LoraEmbedding
 from .linear import LoraLinear, is_conv1d
 
-__all__ = ["LoraLayer", "LoraLinear", "is_conv1d"]
+__all__ = ["LoraEmbedding", "LoraLayer", "LoraLinear", "is_conv1d"]

@@ -26,6 +26,7 @@ class LoraLayer(nn.Module):
     """
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    factor_keys = ("lora_A.weight", "lora_B.weight")  # PEFT's saved names of A and B (embeddings differ)
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -101,7 +102,7 @@ class LoraLayer(nn.Module):
             b = torch.empty(self.out_features, r, device="meta")
             bias = torch.empty(self.out_features, device="meta") if lora_bias else None
         else:
-            a, b, bias = lm.init_lora_factors(r, self.in_features, self.out_features, init_lora_weights, seed, lora_bias)
+            a, b, bias = self._init_factors(r, init_lora_weights, seed, lora_bias)
         scaling = lm.lora_scaling(lora_alpha, r, use_rslora)
         residual = None
         if wd.is_weight_driven(init_lora_weights) and not on_meta:
@@ -148,6 +149,13 @@ class LoraLayer(nn.Module):
         if adapter_name not in self._active_adapters and not self._active_adapters:
             self._active_adapters = [adapter_name]
         self._set_requires_grad()
+
+    def _init_factors(
+        self, r: int, init: lm.InitKind, seed: int, lora_bias: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Full (unsharded) A, B and B's bias from one seed (:func:`lm.init_lora_factors`;
+        embedding layers draw them their own way)."""
+        return lm.init_lora_factors(r, self.in_features, self.out_features, init, seed, lora_bias)
 
     def _weight_driven_init(
         self, r: int, scaling: float, init: str, seed: int

@@ -2,7 +2,8 @@
 
 Some replicated parameters get a per-rank partial gradient that must be summed over TP before
 the optimizer step: the replicated factor of every fused parallel LoRA layer (column A, row B;
-see :mod:`dist_lora.layers.fused`), the row B of the reference path under sequence
+see :mod:`dist_lora.layers.fused`) and of a vocab-parallel embedding (B, see
+:mod:`dist_lora.layers.parallel_embedding`), the row B of the reference path under sequence
 parallelism, and any trainable parameter megatron marks ``sequence_parallel`` (its norm
 weights under SP). :func:`finalize_lora_grads` sums all of them in one flattened all-reduce
 per step — never one collective per layer.
@@ -21,12 +22,13 @@ def tp_partial_grad_parameters(model: torch.nn.Module, include_sequence_parallel
     """Trainable parameters whose gradient is a per-rank partial sum over TP: the LoRA
     layers' replicated factors, and (``include_sequence_parallel``) parameters megatron marks
     ``sequence_parallel``."""
-    from ..layers.parallel import _ParallelLoraLayer
+    from ..layers.base import LoraLayer
 
     params: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
-        if isinstance(module, _ParallelLoraLayer):
-            params.update((id(p), p) for p in module.partial_grad_parameters())
+        partial = getattr(module, "partial_grad_parameters", None)  # parallel linear and embedding layers
+        if isinstance(module, LoraLayer) and partial is not None:
+            params.update((id(p), p) for p in partial())
     if include_sequence_parallel:
         for p in model.parameters():
             if getattr(p, "sequence_parallel", False):
