@@ -71,13 +71,8 @@ from .manifest import MANIFEST, entry_dtype, read_adapter_config, read_manifest,
 from .training import complete_checkpoints, latest_checkpoint
 
 FORMATS = ("peft", "megatron")
-<<<<<<< HEAD
-LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector")
-=======
 LORA_SUFFIXES = (*LoraLayer.factor_keys, "lora_B.bias", "lora_magnitude_vector", *EMBEDDING_FACTOR_KEYS)
 A_SUFFIXES = (LoraLayer.factor_keys[0], EMBEDDING_FACTOR_KEYS[0])  # A [r, in] of a linear layer / an embedding
-_SHARD_NAME = re.compile(r"shard-pp(\d+)-tp(\d+)\.safetensors")
->>>>>>> i14-e
 _LAYER = re.compile(r"(?:.*\.)?decoder\.layers\.(\d+)\.(.+)")
 # Init methods that change the base weights: the adapter is only valid with those weights.
 _BASE_CHANGING_INIT = ("olora", "pissa", "corda", "loftq")

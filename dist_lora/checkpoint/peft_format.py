@@ -297,8 +297,9 @@ def _without_saved_embeddings(model: "LoraModel", tensors: dict[str, torch.Tenso
     from ..layers.embedding import SAVED_BASE_WEIGHT, LoraEmbedding
 
     out = dict(tensors)
-    for name, layer in model.lora_layers():
-        key = f"{PREFIX}{name}.{SAVED_BASE_WEIGHT}"
+    root, prefix = adapter_root(model)
+    for name, layer in root.named_modules():
+        key = f"{prefix}{name}.{SAVED_BASE_WEIGHT}"
         if key not in out or not isinstance(layer, LoraEmbedding):
             continue
         saved, weight = out.pop(key), layer.base_weight
