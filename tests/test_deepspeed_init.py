@@ -210,3 +210,10 @@ def test_data_pass_on_a_partitioned_model_without_gathering_is_refused():
         assert result["corda_untouched"]
         assert "deepspeed.initialize was called" in result.get("eva_after_engine", "")
         assert result["engine_state_equal"]
+
+
+def test_embedding_adapters_are_refused_before_deepspeed_starts():
+    """A DeepSpeed checkpoint could not tell an embedding's factors from a linear layer's."""
+    model = get_lora_model(hf_models.tiny_llama(), LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    with pytest.raises(ValueError, match=r"LoRA on embeddings \(model.model.embed_tokens\) is not supported under DeepSpeed"):
+        initialize(model, ds_config(2))

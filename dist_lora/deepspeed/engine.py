@@ -34,7 +34,22 @@ def initialize(
     check_ds_config(config, allow_jit=allow_jit)
     import deepspeed
 
+    _refuse_embedding_adapters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: inject adapters (get_lora_model) before initialize.")
     return deepspeed.initialize(model=model, model_parameters=params, config=config, **kwargs)
+
+
+def _refuse_embedding_adapters(model: torch.nn.Module) -> None:
+    """A DeepSpeed checkpoint names parameters only, and an embedding's factors would look like
+    a linear layer's there (PEFT would then ignore them): refuse until the checkpoint records
+    module kinds. ``model.save_pretrained`` under ZeRO-1/2 and the megatron path have no such limit."""
+    from ..layers.embedding import LoraEmbedding
+
+    names = [name for name, module in model.named_modules() if isinstance(module, LoraEmbedding)]
+    if names:
+        raise ValueError(
+            f"LoRA on embeddings ({', '.join(names[:3])}) is not supported under DeepSpeed yet: its checkpoints "
+            "could not be consolidated into a PEFT adapter. Leave embeddings out of target_modules."
+        )
