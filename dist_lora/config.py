@@ -35,8 +35,10 @@ TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS
 MEGATRON_CORE_ALLOWLIST = ("megatron.core",)
 
 # The one list of PEFT 0.21 LoraConfig features dist_lora does not implement: field -> feature.
-# LoraConfig accepts each field (so that every PEFT adapter_config.json parses) and refuses a
-# value other than the field's default when the config is built or loaded.
+# These change what an adapter computes, so LoraConfig accepts each field (every PEFT
+# adapter_config.json parses) but refuses a value other than the field's default when the
+# config is built or loaded. The init methods only decide a new adapter's first weights: a
+# config may name them (a trained adapter's file loads), get_lora_model refuses them.
 NOT_YET_SUPPORTED: dict[str, str] = {
     "target_parameters": "LoRA on nn.Parameter targets, coming with the MoE support",
     "trainable_token_indices": "trainable tokens",
@@ -406,20 +408,13 @@ def _check_rank(rank: Any, name: str) -> None:
 
 
 def refuse_unsupported_features(config: "LoraConfig") -> None:
-    """ConfigError naming every NOT_YET_SUPPORTED field (or init method) ``config`` sets."""
+    """ConfigError naming every NOT_YET_SUPPORTED field ``config`` sets to a non-default value."""
     defaults = {f.name: f.default for f in dataclasses.fields(config) if f.name in NOT_YET_SUPPORTED}
     used = [name for name, default in defaults.items() if getattr(config, name) != default]
-    found = [f"{name}={getattr(config, name)!r} ({NOT_YET_SUPPORTED[name]})" for name in used]
-    fixes = [f"{name}={defaults[name]!r}" for name in used]
-    if config.init_lora_weights in NOT_YET_SUPPORTED_INIT:
-        found.append(f"init_lora_weights={config.init_lora_weights!r}")
-        supported = [m for m in INIT_METHODS if m not in NOT_YET_SUPPORTED_INIT]
-        fixes.append(f"init_lora_weights True, False, 'pissa_niter_<N>' or one of {supported}")
-    if found:
-        raise ConfigError(
-            f"LoraConfig uses PEFT features dist_lora does not support: {', '.join(found)}. "
-            f"Use {', '.join(fixes)}."
-        )
+    if used:
+        found = ", ".join(f"{name}={getattr(config, name)!r} ({NOT_YET_SUPPORTED[name]})" for name in used)
+        fixes = ", ".join(f"{name}={defaults[name]!r}" for name in used)
+        raise ConfigError(f"LoraConfig uses PEFT features dist_lora does not support: {found}. Use {fixes}.")
 
 
 def canonical_init_lora_weights(value: Any) -> Union[bool, str]:

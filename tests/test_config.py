@@ -795,9 +795,17 @@ def test_init_lora_weights_case_sensitive_in_peft(value):
 
 
 @pytest.mark.parametrize("value", ["orthogonal", "lora_ga", "mica", "MiCA"])
-def test_peft_init_methods_not_supported(value):
-    with pytest.raises(ConfigError, match=rf"does not support: init_lora_weights={value.lower()!r}"):
-        LoraConfig(init_lora_weights=value)
+def test_peft_init_methods_read_but_not_run(value):
+    # a config may name them (they only decide a new adapter's first weights); get_lora_model refuses
+    from dist_lora import get_lora_model
+
+    cfg = LoraConfig(target_modules=["fc"], init_lora_weights=value)
+    assert cfg.init_lora_weights == value.lower()
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(4, 4))
+    with pytest.raises(NotImplementedError, match=rf"init_lora_weights={value.lower()!r} is not yet supported"):
+        get_lora_model(model, cfg)
+    assert type(model.fc) is nn.Linear
 
 
 def test_corda_paths_may_be_pathlike(tmp_path):

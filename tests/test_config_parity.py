@@ -2,7 +2,7 @@
 
 - every field of PEFT's LoraConfig is a LoraConfig field here, with PEFT's default, so any PEFT
   adapter_config.json parses; a file setting a feature dist_lora lacks is refused, naming the
-  file and the field;
+  file and the field; an init method dist_lora lacks is read, and refused for a new adapter;
 - ``layers_pattern`` / ``layers_to_transform``: the same configs are accepted and the same
   modules matched (an empty pattern means "any ``<name>.<index>.``", which needs a parent
   module before the list);
@@ -109,11 +109,16 @@ def test_peft_file_with_unsupported_feature_is_refused_naming_file_and_field(tmp
 
 
 @pytest.mark.parametrize("init", ["orthogonal", "mica", "lora_ga"])
-def test_peft_file_with_unsupported_init_is_refused_naming_file(tmp_path, init):
+def test_peft_file_with_unsupported_init_loads_and_new_adapters_refuse_it(tmp_path, init):
+    # The init method decides only a new adapter's first weights (PEFT's MiCA variant computes
+    # plain LoRA): the file's config is read; starting a new adapter with it is refused.
     _peft_saved(tmp_path, target_modules=["q_proj"], init_lora_weights=init)
-    with pytest.raises(ConfigError, match=rf"does not support: init_lora_weights='{init}'") as info:
-        LoraConfig.from_pretrained(tmp_path)
-    assert str(info.value).startswith(f"{tmp_path / CONFIG_NAME}: ")
+    config = LoraConfig.from_pretrained(tmp_path)
+    assert config.init_lora_weights == init
+    model = _Two()
+    with pytest.raises(NotImplementedError, match=rf"init_lora_weights='{init}' is not yet supported"):
+        get_lora_model(model, config)
+    assert type(model.q_proj) is nn.Linear
 
 
 # --------------------------------------------------------------------------------------------
