@@ -297,6 +297,7 @@ class LoraConfig:
         refuse_unsupported_features(self)
         _check_metadata(self)
         _check_rank(self.r, "r")
+        _check_rank(self.qalora_group_size, "qalora_group_size")  # used by QALoRA only, as in PEFT
         for key, rank in self.rank_pattern.items():
             _check_rank(rank, f"rank_pattern[{key!r}]")
         for key, alpha in [("lora_alpha", self.lora_alpha)] + [
@@ -465,7 +466,9 @@ def _compile(pattern: str, what: str) -> None:
     try:
         re.compile(pattern)
     except re.error as e:
-        raise ConfigError(f"{what} is not a valid regular expression ({e}); escape special characters with '\\'.") from None
+        raise ConfigError(
+            f"{what} is not a valid regular expression ({e}); escape special characters with '\\'."
+        ) from None
 
 
 def _check_metadata(config: "LoraConfig") -> None:
@@ -477,7 +480,6 @@ def _check_metadata(config: "LoraConfig") -> None:
             raise ConfigError(f"{name} must be a string or None, got {getattr(config, name)!r}.")
     if not isinstance(config.auto_mapping, (dict, type(None))):
         raise ConfigError(f"auto_mapping must be a dict or None, got {config.auto_mapping!r}.")
-    _check_rank(config.qalora_group_size, "qalora_group_size")
 
 
 def _check_module_names(config: "LoraConfig") -> None:
@@ -490,9 +492,7 @@ def _check_module_names(config: "LoraConfig") -> None:
             raise ConfigError(f"{name} must be a string (regex) or a list of strings, got {value!r}.")
     saved = config.modules_to_save
     if saved is not None and (not isinstance(saved, list) or not all(isinstance(v, str) for v in saved)):
-        raise ConfigError(
-            f"modules_to_save must be a list of module names, e.g. ['lm_head'], got {saved!r}."
-        )
+        raise ConfigError(f"modules_to_save must be a list of module names, e.g. ['lm_head'], got {saved!r}.")
 
 
 def _check_layers(config: "LoraConfig") -> None:
@@ -506,7 +506,7 @@ def _check_layers(config: "LoraConfig") -> None:
             raise ConfigError("layers_to_transform cannot be used when target_modules is a regex string.")
     pattern = config.layers_pattern
     if pattern is not None:
-        if not isinstance(pattern, str) and not (isinstance(pattern, list) and all(isinstance(p, str) for p in pattern)):
+        if not isinstance(pattern, (str, list)) or not all(isinstance(p, str) for p in pattern):
             raise ConfigError(f"layers_pattern must be a string or a list of strings, got {pattern!r}.")
         if pattern and layers is None:
             raise ConfigError("layers_pattern is set but layers_to_transform is not; set both or neither.")

@@ -719,7 +719,8 @@ BOOL_FIELDS = [
 @pytest.mark.parametrize("cls, name", BOOL_FIELDS, ids=lambda x: getattr(x, "__name__", x))
 @pytest.mark.parametrize("value", ["false", "true", "False", 0, 1, None])
 def test_bool_fields_need_real_bools(cls, name, value):
-    with pytest.raises(ConfigError, match=rf"^{cls.__name__}\.{name} must be True or False, got {re.escape(repr(value))}"):
+    expected = rf"^{cls.__name__}\.{name} must be True or False, got {re.escape(repr(value))}"
+    with pytest.raises(ConfigError, match=expected):
         cls(**{name: value})
 
 
