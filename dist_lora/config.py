@@ -1,8 +1,11 @@
 """LoraConfig and its sub-configs: PEFT's fields, validated, with a PEFT-readable JSON round trip.
 
-The dataclasses mirror ``peft.LoraConfig`` field for field. Validation happens in
-``__post_init__`` and never mutates what the caller passed in beyond normalising containers
-(lists stay lists, sets become sorted lists) so that ``to_dict`` is stable and diffable.
+The dataclasses mirror PEFT 0.21's ``LoraConfig`` field for field, so every PEFT
+adapter_config.json parses; the fields of features dist_lora lacks (``NOT_YET_SUPPORTED``) must
+keep their defaults. Validation happens in ``__post_init__`` (a bad value is a ConfigError naming
+the field) and never mutates what the caller passed in beyond normalising values (sets become
+sorted lists, tuples lists, ``init_lora_weights`` PEFT's lower-case spelling, CorDA paths str)
+so that ``to_dict`` is stable and diffable.
 """
 
 from __future__ import annotations
@@ -19,21 +22,55 @@ from typing import Any, Literal, Optional, Union
 
 CONFIG_NAME = "adapter_config.json"
 
-# init_lora_weights values understood by PEFT (besides True / False and "pissa_niter_<N>").
-INIT_METHODS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq")
+# init_lora_weights values understood by PEFT 0.21 (besides True / False and "pissa_niter_<N>").
+INIT_METHODS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica", "lora_ga")
+# PEFT's LoRA layer compares these with ``.lower()``; it reads every other init string as written.
+_CASE_INSENSITIVE_INIT = ("gaussian", "olora", "mica")
 _PISSA_NITER = re.compile(r"pissa_niter_(.*)")
+# PeftConfig.task_type values (peft.TaskType); PEFT refuses any other.
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 # `megatron_core` names a module that is imported to find the parallel layer classes.
 # Importing an arbitrary name from a config file is code execution, so only these are allowed.
 MEGATRON_CORE_ALLOWLIST = ("megatron.core",)
 
-# Features another issue delivers: validated here, refused by get_lora_model until then.
-NOT_YET_SUPPORTED: dict[str, str] = {}
-NOT_YET_SUPPORTED_INIT: tuple[str, ...] = ()
+# The one list of PEFT 0.21 LoraConfig features dist_lora does not implement: field -> feature.
+# These change what an adapter computes, so LoraConfig accepts each field (every PEFT
+# adapter_config.json parses) but refuses a value other than the field's default when the
+# config is built or loaded. The init methods only decide a new adapter's first weights: a
+# config may name them (a trained adapter's file loads), get_lora_model refuses them.
+NOT_YET_SUPPORTED: dict[str, str] = {
+    "target_parameters": "LoRA on nn.Parameter targets, coming with the MoE support",
+    "trainable_token_indices": "trainable tokens",
+    "ensure_weight_tying": "tying the adapters of tied weights",
+    "use_qalora": "QALoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "lora_ga_config": "LoRA-GA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "use_bdlora": "BD-LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+}
+NOT_YET_SUPPORTED_INIT: tuple[str, ...] = ("orthogonal", "mica", "lora_ga")
+# adapter_config.json keys that describe the file, not the adapter: read and dropped.
+_METADATA_KEYS = ("peft_version",)
 
 
 class ConfigError(ValueError):
     """A LoraConfig value is out of range or inconsistent."""
+
+
+def check_bools(config: Any) -> None:
+    """Every ``bool`` field of the dataclass ``config`` holds a real bool: text such as "false"
+    would otherwise read as true."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.type == "bool" and not isinstance(value, bool):
+            raise ConfigError(
+                f"{type(config).__name__}.{f.name} must be True or False, got {value!r} "
+                f"({type(value).__name__}); write a JSON/YAML boolean, not text."
+            )
 
 
 @dataclass
@@ -53,6 +90,7 @@ class LoraRuntimeConfig:
     keep_gathered_input: bool = False
 
     def __post_init__(self) -> None:
+        check_bools(self)
         if self.tp_comm not in ("fused", "reference"):
             raise ConfigError(f"runtime_config.tp_comm must be 'fused' or 'reference', got {self.tp_comm!r}.")
 
@@ -65,9 +103,9 @@ class LoftQConfig:
     loftq_iter: int = 1
 
     def __post_init__(self) -> None:
-        if self.loftq_bits not in (2, 4, 8):
+        if isinstance(self.loftq_bits, bool) or self.loftq_bits not in (2, 4, 8):
             raise ConfigError(f"loftq_bits must be 2, 4 or 8, got {self.loftq_bits!r}.")
-        if not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
             raise ConfigError(f"loftq_iter must be an integer >= 1, got {self.loftq_iter!r}.")
 
 
@@ -83,6 +121,9 @@ class EvaConfig:
     adjust_scaling_factors: bool = True
 
     def __post_init__(self) -> None:
+        check_bools(self)
+        if isinstance(self.label_mask_value, bool) or not isinstance(self.label_mask_value, int):
+            raise ConfigError(f"EvaConfig.label_mask_value must be an integer, got {self.label_mask_value!r}.")
         for name in ("rho", "tau"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -101,7 +142,7 @@ class EvaConfig:
 
 @dataclass
 class CordaConfig:
-    """CorDA settings, as in PEFT."""
+    """CorDA settings, as in PEFT. The file names may be ``str`` or ``os.PathLike`` (kept as str)."""
 
     cache_file: Optional[str] = None
     covariance_file: Optional[str] = None
@@ -111,6 +152,12 @@ class CordaConfig:
     prune_temporary_fields: bool = True
 
     def __post_init__(self) -> None:
+        check_bools(self)
+        for name in ("cache_file", "covariance_file"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ConfigError(f"CordaConfig.{name} must be a file path or None, got {value!r}.")
+            setattr(self, name, None if value is None else os.fspath(value))
         if self.corda_method not in ("ipm", "kpm"):
             raise ConfigError(f"CordaConfig.corda_method must be 'ipm' or 'kpm', got {self.corda_method!r}.")
 
@@ -172,7 +219,9 @@ def import_megatron_core(name: str):
 class LoraConfig:
     """Configuration of a LoRA adapter; the fields and meanings are PEFT's ``LoraConfig``.
 
-    scaling = lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslora``.
+    scaling = lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslora``. Every field of
+    PEFT 0.21's LoraConfig is here; those of features dist_lora lacks (``NOT_YET_SUPPORTED``)
+    must keep their default.
     """
 
     task_type: Optional[str] = None
@@ -204,18 +253,33 @@ class LoraConfig:
     layer_replication: Optional[list[tuple[int, int]]] = None
     runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
     lora_bias: bool = False
+    # PEFT 0.21 fields of features not implemented here (see NOT_YET_SUPPORTED): defaults only.
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
+    lora_ga_config: Optional[Any] = None
+    velora_config: Optional[Any] = None
+    alora_invocation_tokens: Optional[list[int]] = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: Optional[Any] = None
+    target_parameters: Optional[list[str]] = None
+    use_bdlora: Optional[Any] = None
+    arrow_config: Optional[Any] = None
+    kasa_config: Optional[Any] = None
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         if self.peft_type not in (None, "LORA"):
             raise ConfigError(f"peft_type must be 'LORA', got {self.peft_type!r}.")
         self.peft_type = "LORA"
+        self.task_type = getattr(self.task_type, "value", self.task_type)  # a peft.TaskType -> its string
         self.target_modules = _as_list(self.target_modules)
         self.exclude_modules = _as_list(self.exclude_modules)
         self.modules_to_save = _as_list(self.modules_to_save)
         self.layers_to_transform = _as_list(self.layers_to_transform)
         self.layers_pattern = _as_list(self.layers_pattern)
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.alpha_pattern = dict(self.alpha_pattern or {})
+        self.rank_pattern = _pattern_dict(self.rank_pattern, "rank_pattern")
+        self.alpha_pattern = _pattern_dict(self.alpha_pattern, "alpha_pattern")
+        self.init_lora_weights = canonical_init_lora_weights(self.init_lora_weights)
         self.megatron_config = megatron_config_to_dict(self.megatron_config)
         if self.loftq_config:
             self.loftq_config = _sub_config(LoftQConfig, self.loftq_config, "loftq_config")
@@ -229,7 +293,11 @@ class LoraConfig:
         self._validate()
 
     def _validate(self) -> None:
+        check_bools(self)
+        refuse_unsupported_features(self)
+        _check_metadata(self)
         _check_rank(self.r, "r")
+        _check_rank(self.qalora_group_size, "qalora_group_size")  # used by QALoRA only, as in PEFT
         for key, rank in self.rank_pattern.items():
             _check_rank(rank, f"rank_pattern[{key!r}]")
         for key, alpha in [("lora_alpha", self.lora_alpha)] + [
@@ -243,24 +311,8 @@ class LoraConfig:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
-        check_init_lora_weights(self.init_lora_weights)
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                    raise ConfigError(f"{name} must be a string (regex) or a list of strings, got {value!r}.")
-        if self.layers_to_transform is not None:
-            layers = self.layers_to_transform
-            layers = layers if isinstance(layers, list) else [layers]
-            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
-                raise ConfigError(f"layers_to_transform must be non-negative integers, got {self.layers_to_transform!r}.")
-            if isinstance(self.target_modules, str):
-                raise ConfigError("layers_to_transform cannot be used when target_modules is a regex string.")
-        if self.layers_pattern is not None:
-            if self.layers_to_transform is None:
-                raise ConfigError("layers_pattern is set but layers_to_transform is not; set both or neither.")
-            if isinstance(self.target_modules, str):
-                raise ConfigError("layers_pattern cannot be used when target_modules is a regex string.")
+        _check_module_names(self)
+        _check_layers(self)
         if self.lora_bias and self.use_dora:
             raise ConfigError("lora_bias=True is not supported together with use_dora=True.")
         if self.lora_bias and self.init_lora_weights not in (True, False):
@@ -303,15 +355,18 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "LoraConfig":
-        """Build from an adapter_config.json dict. Keys PEFT added that LoRA here does not use
-        are accepted when they hold their neutral value, refused otherwise (silently dropping
-        e.g. ``use_qalora: true`` would load a different model)."""
+        """Build from an adapter_config.json dict. Every PEFT 0.21 field is read (file metadata
+        such as ``peft_version`` is dropped); a key this version does not know is accepted when
+        it holds a neutral value and refused otherwise (silently dropping an unknown feature
+        would load a different model)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"an adapter config must be a dict, got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs, refused = {}, []
         for key, value in data.items():
             if key in known:
                 kwargs[key] = value
-            elif value not in (None, False, {}, [], "") and key not in _HARMLESS_PEFT_KEYS:
+            elif key not in _METADATA_KEYS and value not in (None, False, {}, [], ""):
                 refused.append(f"{key}={value!r}")
         if refused:
             raise ConfigError(
@@ -342,11 +397,10 @@ class LoraConfig:
             raise ConfigError(f"{path} is not a LoRA adapter config (a JSON {type(data).__name__}, not an object).")
         if data.get("peft_type") not in ("LORA", None):
             raise ConfigError(f"{path} is not a LoRA adapter config (peft_type={data.get('peft_type')!r}).")
-        return cls.from_dict(data)
-
-
-# Keys written by newer PEFT versions with no effect on a LoRA model's function.
-_HARMLESS_PEFT_KEYS = {"peft_version", "qalora_group_size", "ensure_weight_tying"}
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 def _check_rank(rank: Any, name: str) -> None:
@@ -354,22 +408,112 @@ def _check_rank(rank: Any, name: str) -> None:
         raise ConfigError(f"{name} must be an integer >= 1, got {rank!r}.")
 
 
-def check_init_lora_weights(value: Any) -> None:
+def refuse_unsupported_features(config: "LoraConfig") -> None:
+    """ConfigError naming every NOT_YET_SUPPORTED field ``config`` sets to a non-default value."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.name in NOT_YET_SUPPORTED}
+    used = [name for name, default in defaults.items() if getattr(config, name) != default]
+    if used:
+        found = ", ".join(f"{name}={getattr(config, name)!r} ({NOT_YET_SUPPORTED[name]})" for name in used)
+        fixes = ", ".join(f"{name}={defaults[name]!r}" for name in used)
+        raise ConfigError(f"LoraConfig uses PEFT features dist_lora does not support: {found}. Use {fixes}.")
+
+
+def canonical_init_lora_weights(value: Any) -> Union[bool, str]:
+    """``value`` in PEFT's spelling (``"OLoRA"`` -> ``"olora"``, as PEFT reads it), or ConfigError
+    for a value PEFT does not understand."""
     if isinstance(value, bool) or value in INIT_METHODS:
-        return
-    if isinstance(value, str):
-        match = _PISSA_NITER.fullmatch(value)
-        if match:
-            niter = match.group(1)
-            if not (niter.isascii() and niter.isdigit()):
-                raise ConfigError(
-                    f"init_lora_weights={value!r}: the number of subspace iterations must be a "
-                    "non-negative integer, e.g. 'pissa_niter_16'."
-                )
-            return
+        return value
+    lower = value.lower() if isinstance(value, str) else None
+    if lower in _CASE_INSENSITIVE_INIT:
+        return lower
+    match = _PISSA_NITER.fullmatch(value) if isinstance(value, str) else None
+    if match:
+        niter = match.group(1)
+        if not (niter.isascii() and niter.isdigit()):
+            raise ConfigError(
+                f"init_lora_weights={value!r}: the number of subspace iterations must be a "
+                "non-negative integer, e.g. 'pissa_niter_16'."
+            )
+        return value
+    if lower in INIT_METHODS or (lower and _PISSA_NITER.fullmatch(lower)):
+        raise ConfigError(
+            f"init_lora_weights={value!r}: PEFT reads this value case-sensitively (it would fail on it); "
+            f"write {lower!r}."
+        )
     raise ConfigError(
         f"init_lora_weights must be True, False, one of {list(INIT_METHODS)} or 'pissa_niter_<N>', got {value!r}."
     )
+
+
+def _pattern_dict(value: Any, name: str) -> dict:
+    """rank_pattern / alpha_pattern as a new dict, its keys checked as regexes with PEFT's rule."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{name} must be a dict {{module-name regex: value}}, e.g. {{'q_proj': 16}}, got "
+            f"{type(value).__name__} {value!r}."
+        )
+    for key in value:
+        if not isinstance(key, str):
+            raise ConfigError(f"{name} keys must be strings (module-name regexes), got {key!r}.")
+        _compile(key, f"{name} key {key!r}")
+        _compile(rf"(.*\.)?({key})$", f"{name} key {key!r} in PEFT's rule (.*\\.)?(key)$")
+    return dict(value)
+
+
+def _compile(pattern: str, what: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(
+            f"{what} is not a valid regular expression ({e}); escape special characters with '\\'."
+        ) from None
+
+
+def _check_metadata(config: "LoraConfig") -> None:
+    """PeftConfig's descriptive fields have PEFT's types (PEFT refuses an unknown task_type)."""
+    if config.task_type is not None and config.task_type not in TASK_TYPES:
+        raise ConfigError(f"task_type must be None or one of {list(TASK_TYPES)}, got {config.task_type!r}.")
+    for name in ("base_model_name_or_path", "revision", "megatron_core"):
+        if not isinstance(getattr(config, name), (str, type(None))):
+            raise ConfigError(f"{name} must be a string or None, got {getattr(config, name)!r}.")
+    if not isinstance(config.auto_mapping, (dict, type(None))):
+        raise ConfigError(f"auto_mapping must be a dict or None, got {config.auto_mapping!r}.")
+
+
+def _check_module_names(config: "LoraConfig") -> None:
+    """target_modules / exclude_modules: a regex string or a list of names; modules_to_save: names."""
+    for name in ("target_modules", "exclude_modules"):
+        value = getattr(config, name)
+        if isinstance(value, str):
+            _compile(value, f"{name}={value!r} (a string is a regex that must match whole module names)")
+        elif value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"{name} must be a string (regex) or a list of strings, got {value!r}.")
+    saved = config.modules_to_save
+    if saved is not None and (not isinstance(saved, list) or not all(isinstance(v, str) for v in saved)):
+        raise ConfigError(f"modules_to_save must be a list of module names, e.g. ['lm_head'], got {saved!r}.")
+
+
+def _check_layers(config: "LoraConfig") -> None:
+    """layers_to_transform / layers_pattern, with PEFT's rules (an empty layers_pattern is unset)."""
+    layers = config.layers_to_transform
+    if layers is not None:
+        listed = layers if isinstance(layers, list) else [layers]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in listed):
+            raise ConfigError(f"layers_to_transform must be non-negative integers, got {layers!r}.")
+        if isinstance(config.target_modules, str):
+            raise ConfigError("layers_to_transform cannot be used when target_modules is a regex string.")
+    pattern = config.layers_pattern
+    if pattern is not None:
+        if not isinstance(pattern, (str, list)) or not all(isinstance(p, str) for p in pattern):
+            raise ConfigError(f"layers_pattern must be a string or a list of strings, got {pattern!r}.")
+        if pattern and layers is None:
+            raise ConfigError("layers_pattern is set but layers_to_transform is not; set both or neither.")
+        if isinstance(config.target_modules, str):
+            raise ConfigError("layers_pattern cannot be used when target_modules is a regex string.")
+        for p in [pattern] if isinstance(pattern, str) else pattern:
+            _compile(p, f"layers_pattern entry {p!r}")
 
 
 def check_layer_replication(ranges: Any) -> None:

@@ -6,8 +6,9 @@ Rules (as PEFT):
   ``"all-linear"``: every linear/Conv1D layer except the output head (never an embedding;
   embeddings are adapted only when named).
 - ``exclude_modules``: the same rules, applied first.
-- ``layers_to_transform``: only modules inside those layer indices, found as
-  ``<layers_pattern>.<index>.`` in the name (any ``<name>.<index>.`` if no pattern is given).
+- ``layers_to_transform``: only modules inside those layer indices, found as the first
+  ``<layers_pattern>.<index>.`` in the name; with no pattern (None, "" or []) the first
+  ``<parent>.<name>.<index>.``, so a layer list at the top of the model needs ``layers_pattern``.
 - ``modules_to_save`` are never targeted.
 """
 
@@ -136,10 +137,18 @@ def find_targets(model: nn.Module, config: LoraConfig, allow_empty: bool = False
         shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
         raise ConfigError(
             f"target_modules={spec!r} matched no module of {type(model).__name__}"
-            + (f" (with layers_to_transform={config.layers_to_transform!r})" if layers is not None else "")
+            + _layer_filter_note(config, layers)
             + f". Linear modules it has: {shown or 'none'}."
         )
     return found
+
+
+def _layer_filter_note(config: LoraConfig, layers: Optional[list[int]]) -> str:
+    """The no-match error's note on the layer filter in effect, if any."""
+    if layers is None:
+        return ""
+    pattern = f", layers_pattern={config.layers_pattern!r}" if config.layers_pattern else ""
+    return f" (with layers_to_transform={config.layers_to_transform!r}{pattern})"
 
 
 def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 import warnings
 
@@ -100,7 +101,8 @@ def test_init_lora_weights_bad_niter(value):
         LoraConfig(init_lora_weights=value)
 
 
-@pytest.mark.parametrize("value", ["Gaussian", "kaiming", "", "pissa16", None, 1, 0, ["pissa"]])
+# "Gaussian" left this list: PEFT reads "gaussian" case-insensitively (see test_init_lora_weights_case).
+@pytest.mark.parametrize("value", ["kaiming", "", "pissa16", None, 1, 0, ["pissa"]])
 def test_init_lora_weights_unknown(value):
     with pytest.raises(ConfigError, match=r"init_lora_weights must be True, False, one of .*'pissa_niter_<N>'"):
         LoraConfig(init_lora_weights=value)
@@ -698,3 +700,188 @@ def test_rank_pattern_matches_real_peft_model():
             assert module.r["default"] == ours.rank_for(name), name
             assert module.lora_alpha["default"] == ours.alpha_for(name), name
     assert seen == 6
+
+
+# --------------------------------------------------------------------------------------------
+# issue #14: real booleans, checked patterns / regexes / module lists, PEFT's init spellings
+# --------------------------------------------------------------------------------------------
+
+BOOL_FIELDS = [
+    (LoraConfig, "use_rslora"), (LoraConfig, "use_dora"), (LoraConfig, "fan_in_fan_out"),
+    (LoraConfig, "inference_mode"), (LoraConfig, "lora_bias"), (LoraConfig, "use_qalora"),
+    (LoraConfig, "ensure_weight_tying"), (EvaConfig, "whiten"), (EvaConfig, "use_label_mask"),
+    (EvaConfig, "adjust_scaling_factors"), (CordaConfig, "verbose"), (CordaConfig, "prune_temporary_fields"),
+    (CordaConfig, "use_float16_for_covariance"), (LoraRuntimeConfig, "ephemeral_gpu_offload"),
+    (LoraRuntimeConfig, "keep_gathered_input"),
+]
+
+
+@pytest.mark.parametrize("cls, name", BOOL_FIELDS, ids=lambda x: getattr(x, "__name__", x))
+@pytest.mark.parametrize("value", ["false", "true", "False", 0, 1, None])
+def test_bool_fields_need_real_bools(cls, name, value):
+    expected = rf"^{cls.__name__}\.{name} must be True or False, got {re.escape(repr(value))}"
+    with pytest.raises(ConfigError, match=expected):
+        cls(**{name: value})
+
+
+def test_use_rslora_text_is_refused_not_read_as_true(tmp_path):
+    # "false" is truthy: it used to give scaling alpha / sqrt(r) = 4.0 instead of alpha / r = 1.0.
+    with pytest.raises(ConfigError, match=r"use_rslora must be True or False, got 'false'"):
+        LoraConfig(r=16, lora_alpha=16, use_rslora="false")
+    data = LoraConfig(r=16, lora_alpha=16).to_dict()
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**data, "use_rslora": "false"}))
+    with pytest.raises(ConfigError, match=r"adapter_config\.json: LoraConfig\.use_rslora must be True or False"):
+        LoraConfig.from_pretrained(tmp_path)
+    assert LoraConfig(r=16, lora_alpha=16, use_rslora=False).use_rslora is False
+
+
+@pytest.mark.parametrize("name", ["rank_pattern", "alpha_pattern"])
+@pytest.mark.parametrize("value", [[("q_proj", 4)], ["q_proj"], "q_proj", 4])
+def test_pattern_must_be_a_dict(name, value, tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{name} must be a dict \{{module-name regex: value\}}"):
+        LoraConfig(**{name: value})
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**LoraConfig().to_dict(), name: value}))
+    with pytest.raises(ConfigError, match=rf"{CONFIG_NAME}: {name} must be a dict") as info:
+        LoraConfig.from_pretrained(tmp_path)
+    assert str(tmp_path / CONFIG_NAME) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["rank_pattern", "alpha_pattern"])
+@pytest.mark.parametrize("key", ["q_proj(", "*proj", "[q", "(?i)q_proj"])  # the last fails in PEFT's (.*\.)?(key)$
+def test_pattern_key_must_be_a_regex(name, key, tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{name} key {re.escape(repr(key))} .*is not a valid regular expression"):
+        LoraConfig(**{name: {"v_proj": 2, key: 4}})
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**LoraConfig().to_dict(), name: {key: 4}}))
+    with pytest.raises(ConfigError, match=rf"{CONFIG_NAME}: {name} key .* is not a valid regular expression"):
+        LoraConfig.from_pretrained(tmp_path)
+
+
+def test_pattern_key_must_be_a_string():
+    with pytest.raises(ConfigError, match=r"rank_pattern keys must be strings"):
+        LoraConfig(rank_pattern={3: 4})
+
+
+@pytest.mark.parametrize("name", ["target_modules", "exclude_modules"])
+@pytest.mark.parametrize("regex", [r".*(q|v_proj", r"*_proj", r"model\.layers\.[0-"])
+def test_invalid_module_regex(name, regex):
+    with pytest.raises(ConfigError, match=rf"^{name}=.* is not a valid regular expression"):
+        LoraConfig(**{name: regex})
+
+
+def test_invalid_layers_pattern_regex():
+    with pytest.raises(ConfigError, match=r"layers_pattern entry 'lay\(ers' is not a valid regular expression"):
+        LoraConfig(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="lay(ers")
+
+
+@pytest.mark.parametrize("value", [123, "lm_head", [1], ["lm_head", None], {"lm_head": 1}])
+def test_modules_to_save_must_be_a_list_of_names(value):
+    with pytest.raises(ConfigError, match=r"^modules_to_save must be a list of module names, e\.g\. \['lm_head'\]"):
+        LoraConfig(modules_to_save=value)
+
+
+@pytest.mark.parametrize("value, canonical", [("OLoRA", "olora"), ("OLORA", "olora"), ("Gaussian", "gaussian"),
+                                              ("GAUSSIAN", "gaussian"), ("olora", "olora")])
+def test_init_lora_weights_case(value, canonical, tmp_path):
+    cfg = LoraConfig(init_lora_weights=value)
+    assert cfg.init_lora_weights == canonical  # one spelling for the rest of the code
+    cfg.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["init_lora_weights"] == canonical
+
+
+@pytest.mark.parametrize("value", ["PiSSA", "EVA", "LoftQ", "CorDA", "Pissa_niter_4"])
+def test_init_lora_weights_case_sensitive_in_peft(value):
+    with pytest.raises(ConfigError, match=rf"init_lora_weights={value!r}: PEFT reads this value case-sensitively.*"
+                                          rf"write {value.lower()!r}"):
+        LoraConfig(init_lora_weights=value)
+
+
+@pytest.mark.parametrize("value", ["orthogonal", "lora_ga", "mica", "MiCA"])
+def test_peft_init_methods_read_but_not_run(value):
+    # a config may name them (they only decide a new adapter's first weights); get_lora_model refuses
+    from dist_lora import get_lora_model
+
+    cfg = LoraConfig(target_modules=["fc"], init_lora_weights=value)
+    assert cfg.init_lora_weights == value.lower()
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(4, 4))
+    with pytest.raises(NotImplementedError, match=rf"init_lora_weights={value.lower()!r} is not yet supported"):
+        get_lora_model(model, cfg)
+    assert type(model.fc) is nn.Linear
+
+
+def test_corda_paths_may_be_pathlike(tmp_path):
+    corda = CordaConfig(cache_file=tmp_path / "cache.pt", covariance_file=tmp_path / "cov.pt")
+    assert corda.cache_file == str(tmp_path / "cache.pt") and corda.covariance_file == str(tmp_path / "cov.pt")
+    cfg = LoraConfig(init_lora_weights="corda", corda_config={"cache_file": tmp_path / "cache.pt"})
+    cfg.save_pretrained(tmp_path)
+    assert LoraConfig.from_pretrained(tmp_path).corda_config.cache_file == str(tmp_path / "cache.pt")
+    with pytest.raises(ConfigError, match=r"CordaConfig\.cache_file must be a file path or None, got 3"):
+        CordaConfig(cache_file=3)
+
+
+def _default_of(name):
+    import dataclasses
+
+    return {f.name: f.default for f in dataclasses.fields(LoraConfig)}[name]
+
+
+def _set_value(name):
+    return {"use_qalora": True, "ensure_weight_tying": True, "target_parameters": ["mlp.experts.gate_up_proj"],
+            "trainable_token_indices": [0, 1], "alora_invocation_tokens": [7]}.get(name, {"some": "config"})
+
+
+def test_not_yet_supported_fields_exist_and_default_is_accepted():
+    from dist_lora.config import NOT_YET_SUPPORTED
+
+    assert {"target_parameters", "trainable_token_indices", "ensure_weight_tying"} <= set(NOT_YET_SUPPORTED)
+    for name in NOT_YET_SUPPORTED:
+        assert getattr(LoraConfig(**{name: _default_of(name)}), name) == _default_of(name)
+
+
+def test_not_yet_supported_fields_refused_when_set():
+    from dist_lora.config import NOT_YET_SUPPORTED
+
+    for name, feature in NOT_YET_SUPPORTED.items():
+        with pytest.raises(ConfigError, match=rf"does not support: {name}=.*\({re.escape(feature)}\)\. "
+                                              rf"Use {name}={re.escape(repr(_default_of(name)))}"):
+            LoraConfig(**{name: _set_value(name)})
+    with pytest.raises(ConfigError, match=r"target_parameters=.*coming with the MoE support"):
+        LoraConfig(target_parameters=["experts.down_proj"])
+
+
+def test_qalora_group_size_checked_and_kept():
+    assert LoraConfig(qalora_group_size=32).to_dict()["qalora_group_size"] == 32
+    with pytest.raises(ConfigError, match=r"qalora_group_size must be an integer >= 1"):
+        LoraConfig(qalora_group_size=0)
+
+
+def test_task_type_checked_as_peft():
+    assert LoraConfig(task_type=peft.TaskType.CAUSAL_LM).task_type == "CAUSAL_LM"
+    assert type(LoraConfig(task_type=peft.TaskType.SEQ_CLS).to_dict()["task_type"]) is str
+    with pytest.raises(ConfigError, match=r"task_type must be None or one of \['SEQ_CLS'"):
+        LoraConfig(task_type="CAUSAL")
+
+
+@pytest.mark.parametrize("name", ["base_model_name_or_path", "revision"])
+def test_metadata_strings_checked(name):
+    with pytest.raises(ConfigError, match=rf"{name} must be a string or None"):
+        LoraConfig(**{name: 3})
+
+
+def test_integer_sub_config_fields_refuse_bools():
+    with pytest.raises(ConfigError, match=r"loftq_iter must be an integer >= 1"):
+        LoftQConfig(loftq_iter=True)
+    with pytest.raises(ConfigError, match=r"EvaConfig\.label_mask_value must be an integer"):
+        EvaConfig(label_mask_value=False)
+
+
+def test_from_dict_needs_a_dict():
+    with pytest.raises(ConfigError, match=r"an adapter config must be a dict, got list"):
+        LoraConfig.from_dict([("r", 8)])
+
+
+def test_unknown_key_refusal_names_the_file(tmp_path):
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**LoraConfig().to_dict(), "use_future_lora": True}))
+    with pytest.raises(ConfigError, match=r"adapter_config\.json: adapter config uses PEFT features dist_lora does "
+                                          r"not support: use_future_lora=True"):
+        LoraConfig.from_pretrained(tmp_path)

@@ -390,3 +390,9 @@ def _check_no_match(gpt_model):
     with pytest.raises(ConfigError, match=r"matched no module of GPTModel\. Linear modules it has: "
                                           r".*decoder\.layers\.0\.self_attention\.linear_qkv"):
         find_targets(gpt_model, LoraConfig(target_modules=["q_proj"]))
+
+
+def test_no_match_names_the_layers_pattern(models):
+    with pytest.raises(ConfigError, match=r"matched no module of LlamaForCausalLM \(with layers_to_transform=\[0\], "
+                                          r"layers_pattern='h'\)"):
+        find_targets(models["llama"], LoraConfig(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="h"))
