@@ -1,6 +1,10 @@
 """dist_lora: PEFT-compatible LoRA for megatron-core tensor/sequence-parallel models."""
 
-from .config import ConfigError, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig
+from .quiet import filter_third_party_notices
+
+filter_third_party_notices()  # before anything imports megatron-core or PEFT
+
+from .config import ConfigError, CordaConfig, DistLoraWarning, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig  # noqa: E402
 from .model import LoraModel, get_lora_model
 from .peft_api import (
     get_layer_status,
@@ -16,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "DistLoraWarning",
     "CordaConfig",
     "EvaConfig",
     "LoftQConfig",

@@ -8,6 +8,8 @@ import sys
 import warnings
 from typing import Callable
 
+from .config import DistLoraWarning
+
 
 BAD_INPUT = 2  # exit code for bad input: a bad argument (as argparse), a bad config or file
 
@@ -19,15 +21,15 @@ def _error(command: str, message: str, code: int = BAD_INPUT) -> int:
 
 def _release(command: str, write: Callable[[], str]) -> int:
     """Run ``write`` (returns the output directory); bad input is one error line, no traceback,
-    and each UserWarning (e.g. an old checkpoint format) one warning line."""
+    and each DistLoraWarning (e.g. an old checkpoint format) one warning line."""
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
+        warnings.simplefilter("always", DistLoraWarning)
         try:
             out = write()
         except (ValueError, OSError) as e:  # ConfigError (and every reader's error) is a ValueError
             out, error = None, str(e)
     for warning in caught:
-        if issubclass(warning.category, UserWarning):
+        if issubclass(warning.category, DistLoraWarning):
             print(f"dist-lora {command}: warning: {warning.message}", file=sys.stderr)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)

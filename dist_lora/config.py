@@ -61,6 +61,11 @@ class ConfigError(ValueError):
     """A LoraConfig value is out of range or inconsistent."""
 
 
+class DistLoraWarning(UserWarning):
+    """Something a user should act on (e.g. a checkpoint in an older format); the CLI prints
+    each as one ``dist-lora CMD: warning: ...`` line."""
+
+
 def check_bools(config: Any) -> None:
     """Every ``bool`` field of the dataclass ``config`` holds a real bool: text such as "false"
     would otherwise read as true."""

@@ -36,16 +36,9 @@ def run_demo(out: str, nproc: int = 2, overrides: list[str] | None = None) -> in
 
 def verify(out: str, hf_dir: str) -> int:
     """Load the consolidated adapter with the real PEFT and compare logits with megatron's."""
-    import logging
-    import warnings
-
     import torch
     from safetensors.torch import load_file
 
-    # third-party notices that do not concern this check: bitsandbytes (imported by peft) on an
-    # optional CPU kernel package, and transformers on an attribute name peft still reads
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         from peft import PeftModel
     except ImportError:

@@ -62,13 +62,13 @@ def make_lora_layer(module: nn.Module, config: LoraConfig) -> LoraLayer:
 
 
 def _refuse_unsupported(config: LoraConfig) -> None:
-    for field_name, feature in cfg.NOT_YET_SUPPORTED.items():
-        if getattr(config, field_name):
-            raise NotImplementedError(f"{feature} ({field_name}) is not yet supported by dist_lora.")
+    """A config changed after it was built may still ask for a feature dist_lora lacks; an init
+    method PEFT knows but dist_lora cannot run yet is refused for a new adapter."""
+    cfg.refuse_unsupported_features(config)
     if config.init_lora_weights in cfg.NOT_YET_SUPPORTED_INIT:
         raise NotImplementedError(
-            f"init_lora_weights={config.init_lora_weights!r} is not yet supported by dist_lora; "
-            "use True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' or 'olora'."
+            f"init_lora_weights={config.init_lora_weights!r} is not yet supported by dist_lora; use True, False, "
+            "'gaussian', 'pissa', 'pissa_niter_<N>', 'olora', 'eva', 'corda' or 'loftq'."
         )
 
 

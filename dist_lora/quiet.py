@@ -1,11 +1,37 @@
-"""The one place where third-party chatter that tells a user nothing is silenced."""
+"""The one place where third-party chatter that tells a user nothing is silenced.
+
+Filtered by exact message, so every other warning stays visible:
+
+- megatron-core without apex / TransformerEngine announces each fallback to torch (norms,
+  optimizers, multi-tensor ops) at import, once per module and per rank;
+- megatron-core 0.16's TransformerConfig warns about a cuda-graph scope default it sets itself;
+- PEFT imports bitsandbytes, which logs that its optional CPU kernel package is missing;
+- PEFT reads a transformers attribute that transformers 5 marks deprecated;
+- ``datasets`` shows a progress bar per file it converts (dist_lora shows its own).
+"""
 
 from __future__ import annotations
 
+import logging
+import warnings
+
+_MESSAGES = (
+    r"Transformer Engine and Apex are not installed",
+    r"Apex is not installed\. Falling back to Torch Norm",
+    r"full scope is deprecated\. Use empty cuda_graph_scope",
+    r".*is_gradient_checkpointing",
+)
+
+
+def filter_third_party_notices() -> None:
+    """Install the filters (idempotent; ``dist_lora`` calls it on import)."""
+    for message in _MESSAGES:
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
 
 def quiet_datasets() -> None:
-    """``datasets`` prints a progress bar per file it converts to Arrow ("Generating train
-    split"); our own progress bar covers the work a user waits for."""
+    """``datasets``' per-file progress bars and info logs off (our own bar covers the work)."""
     import datasets
 
     datasets.disable_progress_bars()

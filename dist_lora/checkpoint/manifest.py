@@ -34,7 +34,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from ..config import CONFIG_NAME, ConfigError, LoraConfig
+from ..config import CONFIG_NAME, ConfigError, DistLoraWarning, LoraConfig
 from ..io import is_plain_file_name
 
 MANIFEST = "manifest.json"
@@ -250,7 +250,7 @@ def read_manifest(directory: str | os.PathLike, verify: bool = True, parts: Iter
             f"{path} has format {manifest['format']!r} (written by an older dist_lora): its {CONFIG_NAME} and RNG "
             "files are not covered by checksums, so a change to them cannot be detected; load and re-save the "
             "checkpoint to cover them.",
-            UserWarning,
+            DistLoraWarning,
             stacklevel=2,
         )
     for name, info in manifest_files(manifest, parts).items():
