@@ -171,10 +171,12 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
     start = checkpoint_step(resume_path) if resume_path else 0
     # a run owns the steps after its start: later checkpoints are refused here (every rank, no
     # process group yet) or moved aside by rank 0 once the group exists
-    later = check_later_checkpoints(ckpt_root, start, refuse=t.on_later_checkpoints == "refuse")
+    check_later_checkpoints(ckpt_root, start, refuse=t.on_later_checkpoints == "refuse")
     init_distributed(tp=p.tp, pp=p.pp, seed=t.seed)
-    if later:
-        _log(move_aside_together(ckpt_root, start))
+    if t.on_later_checkpoints == "move_aside":  # rank 0 looks and moves, every rank learns the outcome
+        moved = move_aside_together(ckpt_root, start)
+        if moved:
+            _log(moved)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     model = get_lora_model(build_megatron_gpt(hf_dir, tp=p.tp, pp=p.pp, sequence_parallel=p.sp), config.lora_config(), seed=t.seed)
     params = [q for q in model.parameters() if q.requires_grad]

@@ -89,6 +89,24 @@ def test_resume_from_an_older_step_moves_the_later_ones_aside(old_run, tmp_path)
     assert latest_checkpoint(superseded) == os.path.join(superseded, "step_00000008")  # a root of its own
 
 
+def _train_with_a_late_rank(out: str, resume: str) -> dict:
+    """Rank 1 reaches train() after rank 0 has had time to move the later checkpoints aside."""
+    import time
+
+    if torch.distributed.get_rank() == 1:
+        time.sleep(3)
+    return _train(out, "train.steps=4", "train.checkpoint_interval=2", resume=resume)
+
+
+def test_moving_aside_does_not_depend_on_which_rank_looks_first(old_run, tmp_path) -> None:
+    """Every rank joins the move (rank 0 decides), so a rank that looks at the directory after
+    the move does not skip the collective and leave rank 0 waiting."""
+    out, root = _copy(old_run, tmp_path)
+    summary = run_distributed(_train_with_a_late_rank, 2, tp=2, args=(out, os.path.join(root, "step_00000002")))[0]
+    assert summary["checkpoint"] == os.path.join(root, "step_00000004")
+    assert len(glob.glob(os.path.join(root, "superseded_*"))) == 1
+
+
 def test_later_checkpoints_are_refused_when_told(old_run, tmp_path) -> None:
     out, root = _copy(old_run, tmp_path)
     before = sorted(os.listdir(root))

@@ -188,14 +188,16 @@ def check_later_checkpoints(root: str | os.PathLike, step: int, refuse: bool = F
     return later
 
 
-def move_aside_together(root: str | os.PathLike, step: int) -> str:
-    """:func:`move_aside_later_checkpoints` on rank 0; every rank returns the same message, or
-    raises the same ConfigError if the move failed (no rank is left waiting)."""
+def move_aside_together(root: str | os.PathLike, step: int) -> Optional[str]:
+    """:func:`move_aside_later_checkpoints` on rank 0, called by every rank: each returns the
+    same message (None when nothing was later), or raises the same ConfigError if the move
+    failed, so no rank is left waiting. Only rank 0 looks at the directory: another rank's
+    earlier look may predate the move."""
     outcome: list = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             moved = move_aside_later_checkpoints(root, step)
-            outcome[0] = (True, f"moved the checkpoints after step {step} into {moved}")
+            outcome[0] = (True, moved and f"moved the checkpoints after step {step} into {moved}")
         except (ValueError, OSError) as e:
             outcome[0] = (False, f"could not move the checkpoints after step {step} in {os.fspath(root)} aside: {e}")
     if dist.is_initialized():
