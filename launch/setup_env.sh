@@ -16,7 +16,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "[setup] installing $TORCH_SPEC (first, so nothing else picks a CUDA build)"
   "${PIP[@]}" "$TORCH_SPEC" 2> >(grep -v "^WARNING: Location" >&2)
 fi
-if ! "$VENV/bin/python" -c "import dist_lora, megatron.core, peft, deepspeed, pytest, datasets" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import dist_lora, megatron.core, peft, deepspeed, pytest, datasets" >/dev/null 2>&1; then
   echo "[setup] installing dist-lora with its dev/test extras"
   "${PIP[@]}" -e ".[dev]" 2> >(grep -v "^WARNING: Location" >&2)
 fi
