@@ -379,20 +379,10 @@ def _megatron_faults(good: str, damaged: str) -> dict:
 
     base = _gpt(2)
     state = _State(base)
-    original, calls = Base.update_layer, []
-
-    def failing(self, *args, **kwargs):  # after 3 layers' PiSSA (collectives and rewrites) succeeded
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("injected failure")
-        return original(self, *args, **kwargs)
-
-    Base.update_layer = failing
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        calls = _fail_at(patch, Base, "update_layer", 4)  # after 3 layers' PiSSA (collectives and rewrites) succeeded
         with pytest.raises(RuntimeError, match="injected failure"):
             get_lora_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa"), seed=0)
-    finally:
-        Base.update_layer = original
     state.check()
     with pytest.raises(ConfigError, match="missing"):
         LoraModel.from_pretrained(base, damaged)
@@ -426,20 +416,10 @@ def _zero3_rollback() -> dict:
     base = build_base(3, ds_config(3))
     weights = zero.full_tensors(dict(base.named_parameters()))
     modules = [(n, type(m)) for n, m in base.named_modules()]
-    original, calls = LoraLinear.update_layer, []
-
-    def failing(self, *args, **kwargs):  # after 4 layers' PiSSA rewrote their (partitioned) weights
-        calls.append(1)
-        if len(calls) == 5:
-            raise RuntimeError("injected failure")
-        return original(self, *args, **kwargs)
-
-    LoraLinear.update_layer = failing
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        calls = _fail_at(patch, LoraLinear, "update_layer", 5)  # after 4 layers' PiSSA rewrote their (partitioned) weights
         with pytest.raises(RuntimeError, match="injected failure"):
             get_lora_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights="pissa"), seed=0)
-    finally:
-        LoraLinear.update_layer = original
     after = zero.full_tensors(dict(base.named_parameters()))
     return {
         "same_weights": after.keys() == weights.keys() and all(torch.equal(after[k], v) for k, v in weights.items()),

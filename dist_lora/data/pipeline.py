@@ -8,13 +8,13 @@ windows is held out for evaluation.
 
 from __future__ import annotations
 
-import json
 import os
 from importlib import resources
 
 import torch
 
 from ..config import ConfigError
+from .records import json_lines
 from .tokenizer import ByteTokenizer, Tokenizer, end_of_document, load_tokenizer  # noqa: F401 (re-exported)
 
 
@@ -28,21 +28,15 @@ def read_documents(path: str, text_field: str = "text") -> list[str]:
     or empty file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path} does not exist.")
-    with open(path, encoding="utf-8") as f:
-        raw = f.read()
     if path.endswith(".jsonl"):
         docs = []
-        for number, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number} is not valid JSON ({e}).") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        for number, record in json_lines(path):
+            if not isinstance(record.get(text_field), str):
                 raise ValueError(f"{path}:{number} has no string field {text_field!r}.")
             docs.append(record[text_field])
     else:
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
         docs = [p.strip() for p in raw.split("\n\n")]
     docs = [d for d in docs if d.strip()]
     if not docs:

@@ -79,11 +79,9 @@ def load_records(path: str):
         raise ConfigError(f"data file {path} could not be read: {type(e).__name__}: {e}") from None
 
 
-def _scan_json_lines(path: str) -> None:
-    """Raise the first line-level problem of a JSON Lines file that Arrow refused as a whole."""
-    if not path.endswith(".jsonl"):
-        return
-    first: Optional[dict] = None
+def json_lines(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON Lines file; a ConfigError names
+    the line that is not valid JSON or not an object."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -94,17 +92,26 @@ def _scan_json_lines(path: str) -> None:
                 raise ConfigError(f"{path}:{number} is not valid JSON ({e}).") from None
             if not isinstance(record, dict):
                 raise ConfigError(f"{path}:{number} is not a JSON object.")
-            first = first or record
-            for key, value in record.items():
-                if key in first and value is not None and first[key] is not None and type(value) is not type(first[key]):
-                    raise ConfigError(
-                        f"{path}:{number}: field {key!r} is a {type(value).__name__} where earlier records have a "
-                        f"{type(first[key]).__name__}."
-                    )
-                if isinstance(value, list):
-                    for item in value:
-                        if isinstance(item, dict) and not isinstance(item.get("content", ""), str):
-                            raise ConfigError(f"{path}:{number}: message content must be a string, got {item.get('content')!r}.")
+            yield number, record
+
+
+def _scan_json_lines(path: str) -> None:
+    """Raise the first line-level problem of a JSON Lines file that Arrow refused as a whole."""
+    if not path.endswith(".jsonl"):
+        return
+    first: Optional[dict] = None
+    for number, record in json_lines(path):
+        first = first or record
+        for key, value in record.items():
+            if key in first and value is not None and first[key] is not None and type(value) is not type(first[key]):
+                raise ConfigError(
+                    f"{path}:{number}: field {key!r} is a {type(value).__name__} where earlier records have a "
+                    f"{type(first[key]).__name__}."
+                )
+            if isinstance(value, list):
+                for item in value:
+                    if isinstance(item, dict) and not isinstance(item.get("content", ""), str):
+                        raise ConfigError(f"{path}:{number}: message content must be a string, got {item.get('content')!r}.")
 
 
 def line_numbers(path: str) -> Optional[list[int]]:

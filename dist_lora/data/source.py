@@ -11,14 +11,13 @@ dataset with ``sizes`` and ``batch(split, index, batch_size)``.
 
 from __future__ import annotations
 
-import json
 import os
 from importlib import resources
 from typing import Optional
 
 from ..config import ConfigError
 from .pipeline import PackedDataset, builtin_corpus_path, read_documents
-from .records import detect_format, load_records, valid_records
+from .records import detect_format, json_lines, load_records, valid_records
 from .sft import SftDataset, load_sft_dataset
 from .tokenizer import Tokenizer
 
@@ -50,13 +49,7 @@ def _first_record(path: str) -> Optional[dict]:
     if path.endswith(".jsonl"):
         if not os.path.isfile(path):
             return None
-        with open(path, encoding="utf-8") as f:
-            number, line = next(((n, line) for n, line in enumerate(f, 1) if line.strip()), (0, None))
-        try:
-            record = None if line is None else json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{number} is not valid JSON ({e}).") from None
-        return record if isinstance(record, dict) else None
+        return next((record for _, record in json_lines(path)), None)
     records = load_records(path)
     return records[0] if len(records) else None
 
