@@ -83,7 +83,9 @@ def make_checkpoint(directory: str, layers: int, rank: int, tp: int, dtype: str,
     from transformers import LlamaConfig
 
     from dist_lora import LoraConfig
-    from dist_lora.checkpoint.sharded import FORMAT, sha256_file
+    from dist_lora.checkpoint.manifest import FORMAT, sha256_file, shard_file_name
+    from dist_lora.checkpoint.pieces import shard_pieces
+    from dist_lora.parallel.tp import set_tp_attributes
 
     ckpt, hf = os.path.join(directory, "ckpt"), os.path.join(directory, "hf")
     os.makedirs(ckpt), os.makedirs(hf)
@@ -94,13 +96,17 @@ def make_checkpoint(directory: str, layers: int, rank: int, tp: int, dtype: str,
     files = {(0, t): ({}, {}) for t in range(tp)}  # tp rank -> (tensors, manifest entries)
     total = 0
 
-    def add(t: int, file_key: str, key: str, global_shape, offsets, shape) -> None:
+    def add(t: int, key: str, shape, dim: int | None = None, stride: int = 1) -> None:
+        """TP rank ``t``'s local tensor ``key`` (sharded along ``dim``, or replicated), written as
+        save_sharded writes it (:func:`dist_lora.checkpoint.pieces.shard_pieces`)."""
         nonlocal total
+        local = torch.randn(shape, generator=gen).to(torch_dtype)
+        if dim is not None:
+            set_tp_attributes(local, dim, stride)
         tensors, entries = files[(0, t)]
-        tensors[file_key] = torch.randn(shape, generator=gen).to(torch_dtype)
-        entries[file_key] = {"key": key, "global_shape": list(global_shape), "offsets": list(offsets),
-                             "shape": list(shape), "dtype": dtype}
-        total += tensors[file_key].numel() * tensors[file_key].element_size()
+        for file_key, piece, entry in shard_pieces(key, local, local, t, tp):
+            tensors[file_key], entries[file_key] = piece, entry
+        total += local.numel() * local.element_size()
 
     for layer in range(layers):
         prefix = f"decoder.layers.{layer}."
@@ -113,19 +119,15 @@ def make_checkpoint(directory: str, layers: int, rank: int, tp: int, dtype: str,
             a, b = f"{prefix}{sub}.lora_A.weight", f"{prefix}{sub}.lora_B.weight"
             if kind == "row":  # A sharded by columns, B replicated (written by TP rank 0)
                 for t in range(tp):
-                    add(t, a, a, (rank, n_in), (0, t * n_in // tp), (rank, n_in // tp))
-                add(0, b, b, (n_out, rank), (0, 0), (n_out, rank))
+                    add(t, a, (rank, n_in // tp), dim=1)
+                add(0, b, (n_out, rank))
             else:  # A replicated, B sharded by rows (stride 2 for [gate; up])
-                add(0, a, a, (rank, n_in), (0, 0), (rank, n_in))
-                stride = 2 if kind == "gated" else 1
-                piece = n_out // stride // tp
+                add(0, a, (rank, n_in))
                 for t in range(tp):
-                    for k in range(stride):
-                        add(t, b if stride == 1 else f"{b}@{k}", b, (n_out, rank),
-                            (k * n_out // stride + t * piece, 0), (piece, rank))
+                    add(t, b, (n_out // tp, rank), dim=0, stride=2 if kind == "gated" else 1)
     manifest = {"format": FORMAT, "adapter_name": "default", "layout": {"tp": tp, "pp": 1, "world": tp}, "files": {}}
     for (pp, t), (tensors, entries) in files.items():
-        name = f"shard-pp{pp:03d}-tp{t:03d}.safetensors"
+        name = shard_file_name("shard", pp, t)
         save_file(tensors, os.path.join(ckpt, name), metadata={"format": "pt"})
         manifest["files"][name] = {"sha256": sha256_file(os.path.join(ckpt, name)), "tensors": entries}
     config_path = LoraConfig(r=rank, lora_alpha=2 * rank).save_pretrained(ckpt)

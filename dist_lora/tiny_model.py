@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
-import tempfile
+
+from .io import AtomicDirectory
 
 TINY_LLAMA = dict(
     vocab_size=256,  # the built-in byte tokenizer's vocabulary
@@ -46,8 +46,7 @@ def _create(path: str) -> None:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    staging = tempfile.mkdtemp(prefix=f".{NAME}.", dir=os.path.dirname(path))
-    try:
+    with AtomicDirectory(path) as staging:  # replaces a partial directory from an interrupted attempt
         generator_state = torch.get_rng_state()
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
@@ -58,7 +57,3 @@ def _create(path: str) -> None:
         model.config.to_json_file(os.path.join(staging, "config.json"))
         tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
-        shutil.rmtree(path, ignore_errors=True)  # a partial directory from an interrupted attempt
-        os.rename(staging, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -52,22 +52,26 @@ temporary name next to ``out_dir`` and renamed into place at the end, so on any 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
-import shutil
 import tempfile
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from ..config import ConfigError, LoraConfig, explicit_pattern
+from ..io import AtomicDirectory, DirectoryNotEmptyError, paths_overlap
 from ..layers.base import LoraLayer
 from ..layers.embedding import FACTOR_KEYS as EMBEDDING_FACTOR_KEYS
+from .manifest import MANIFEST, read_adapter_config, read_manifest
 from .peft_format import PREFIX, WEIGHTS_NAME
-from .safetensors_stream import DTYPES, SafetensorsFormatError, ShardReader, StreamWriter, row_runs
-from .manifest import MANIFEST, entry_dtype, read_adapter_config, read_manifest, shard_file_name, shard_rank
+from .pieces import Scratch, ShardFiles, StoredTensor, assemble, check_coverage, index_tensors
+from .safetensors_stream import DTYPES, StreamWriter, row_runs
 from .training import complete_checkpoints, latest_checkpoint
 
 FORMATS = ("peft", "megatron")
@@ -83,22 +87,9 @@ class ConsolidationError(ConfigError):
     message says what is wrong and where."""
 
 
-@dataclasses.dataclass
-class _Piece:
-    file: str
-    file_key: str
-    offsets: list[int]
-    shape: list[int]
-
-
-@dataclasses.dataclass
-class _Source:
-    """One global (TP=1 layout) tensor of the checkpoint and the pieces it is stored in."""
-
-    key: str
-    global_shape: tuple[int, ...]
-    dtype: torch.dtype
-    pieces: list[_Piece]
+class Source(StoredTensor):
+    """One global (TP=1 layout) tensor of the checkpoint (:class:`.pieces.StoredTensor`: its
+    pieces; none for a source read by a ``fetch`` function), seen as a module's tensor."""
 
     @property
     def module(self) -> str:
@@ -110,7 +101,9 @@ class _Source:
 
 
 @dataclasses.dataclass
-class _Output:
+class Output:
+    """A tensor of the written file: ``runs`` of rows of its source (None: the whole source)."""
+
     name: str
     shape: tuple[int, ...]
     runs: Optional[list[tuple[int, int]]]  # rows of the source, None: the whole tensor
@@ -159,12 +152,12 @@ def consolidate(
     hf_model_dir = None if hf_model_dir is None else os.fspath(hf_model_dir)
     if format not in FORMATS:
         raise ConsolidationError(f"format must be one of {FORMATS}, got {format!r}.")
-    _check_out_dir(out_dir, overwrite, checkpoint_dir)
+    check_out_dir(out_dir, overwrite, checkpoint_dir)
     options = dict(hf_model_dir=hf_model_dir, format=format, show_progress=show_progress, verify=verify,
                    allow_nonfinite=allow_nonfinite)
     if initial_checkpoint_dir is not None:
         initial_checkpoint_dir = os.fspath(initial_checkpoint_dir)
-        _check_out_dir(out_dir, overwrite, initial_checkpoint_dir)
+        check_out_dir(out_dir, overwrite, initial_checkpoint_dir)
         return _consolidate_converted(checkpoint_dir, initial_checkpoint_dir, out_dir, overwrite, options)
     return _consolidate(checkpoint_dir, out_dir, overwrite=overwrite, **options)
 
@@ -200,7 +193,7 @@ def _consolidate_converted(checkpoint_dir: str, initial_dir: str, out_dir: str, 
         check_convertible(run_config)
     except ConversionError as e:
         raise ConsolidationError(f"{checkpoint_dir}: {e}") from None
-    with _staging(out_dir, overwrite) as staging:
+    with staged_output(out_dir, overwrite) as staging:
         with tempfile.TemporaryDirectory(dir=staging) as work:
             trained, initial = os.path.join(work, "trained"), os.path.join(work, "initial")
             _consolidate(checkpoint_dir, trained, overwrite=False, allow_base_changing=True, **options)
@@ -225,8 +218,7 @@ def _consolidate(
 ) -> str:
     manifest = _read_manifest(checkpoint_dir, verify)
     config = _read_config(checkpoint_dir)
-    headers = _read_headers(checkpoint_dir, manifest)
-    sources = _sources(checkpoint_dir, manifest, headers)
+    sources = _sources(checkpoint_dir, manifest)
     init = config.init_lora_weights
     if not allow_base_changing and isinstance(init, str) and init.startswith(_BASE_CHANGING_INIT):
         hint = (
@@ -246,8 +238,8 @@ def _consolidate(
         arch = _hf_arch(hf_model_dir)
         _check_geometry(sources, arch, config, hf_model_dir)
     if format == "megatron" or not megatron_names:
-        groups = [(src, [_Output(PREFIX + src.key, src.global_shape, None)]) for src in sources.values()]
-        out_config = _identity_config(config, sources, hf_model_dir, rename=format == "peft")
+        groups = identity_groups(sources)
+        out_config = identity_config(config, sources, hf_model_dir, rename=format == "peft")
     else:
         if arch is None and any(src.module.endswith("linear_qkv") for src in sources.values()):
             raise ConsolidationError(
@@ -265,9 +257,9 @@ def _consolidate(
         _check_against_hf_model(groups, hf_model_dir, config.layer_replication)
 
     groups.sort(key=lambda group: -group[0].dtype.itemsize)  # keeps every tensor's data aligned
-    with _staging(out_dir, overwrite) as staging:
+    with staged_output(out_dir, overwrite) as staging:
         path = os.path.join(staging, WEIGHTS_NAME)
-        _write(path, groups, checkpoint_dir, show_progress, allow_nonfinite=allow_nonfinite)
+        write_adapter_file(path, groups, checkpoint_dir, show_progress, allow_nonfinite=allow_nonfinite)
         out_config.save_pretrained(staging)
     return out_dir
 
@@ -276,63 +268,43 @@ def _consolidate(
 # Input: manifest, shard headers, pieces
 
 
+@contextlib.contextmanager
+def _consolidation_errors() -> Iterator[None]:
+    """A ConfigError of a reader (manifest, adapter_config.json, shard files) as a ConsolidationError."""
+    try:
+        yield
+    except ConsolidationError:
+        raise
+    except ConfigError as e:
+        raise ConsolidationError(str(e)) from None
+
+
 def _read_manifest(directory: str, verify: bool) -> dict:
     """The checked manifest (:func:`.manifest.read_manifest`: schema, plain file names, every
     adapter shard and adapter_config.json present and, with ``verify``, their sha256). Only the
     adapter matters here: optimizer and RNG files are neither read nor needed."""
-    try:
+    with _consolidation_errors():
         return read_manifest(directory, verify=verify, parts=("adapter",))
-    except ConfigError as e:
-        raise ConsolidationError(str(e)) from None
 
 
 def _read_config(directory: str) -> LoraConfig:
-    try:
+    with _consolidation_errors():
         return read_adapter_config(directory)
-    except ConfigError as e:
-        raise ConsolidationError(str(e)) from None
 
 
-def _read_headers(directory: str, manifest: dict) -> dict[str, dict]:
-    headers = {}
-    for name in manifest["files"]:
-        try:
-            with ShardReader(os.path.join(directory, name)) as reader:
-                headers[name] = reader.tensors
-        except SafetensorsFormatError as e:
-            raise ConsolidationError(str(e)) from None
-    return headers
-
-
-def _sources(directory: str, manifest: dict, headers: dict[str, dict]) -> dict[str, _Source]:
-    """Global tensors by key, each checked to be covered exactly once by its pieces."""
-    sources: dict[str, _Source] = {}
-    for name, info in sorted(manifest["files"].items()):
-        for file_key, entry in sorted(info["tensors"].items()):  # entries are schema-checked
-            where = f"{name}:{file_key}"
-            key, global_shape, dtype = entry["key"], tuple(entry["global_shape"]), entry_dtype(entry)
-            piece = _Piece(name, file_key, list(entry["offsets"]), list(entry["shape"]))
-            stored = headers[name].get(file_key)
-            if stored is None:
-                raise ConsolidationError(f"{where}: listed in the manifest but not in the file (corrupt shard?).")
-            if stored["dtype"] != dtype or stored["shape"] != piece.shape:
-                raise ConsolidationError(
-                    f"{where}: the manifest says {entry['dtype']} {piece.shape}, the file holds "
-                    f"{stored['dtype']} {stored['shape']}."
-                )
-            source = sources.setdefault(key, _Source(key, global_shape, dtype, []))
-            if (source.global_shape, source.dtype) != (global_shape, dtype):
-                raise ConsolidationError(f"{key}: its pieces disagree on the global shape or dtype.")
-            source.pieces.append(piece)
-    if not sources:
+def _sources(directory: str, manifest: dict) -> dict[str, Source]:
+    """Global tensors by key (:func:`.pieces.index_tensors`), each checked to be covered
+    exactly once by its pieces."""
+    with _consolidation_errors():
+        tensors = index_tensors(directory, manifest["files"])
+        for tensor in tensors.values():
+            check_coverage(tensor, manifest["layout"]["tp"])
+    if not tensors:
         raise ConsolidationError(f"checkpoint {directory} holds no tensors.")
-    layout = manifest.get("layout", {})
-    for source in sources.values():
-        _check_coverage(source, layout.get("tp", 1))
-    return sources
+    return {key: Source(t.key, t.global_shape, t.dtype, t.pieces) for key, t in tensors.items()}
 
 
-def _check_factors(sources: dict[str, _Source], config: LoraConfig) -> None:
+def _check_factors(sources: dict[str, Source], config: LoraConfig) -> None:
     """Every adapted module has both factors (and a B bias exactly when lora_bias is set)."""
     present: dict[str, set[str]] = {}
     for source in sources.values():
@@ -351,92 +323,6 @@ def _check_factors(sources: dict[str, _Source], config: LoraConfig) -> None:
             )
 
 
-def _check_coverage(source: _Source, tp_size: int) -> None:
-    boxes = [(p.offsets, p.shape) for p in source.pieces]
-    for i, (o1, s1) in enumerate(boxes):
-        for o2, s2 in boxes[i + 1 :]:
-            if all(a < b + m and b < a + n for a, n, b, m in zip(o1, s1, o2, s2)):
-                raise ConsolidationError(f"{source.key}: two pieces of it overlap (a corrupt manifest).")
-    covered = sum(torch.Size(s).numel() for _, s in boxes)
-    total = torch.Size(source.global_shape).numel()
-    if covered == total:
-        return
-    ranks = {rank for p in source.pieces if (rank := shard_rank(p.file)) is not None}
-    stages = {pp for pp, _ in ranks}
-    missing = [
-        f"{shard_file_name('shard', pp, tp)} (PP stage {pp}, TP rank {tp})"
-        for pp in sorted(stages)
-        for tp in range(tp_size)
-        if (pp, tp) not in ranks
-    ]
-    raise ConsolidationError(
-        f"tensor {source.key} is incomplete: its pieces cover {covered} of {total} values"
-        + (f"; no piece from {', '.join(missing)}" if missing else "")
-        + " (a rank's shard is missing from the checkpoint)."
-    )
-
-
-class _Readers:
-    """Open shard files on demand (a bounded number at a time)."""
-
-    LIMIT = 64
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self._open: dict[str, ShardReader] = {}
-
-    def __getitem__(self, name: str) -> ShardReader:
-        reader = self._open.pop(name, None)
-        if reader is None:
-            if len(self._open) >= self.LIMIT:
-                oldest = next(iter(self._open))
-                self._open.pop(oldest).close()
-            try:
-                reader = ShardReader(os.path.join(self.directory, name))
-            except SafetensorsFormatError as e:
-                raise ConsolidationError(str(e)) from None
-        self._open[name] = reader  # most recently used last
-        return reader
-
-    def close(self) -> None:
-        for reader in self._open.values():
-            reader.close()
-        self._open.clear()
-
-
-class _Scratch:
-    """One reusable byte buffer handed out as tensors of any dtype and shape: every tensor is
-    assembled in the same memory (fresh allocations would page-fault on every tensor)."""
-
-    def __init__(self, nbytes: int) -> None:
-        self._buffer = torch.empty(nbytes, dtype=torch.uint8)
-
-    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
-        if nbytes > self._buffer.numel():
-            self._buffer = torch.empty(0, dtype=torch.uint8)  # free the old one first
-            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
-        return self._buffer[:nbytes].view(dtype).view(shape)
-
-
-def _assemble(source: _Source, readers: _Readers, out: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
-    """Fill ``out`` with the global tensor from its pieces; pieces that are whole rows are read
-    straight into place, others through ``scratch``."""
-    for piece in source.pieces:
-        try:
-            if list(piece.shape[1:]) == list(source.global_shape[1:]):
-                start = piece.offsets[0] if piece.offsets else 0
-                target = out[start : start + piece.shape[0]] if out.dim() else out
-                readers[piece.file].read_into(piece.file_key, target)
-            else:
-                index = tuple(slice(o, o + s) for o, s in zip(piece.offsets, piece.shape))
-                buffer = scratch.tensor(tuple(piece.shape), source.dtype)
-                out[index] = readers[piece.file].read_into(piece.file_key, buffer)
-        except SafetensorsFormatError as e:
-            raise ConsolidationError(str(e)) from None
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Names, geometry and mapping
 
@@ -447,7 +333,7 @@ def _is_megatron_name(module: str) -> bool:
     return module.startswith(("decoder.layers.", "embedding.")) or module in ("output_layer", "decoder.final_layernorm")
 
 
-def _uses_megatron_names(sources: dict[str, _Source], format: str) -> bool:
+def _uses_megatron_names(sources: dict[str, Source], format: str) -> bool:
     from ..bridges import hf_module_names
 
     megatron = [s.module for s in sources.values() if _is_megatron_name(s.module)]
@@ -490,7 +376,7 @@ def _layer_sub(module: str) -> Optional[str]:
     return m[2] if m else None
 
 
-def _check_geometry(sources: dict[str, _Source], arch: Any, config: LoraConfig, hf_model_dir: str) -> None:
+def _check_geometry(sources: dict[str, Source], arch: Any, config: LoraConfig, hf_model_dir: str) -> None:
     """Compare the HF config with the shapes in the checkpoint; the error says which field."""
     from ..targeting import MEGATRON_GPT_DEFAULT_TARGETS, _name_matches, layer_index
 
@@ -574,14 +460,14 @@ def _targets(config: LoraConfig, spec: Any, name: str, name_matches: Any, layer_
     return layers is None or layer_index(name, config.layers_pattern) in layers
 
 
-def _megatron_to_hf(sources: dict[str, _Source], arch: Any) -> list[tuple[_Source, list[_Output]]]:
+def _megatron_to_hf(sources: dict[str, Source], arch: Any) -> list[tuple[Source, list[Output]]]:
     from ..bridges import hf_module_names, split_gate_up, split_qkv_rows
 
     groups = []
     for source in sources.values():
         hf_names = hf_module_names(source.module)
         if len(hf_names) == 1 or source.suffix in A_SUFFIXES:  # as is, or A copied per module
-            outputs = [_Output(f"{PREFIX}{hf}.{source.suffix}", source.global_shape, None) for hf in hf_names]
+            outputs = [Output(f"{PREFIX}{hf}.{source.suffix}", source.global_shape, None) for hf in hf_names]
         else:  # split output rows with the bridge's own layout functions, applied to row indices
             rows = torch.arange(source.global_shape[0])
             if source.module.endswith("linear_qkv"):
@@ -589,7 +475,7 @@ def _megatron_to_hf(sources: dict[str, _Source], arch: Any) -> list[tuple[_Sourc
             else:
                 parts = split_gate_up(rows)
             outputs = [
-                _Output(f"{PREFIX}{hf}.{source.suffix}", (len(part), *source.global_shape[1:]), row_runs(part))
+                Output(f"{PREFIX}{hf}.{source.suffix}", (len(part), *source.global_shape[1:]), row_runs(part))
                 for hf, part in zip(hf_names, parts)
             ]
         groups.append((source, outputs))
@@ -608,7 +494,7 @@ def _released(config: LoraConfig, hf_model_dir: Optional[str], **changes: Any) -
     return LoraConfig.from_dict(data)
 
 
-def _check_ranks(config: LoraConfig, sources: dict[str, _Source]) -> dict[str, int]:
+def _check_ranks(config: LoraConfig, sources: dict[str, Source]) -> dict[str, int]:
     """module -> rank (rows of its A), checked against the config's rank_for(module)."""
     ranks = {}
     for source in sources.values():
@@ -624,15 +510,22 @@ def _check_ranks(config: LoraConfig, sources: dict[str, _Source]) -> dict[str, i
     return ranks
 
 
-def _identity_config(
-    config: LoraConfig, sources: dict[str, _Source], hf_model_dir: Optional[str], rename: bool
+def identity_groups(sources: dict[str, Source]) -> list[tuple[Source, list[Output]]]:
+    """Each source written as it is, under PEFT's ``base_model.model.`` prefix."""
+    return [(src, [Output(PREFIX + src.key, src.global_shape, None)]) for src in sources.values()]
+
+
+def identity_config(
+    config: LoraConfig, sources: dict[str, Source], hf_model_dir: Optional[str], rename: bool
 ) -> LoraConfig:
+    """The released adapter_config.json for sources kept under their names (:func:`identity_groups`),
+    ranks checked against ``config``; ``rename``: ``base_model_name_or_path`` becomes ``hf_model_dir``."""
     _check_ranks(config, sources)
     return _released(config, hf_model_dir if rename else None)
 
 
 def _hf_config(
-    config: LoraConfig, sources: dict[str, _Source], groups: list, hf_model_dir: Optional[str]
+    config: LoraConfig, sources: dict[str, Source], groups: list, hf_model_dir: Optional[str]
 ) -> LoraConfig:
     from ..bridges import hf_module_names
 
@@ -744,9 +637,10 @@ def _hf_modules(
 # Output
 
 
-def _check_out_dir(out_dir: str, overwrite: bool, checkpoint_dir: str) -> None:
-    real_out, real_ckpt = os.path.realpath(out_dir), os.path.realpath(checkpoint_dir)
-    if real_out == real_ckpt or real_ckpt.startswith(real_out + os.sep) or real_out.startswith(real_ckpt + os.sep):
+def check_out_dir(out_dir: str, overwrite: bool, checkpoint_dir: str) -> None:
+    """Refuse an output directory that is, contains or lies inside the checkpoint, is not a
+    directory, or (without ``overwrite``) is not empty."""
+    if paths_overlap(out_dir, checkpoint_dir):
         raise ConsolidationError(
             f"the output directory {out_dir} must not be, contain or lie inside the checkpoint {checkpoint_dir}."
         )
@@ -756,78 +650,42 @@ def _check_out_dir(out_dir: str, overwrite: bool, checkpoint_dir: str) -> None:
         raise ConsolidationError(f"{out_dir} is not empty; pass --overwrite (overwrite=True) to replace its contents.")
 
 
-class _staging:
-    """A temporary directory next to ``out_dir``, renamed to ``out_dir`` on success and
-    removed on failure (``out_dir`` untouched)."""
-
-    def __init__(self, out_dir: str, overwrite: bool) -> None:
-        self.out_dir, self.overwrite = os.path.abspath(out_dir), overwrite
-
-    def __enter__(self) -> str:
-        parent = os.path.dirname(self.out_dir)
-        os.makedirs(parent, exist_ok=True)
-        self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out_dir)}.partial-", dir=parent)
-        return self.path
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.path, 0o777 & ~umask)  # mkdtemp makes 0700
-            _fsync_dir(self.path)  # its entries are durable before it gets the final name
-            old = None
-            if os.path.isdir(self.out_dir):
-                if os.listdir(self.out_dir) and not self.overwrite:  # appeared while we worked
-                    raise ConsolidationError(f"{self.out_dir} became non-empty; not replacing it without --overwrite.")
-                name, parent = os.path.basename(self.out_dir), os.path.dirname(self.out_dir)
-                old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-                os.rename(self.out_dir, os.path.join(old, "previous"))
-            os.rename(self.path, self.out_dir)
-            _fsync_dir(os.path.dirname(self.out_dir))
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(self.path, ignore_errors=True)
-            raise
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+@contextlib.contextmanager
+def staged_output(out_dir: str, overwrite: bool) -> Iterator[str]:
+    """A staging directory next to ``out_dir``, renamed to ``out_dir`` on success and removed on
+    failure, ``out_dir`` untouched (:class:`dist_lora.io.AtomicDirectory`); an ``out_dir`` that
+    became non-empty meanwhile is not replaced without ``overwrite`` (a ConsolidationError)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with AtomicDirectory(out_dir, overwrite) as staging:
+            yield staging
+    except DirectoryNotEmptyError as e:
+        raise ConsolidationError(str(e)) from None
 
 
-def _write(
+def write_adapter_file(
     path: str,
-    groups: list,
+    groups: list[tuple[Source, list[Output]]],
     checkpoint_dir: str,
     show_progress: bool,
-    fetch: Optional[Callable[[_Source], torch.Tensor]] = None,
+    fetch: Optional[Callable[[Source], torch.Tensor]] = None,
     allow_nonfinite: bool = False,
 ) -> None:
     """Stream every group's outputs into one safetensors file. A source's tensor is assembled
-    from its shard pieces, or (``fetch``, for sources with no pieces, e.g. a DeepSpeed
-    checkpoint's) returned by ``fetch(source)``; one with NaN/Inf values is refused unless
-    ``allow_nonfinite``."""
-    from tqdm.auto import tqdm
-
+    from its shard pieces in ``checkpoint_dir`` (:func:`.pieces.assemble`), or (``fetch``, for
+    sources with no pieces, e.g. a DeepSpeed checkpoint's) returned by ``fetch(source)``; one
+    with NaN/Inf values is refused unless ``allow_nonfinite``."""
     specs = [(out.name, src.dtype, out.shape) for src, outs in groups for out in outs]
-    readers = _Readers(checkpoint_dir)
     largest = max(torch.Size(src.global_shape).numel() * src.dtype.itemsize for src, _ in groups)
-    tensors, pieces = _Scratch(largest if fetch is None else 0), _Scratch(0)
+    tensors, pieces = Scratch(largest if fetch is None else 0), Scratch()
     bar = tqdm(total=len(specs), unit="tensor", desc="consolidating", disable=not show_progress)
     try:
-        with StreamWriter(path, specs, metadata={"format": "pt"}) as writer:
+        with ShardFiles(checkpoint_dir) as files, StreamWriter(path, specs, metadata={"format": "pt"}) as writer:
             for source, outputs in groups:
                 if fetch is not None:
                     tensor = fetch(source)
                 else:
-                    tensor = _assemble(source, readers, tensors.tensor(source.global_shape, source.dtype), pieces)
+                    with _consolidation_errors():
+                        tensor = assemble(source, files, tensors.tensor(source.global_shape, source.dtype), None, pieces)
                 if not allow_nonfinite:
                     _check_finite(source.key, tensor, checkpoint_dir)
                 for out in outputs:
@@ -837,7 +695,6 @@ def _write(
                 del tensor
     finally:
         bar.close()
-        readers.close()
     _verify_written(path, specs)
 
 
@@ -853,8 +710,6 @@ def _check_finite(key: str, tensor: torch.Tensor, checkpoint_dir: str) -> None:
 
 def _verify_written(path: str, specs: list) -> None:
     """Re-read the written header with the safetensors library itself."""
-    from safetensors import safe_open
-
     with safe_open(path, framework="pt") as f:
         if f.metadata() != {"format": "pt"} or set(f.keys()) != {name for name, _, _ in specs}:
             raise ConsolidationError(f"{path}: the written file does not read back as written.")  # pragma: no cover

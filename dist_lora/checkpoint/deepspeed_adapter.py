@@ -45,7 +45,7 @@ from ..config import CONFIG_NAME, ConfigError, LoraConfig
 from . import consolidate as cons
 from .deepspeed_reader import DeepSpeedCheckpoint, DeepSpeedCheckpointError
 from .manifest import read_adapter_config
-from .peft_format import PREFIX, WEIGHTS_NAME
+from .peft_format import WEIGHTS_NAME
 
 _WRAPPER_PREFIXES = ("base_model.model.", "model.")  # PeftModel, dist_lora LoraModel
 _ADAPTER_KEY = re.compile(
@@ -71,7 +71,7 @@ def consolidate_deepspeed(
     Raises :class:`~dist_lora.checkpoint.consolidate.ConsolidationError` (a ``ValueError``)."""
     checkpoint_dir, out_dir = os.fspath(checkpoint_dir), os.fspath(out_dir)
     hf_model_dir = None if hf_model_dir is None else os.fspath(hf_model_dir)
-    cons._check_out_dir(out_dir, overwrite, checkpoint_dir)
+    cons.check_out_dir(out_dir, overwrite, checkpoint_dir)
     try:
         checkpoint = DeepSpeedCheckpoint(checkpoint_dir, tag)
     except DeepSpeedCheckpointError as e:
@@ -92,20 +92,20 @@ def consolidate_deepspeed(
         raise cons.ConsolidationError(str(e)) from None
 
     sources = {
-        key: cons._Source(key, tuple(checkpoint.shapes[name]), torch.float32, []) for name, key in names.items()
+        key: cons.Source(key, tuple(checkpoint.shapes[name]), torch.float32, []) for name, key in names.items()
     }
     by_key = {key: name for name, key in names.items()}
     cons._check_factors(sources, lora_config)
-    out_config = cons._identity_config(lora_config, sources, hf_model_dir, rename=True)
-    groups = [(src, [cons._Output(PREFIX + src.key, src.global_shape, None)]) for src in sources.values()]
+    out_config = cons.identity_config(lora_config, sources, hf_model_dir, rename=True)
+    groups = cons.identity_groups(sources)
     if hf_model_dir is not None:
         cons._check_against_hf_model(groups, hf_model_dir, lora_config.layer_replication)
 
-    def fetch(source: cons._Source) -> torch.Tensor:
+    def fetch(source: cons.Source) -> torch.Tensor:
         return checkpoint.tensor(by_key[source.key])
 
-    with cons._staging(out_dir, overwrite) as staging:
-        cons._write(
+    with cons.staged_output(out_dir, overwrite) as staging:
+        cons.write_adapter_file(
             os.path.join(staging, WEIGHTS_NAME), groups, checkpoint.dir, show_progress, fetch=fetch,
             allow_nonfinite=allow_nonfinite,
         )

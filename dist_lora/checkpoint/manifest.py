@@ -21,6 +21,10 @@ name is a plain file name inside the checkpoint directory (:func:`dist_lora.io.i
 Format ``dist_lora.sharded/1`` (before adapter_config.json and the RNG files had checksums)
 is still read: its shards are verified as before and a warning says that the config and RNG
 files are not; re-save the checkpoint (load it and save it again) to cover them.
+
+The shard format has two homes, one per side: this module (what is on disk: the schema, the
+file names, the checksums, reading the manifest) and :mod:`.pieces` (the tensors: where a TP
+shard sits in its global tensor, the pieces of each tensor, assembling any box of it).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import json
 import os
 import re
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 import torch
 
@@ -57,10 +61,16 @@ def shard_file_name(kind: str, pp: int, tp: int) -> str:
     return f"{kind}-pp{pp:03d}-tp{tp:03d}.safetensors"
 
 
-def shard_rank(name: str) -> Optional[tuple[int, int]]:
-    """(PP stage, TP rank) of a shard file name, None for other names."""
+class ShardName(NamedTuple):
+    kind: str  # "shard" (adapter) or "optim"
+    pp: int
+    tp: int
+
+
+def parse_shard_name(name: str) -> Optional[ShardName]:
+    """The kind, PP stage and TP rank of a :func:`shard_file_name`; None for other names."""
     m = _SHARD_NAME.fullmatch(name)
-    return (int(m[2]), int(m[3])) if m else None
+    return ShardName(m[1], int(m[2]), int(m[3])) if m else None
 
 
 def rng_file_name(rank: int) -> str:
@@ -74,11 +84,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def entry_dtype(entry: dict) -> torch.dtype:
-    """The torch dtype of a (schema-checked) manifest entry."""
-    return getattr(torch, entry["dtype"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,8 +221,8 @@ def _load_json(directory: str, path: str) -> Any:
 
 
 def _missing(directory: str, name: str, info: dict) -> ConfigError:
-    rank = shard_rank(name)
-    where = f" (PP stage {rank[0]}, TP rank {rank[1]})" if rank else ""
+    shard = parse_shard_name(name)
+    where = f" (PP stage {shard.pp}, TP rank {shard.tp})" if shard else ""
     keys = sorted({entry["key"] for entry in info.get("tensors", {}).values()})
     holds = f"; it holds {len(keys)} tensors, e.g. {', '.join(keys[:3])}" if keys else ""
     return ConfigError(
@@ -276,3 +281,4 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
                     f"{path}: {field} key {key!r} is not a valid regular expression ({e}); fix or remove it."
                 ) from None
     return config
+

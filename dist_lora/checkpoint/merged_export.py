@@ -32,8 +32,9 @@ import torch
 
 from ..bridges.checkpoint_reader import CheckpointReader
 from ..config import LoraConfig
+from ..io import paths_overlap
 from ..layers import math as lm
-from .consolidate import ConsolidationError, _check_out_dir, _staging, consolidate
+from .consolidate import ConsolidationError, check_out_dir, consolidate, staged_output
 from .peft_format import PREFIX, WEIGHTS_NAME
 from .safetensors_stream import DTYPES, SafetensorsFormatError, ShardReader, StreamWriter
 
@@ -82,9 +83,8 @@ def merge_export(
     corrupt always (the error names it)."""
     checkpoint_dir, hf_model_dir, out_dir = map(os.fspath, (checkpoint_dir, hf_model_dir, out_dir))
     limit = parse_size(max_shard_size)
-    _check_out_dir(out_dir, overwrite, checkpoint_dir)
-    real_out, real_hf = os.path.realpath(out_dir), os.path.realpath(hf_model_dir)
-    if real_out == real_hf or real_hf.startswith(real_out + os.sep) or real_out.startswith(real_hf + os.sep):
+    check_out_dir(out_dir, overwrite, checkpoint_dir)
+    if paths_overlap(out_dir, hf_model_dir):
         raise MergedExportError(f"the output directory {out_dir} must not be, contain or lie inside the base model {hf_model_dir}.")
     if not os.path.isfile(os.path.join(hf_model_dir, "config.json")):
         raise MergedExportError(f"{hf_model_dir} has no config.json: pass the Hugging Face model directory with --hf-model.")
@@ -97,7 +97,7 @@ def merge_export(
                                   show_progress=False, allow_nonfinite=allow_nonfinite)
         config = LoraConfig.from_pretrained(adapter_dir)
         with _AdapterFile(os.path.join(adapter_dir, WEIGHTS_NAME), config) as adapter, \
-                CheckpointReader(hf_model_dir) as reader, _staging(out_dir, overwrite) as staging:
+                CheckpointReader(hf_model_dir) as reader, staged_output(out_dir, overwrite) as staging:
             _write_merged(staging, reader, adapter, limit, show_progress)
             for name in COPIED_FILES:
                 if os.path.isfile(os.path.join(hf_model_dir, name)):

@@ -21,7 +21,9 @@ from ..config import ConfigError, LoraConfig
 from ..deepspeed import zero
 from ..io import atomic_path
 from ..layers.base import LoraLayer
-from .conversion import changes_base_weight
+from ..layers.embedding import SAVED_BASE_WEIGHT, LoraEmbedding
+from ..modules_to_save import ModulesToSaveWrapper
+from .conversion import changes_base_weight, converted_config, mutated_to_plain
 
 if TYPE_CHECKING:
     from ..model import LoraModel
@@ -42,7 +44,7 @@ def adapter_root(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     """(module holding the adapter layers, prefix of saved keys): a LoraModel's wrapped model
     under PEFT's ``base_model.model.``; a model with adapters injected into it
     (:func:`dist_lora.inject_adapter_in_model`) itself, with no prefix (as PEFT)."""
-    from ..model import LoraModel
+    from ..model import LoraModel  # a real cycle: model -> peft_api -> this module
 
     return (model.model, PREFIX) if isinstance(model, LoraModel) else (model, "")
 
@@ -60,8 +62,6 @@ def _layer_tensors(layer: LoraLayer, adapter: str) -> dict[str, torch.Tensor]:
 def adapter_state_dict(model: "LoraModel", adapter: str, keep_vars: bool = False) -> dict[str, torch.Tensor]:
     """This rank's tensors of ``adapter`` under PEFT's saved names (detached, not copied;
     ``keep_vars``: the parameters themselves, as ZeRO-3 gathering needs them)."""
-    from ..modules_to_save import ModulesToSaveWrapper
-
     configs = getattr(model, "peft_config", {})
     if adapter not in configs:
         raise ValueError(f"unknown adapter {adapter!r}; existing: {sorted(configs)}.")
@@ -99,8 +99,6 @@ def save_adapter(
         raise ValueError(f"adapter {adapter!r} has uninitialised (meta) tensors; load weights before saving.")
     config = model.peft_config[adapter]
     if initial_dir is not None:
-        from .conversion import converted_config, mutated_to_plain
-
         config = converted_config(config)
         initial = read_adapter_file(os.path.join(initial_dir, WEIGHTS_NAME))
         tensors = {k: v.contiguous() for k, v in mutated_to_plain(tensors, initial).items()}
@@ -217,8 +215,6 @@ def expected_keys(
     ``module_key`` maps a module name to the name used in keys (default: PEFT's
     ``base_model.model.<name>``; no prefix for a model with injected adapters).
     """
-    from ..modules_to_save import ModulesToSaveWrapper
-
     root, prefix = adapter_root(model)
     module_key = module_key or (lambda name: prefix + name)
     keys = {}
@@ -294,8 +290,6 @@ def _without_saved_embeddings(model: "LoraModel", tensors: dict[str, torch.Tenso
     """``tensors`` without the base weights PEFT saves next to an adapted embedding
     (``save_embedding_layers``), each checked equal to the model's: loading an adapter never
     changes base weights (PEFT would overwrite them)."""
-    from ..layers.embedding import SAVED_BASE_WEIGHT, LoraEmbedding
-
     out = dict(tensors)
     root, prefix = adapter_root(model)
     for name, layer in root.named_modules():

@@ -8,7 +8,8 @@ Layout of a checkpoint directory::
     rng-rank00000.pt                with a trainer state: each rank's RNG states
     manifest.json                   written last: layout, and per file its sha256 and, per
                                     tensor, the global shape, this piece's offsets and dtype
-                                    (schema and reader: :mod:`.manifest`)
+                                    (schema and reader: :mod:`.manifest`; pieces
+                                    and their assembly: :mod:`.pieces`)
 
 Tensor keys are layout-independent: ``<global module name>.lora_A.weight`` (megatron layer
 indices are global, see :mod:`dist_lora.naming`). A replicated tensor is written once (by TP
@@ -23,24 +24,20 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import CONFIG_NAME, ConfigError
-from ..io import atomic_path, atomic_write_text
+from ..io import AtomicDirectory, atomic_path, atomic_write_text
 from ..naming import global_module_name
-from ..parallel.tp import partition_stride
-from .manifest import (  # noqa: F401  (MANIFEST, FORMAT, read_manifest: this module's public face too)
+from .manifest import (  # noqa: F401  (MANIFEST, FORMAT, read_manifest, sha256_file: this module's public face too)
     FORMAT,
     LEGACY_FORMATS,
     MANIFEST,
     check_file,
-    entry_dtype,
     read_adapter_config,
     read_manifest,
     rng_file_name,
@@ -48,6 +45,7 @@ from .manifest import (  # noqa: F401  (MANIFEST, FORMAT, read_manifest: this mo
     shard_file_name,
 )
 from .peft_format import expected_keys, resolve_parameter, set_tensor
+from .pieces import Scratch, ShardFiles, StoredTensor, assemble, check_coverage, index_tensors, shard_pieces, tp_boxes
 
 if TYPE_CHECKING:
     from ..model import LoraModel
@@ -71,30 +69,6 @@ def _ranks() -> dict[str, int]:
     return {"tp": 0, "tp_size": 1, "pp": 0, "pp_size": 1, "dp": 0}
 
 
-def _boxes(param: torch.Tensor, tp_rank: int, tp_size: int) -> tuple[list[int], list[tuple]]:
-    """Where a local tensor sits in its global (TP=1) tensor, from megatron's sharding markers.
-
-    Returns the global shape and one box per stride piece: (local index, global offsets,
-    shape). A strided shard (stride s: a gated fc1 holds [gate_i; up_i]) is s boxes.
-    """
-    shape = list(param.shape)
-    everything = tuple(slice(None) for _ in shape)
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
-        return shape, [(everything, [0] * len(shape), shape)]
-    dim, stride = param.partition_dim, partition_stride(param)
-    piece = shape[dim] // stride
-    global_shape = shape.copy()
-    global_shape[dim] = shape[dim] * tp_size
-    boxes = []
-    for k in range(stride):
-        index, offsets, box = list(everything), [0] * len(shape), shape.copy()
-        index[dim] = slice(k * piece, (k + 1) * piece)
-        offsets[dim] = k * (global_shape[dim] // stride) + tp_rank * piece
-        box[dim] = piece
-        boxes.append((tuple(index), offsets, box))
-    return global_shape, boxes
-
-
 def _local_tensors(model: "LoraModel", adapter: str) -> dict[str, tuple[torch.nn.Module, str]]:
     return expected_keys(model, adapter, module_key=lambda name: global_module_name(model.model, name))
 
@@ -106,22 +80,6 @@ def _is_rank0() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _pieces_of(key: str, tensor: torch.Tensor, placement: torch.Tensor, ranks: dict) -> list[tuple[str, torch.Tensor, dict]]:
-    """(file key, tensor, manifest entry) for each box of ``tensor``, placed like ``placement``."""
-    global_shape, boxes = _boxes(placement, ranks["tp"], ranks["tp_size"])
-    pieces = []
-    for k, (index, offsets, shape) in enumerate(boxes):
-        entry = {
-            "key": key,
-            "global_shape": global_shape,
-            "offsets": offsets,
-            "shape": shape,
-            "dtype": str(tensor.dtype).removeprefix("torch."),
-        }
-        pieces.append((key if len(boxes) == 1 else f"{key}@{k}", tensor.detach()[index].contiguous().cpu(), entry))
-    return pieces
 
 
 def _write_file(staging: str, file_name: str, pieces: list) -> dict:
@@ -161,10 +119,10 @@ def save_sharded(
     adapter = adapter or model.active_adapters[0]
     directory = os.fspath(directory)
     ranks = _ranks()
-    staging = directory + ".partial"
+    target = AtomicDirectory(directory, staging_name=os.path.basename(directory) + ".partial")
+    staging = target.staging  # known to every rank; rank 0 creates it, every rank writes into it
     if _is_rank0():
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
+        target.create()
     _barrier()
     records = _gather_records(_write_rank_files(model, staging, adapter, optimizer, trainer_state is not None, ranks))
     _barrier()
@@ -187,7 +145,7 @@ def save_sharded(
             manifest["trainer_state"] = trainer_state
             manifest["rng"] = dict(r["rng"] for r in records)
         atomic_write_text(os.path.join(staging, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
-        _replace_directory(staging, directory)
+        target.commit()  # the previous checkpoint goes only after the new one is in place
     _barrier()
 
 
@@ -204,10 +162,10 @@ def _write_rank_files(
             sharded = getattr(param, "tensor_model_parallel", False) and ranks["tp_size"] > 1
             if not sharded and ranks["tp"] != 0:
                 continue  # a replicated tensor is written once, by TP rank 0
-            adapter_pieces += _pieces_of(key, param, param, ranks)
+            adapter_pieces += shard_pieces(key, param, param, ranks["tp"], ranks["tp_size"])
             for name, value in (optimizer.state.get(param, {}) if optimizer is not None else {}).items():
                 if torch.is_tensor(value) and value.shape == param.shape:
-                    optim_pieces += _pieces_of(f"{key}::{name}", value, param, ranks)
+                    optim_pieces += shard_pieces(f"{key}::{name}", value, param, ranks["tp"], ranks["tp_size"])
                 else:
                     optim_scalars[f"{key}::{name}"] = value.item() if torch.is_tensor(value) else value
     record = {"scalars": optim_scalars}
@@ -301,36 +259,24 @@ def apply_rng_states(states: Optional[dict]) -> bool:
     return True
 
 
-def _replace_directory(staging: str, directory: str) -> None:
-    """Swap the complete staging directory into place; the old checkpoint goes only after."""
-    old = directory + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(directory):
-        os.rename(directory, old)
-    os.rename(staging, directory)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _index(files: dict) -> dict[str, list[tuple[str, str, dict]]]:
-    """Global key -> the (file, file key, entry) pieces that hold parts of it."""
-    pieces: dict[str, list[tuple[str, str, dict]]] = {}
-    for name, info in files.items():
-        for file_key, entry in info["tensors"].items():
-            pieces.setdefault(entry["key"], []).append((name, file_key, entry))
-    return pieces
-
-
-def _read_local(directory: str, key: str, pieces: dict, param: torch.Tensor, ranks: dict) -> torch.Tensor:
+def _read_local(
+    files: ShardFiles, tensors: dict[str, StoredTensor], key: str, param: torch.Tensor, ranks: dict
+) -> torch.Tensor:
     """This rank's part of global tensor ``key``, shaped and placed like ``param``."""
-    if key not in pieces:
-        raise ConfigError(f"checkpoint {directory} has no tensor {key}: it was saved from a different model or config.")
-    first = pieces[key][0][2]
-    global_shape, boxes = _boxes(param, ranks["tp"], ranks["tp_size"])
-    if first["global_shape"] != global_shape:
-        raise ConfigError(f"{key}: global shape {first['global_shape']} in the checkpoint, the model has {global_shape}.")
-    value = torch.empty(param.shape, dtype=entry_dtype(first))
-    for index, offsets, shape in boxes:
-        value[index] = _assemble(directory, key, pieces[key], offsets, shape)
+    if key not in tensors:
+        raise ConfigError(
+            f"checkpoint {files.directory} has no tensor {key}: it was saved from a different model or config."
+        )
+    stored = tensors[key]
+    global_shape, boxes = tp_boxes(param, ranks["tp"], ranks["tp_size"])
+    if list(stored.global_shape) != global_shape:
+        raise ConfigError(
+            f"{key}: global shape {list(stored.global_shape)} in the checkpoint, the model has {global_shape}."
+        )
+    check_coverage(stored, ranks["saved_tp"])
+    value, scratch = torch.empty(param.shape, dtype=stored.dtype), Scratch()
+    for index, offsets, _ in boxes:
+        assemble(stored, files, value[index], offsets, scratch)
     return value
 
 
@@ -355,14 +301,15 @@ def load_sharded(
     created = adapter not in model.peft_config
     if created:
         model.add_adapter(adapter, read_adapter_config(directory), low_cpu_mem_usage=True)
-    ranks = _ranks()
-    pieces = _index(manifest["files"])
+    ranks = {**_ranks(), "saved_tp": manifest["layout"]["tp"]}
     try:
-        updates = []
-        for key, (module, path) in _local_tensors(model, adapter).items():
-            sub, pname = resolve_parameter(module, path, adapter)
-            updates.append((key, sub, pname, _read_local(directory, key, pieces, getattr(sub, pname), ranks)))
-        optim_states = _read_optimizer_states(directory, manifest, optimizer, updates, ranks) if optimizer else {}
+        with ShardFiles(directory) as files:
+            tensors = index_tensors(directory, manifest["files"])
+            updates = []
+            for key, (module, path) in _local_tensors(model, adapter).items():
+                sub, pname = resolve_parameter(module, path, adapter)
+                updates.append((key, sub, pname, _read_local(files, tensors, key, getattr(sub, pname), ranks)))
+            optim_states = _read_optimizer_states(files, manifest, optimizer, updates, ranks) if optimizer else {}
     except Exception:
         if created:
             model._discard_adapter(adapter)
@@ -378,10 +325,10 @@ def load_sharded(
     return manifest.get("trainer_state", {})
 
 
-def _read_optimizer_states(directory: str, manifest: dict, optimizer, updates: list, ranks: dict) -> dict:
+def _read_optimizer_states(files: ShardFiles, manifest: dict, optimizer, updates: list, ranks: dict) -> dict:
     """Per adapter key, the optimizer state of the local parameter (tensors sliced like it)."""
     section = manifest["optimizer"]
-    pieces = _index(section["files"])
+    tensors = index_tensors(files.directory, section["files"])
     trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
     states: dict[str, dict] = {}
     for key, sub, pname, _ in updates:
@@ -389,34 +336,13 @@ def _read_optimizer_states(directory: str, manifest: dict, optimizer, updates: l
         if id(param) not in trained:
             continue
         state = {}
-        for state_key in pieces:
+        for state_key in tensors:
             if state_key.startswith(f"{key}::"):
-                state[state_key.split("::", 1)[1]] = _read_local(directory, state_key, pieces, param, ranks).to(param.dtype)
+                state[state_key.split("::", 1)[1]] = _read_local(files, tensors, state_key, param, ranks).to(param.dtype)
         for state_key, value in section["scalars"].items():
             if state_key.startswith(f"{key}::"):
                 state[state_key.split("::", 1)[1]] = torch.tensor(value, dtype=torch.float32)
         if not state:
-            raise ConfigError(f"checkpoint {directory} has no optimizer state for {key}.")
+            raise ConfigError(f"checkpoint {files.directory} has no optimizer state for {key}.")
         states[key] = state
     return states
-
-
-def _assemble(directory: str, key: str, pieces: list, offsets: list, shape: list) -> torch.Tensor:
-    """Cut the box [offsets, offsets + shape) of a global tensor out of the saved pieces."""
-    out = torch.empty(shape, dtype=entry_dtype(pieces[0][2]))
-    covered = 0
-    for file_name, file_key, entry in pieces:
-        lo = [max(a, b) for a, b in zip(offsets, entry["offsets"])]
-        hi = [min(a + n, b + m) for a, n, b, m in zip(offsets, shape, entry["offsets"], entry["shape"])]
-        if any(l >= h for l, h in zip(lo, hi)):
-            continue
-        with safe_open(os.path.join(directory, file_name), framework="pt") as f:
-            src = f.get_slice(file_key)[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, entry["offsets"]))]
-        out[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offsets))] = src
-        covered += src.numel()
-    if covered != out.numel():
-        raise ConfigError(
-            f"{key}: the checkpoint's pieces cover {covered} of the {out.numel()} values this rank needs "
-            "(a shard file is missing from the manifest?)."
-        )
-    return out

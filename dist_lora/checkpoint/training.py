@@ -29,7 +29,8 @@ import torch.distributed as dist
 from ..config import ConfigError
 from ..io import atomic_write_text
 from ..parallel.collectives import raise_together
-from .sharded import MANIFEST, apply_rng_states, load_sharded, read_rng_states, save_sharded
+from .manifest import MANIFEST, read_manifest
+from .sharded import apply_rng_states, load_sharded, read_rng_states, save_sharded
 
 if TYPE_CHECKING:
     from ..model import LoraModel
@@ -143,8 +144,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
 
 def checkpoint_step(path: str | os.PathLike) -> int:
     """The step a complete checkpoint was saved at."""
-    from .sharded import read_manifest
-
     return int(read_manifest(path, verify=False).get("trainer_state", {}).get("step", 0))
 
 
