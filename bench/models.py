@@ -73,8 +73,10 @@ def hf_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # --- megatron-core GPTModel (tensor parallel) -------------------------------------------------
 
 
-def megatron_gpt(args: argparse.Namespace, tp: int, sp: bool, seed: int = 0):
-    """This rank's part of the GPTModel; the same full weights on every call (CPU init, one seed)."""
+def megatron_gpt(args: argparse.Namespace, tp: int, sp: bool, seed: int = 0, sdpa: bool = False, **overrides):
+    """This rank's part of the GPTModel; the same full weights on every call (CPU init, one seed).
+    ``sdpa``: dist_lora's SDPA core attention instead of megatron's local one; ``overrides``:
+    more TransformerConfig fields (e.g. recompute settings)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
@@ -86,11 +88,18 @@ def megatron_gpt(args: argparse.Namespace, tp: int, sp: bool, seed: int = 0):
         num_query_groups=s["groups"], gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm",
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32,
         use_cpu_initialization=True, gradient_accumulation_fusion=False, tensor_model_parallel_size=tp,
-        sequence_parallel=sp,
+        sequence_parallel=sp, **overrides,
     )
     torch.manual_seed(seed)
+    spec = gpt_local_block_spec(config)
+    if sdpa:
+        import dataclasses
+
+        from dist_lora.bridges.attention import with_sdpa_attention
+
+        spec = dataclasses.replace(spec, layer_specs=[with_sdpa_attention(layer) for layer in spec.layer_specs])
     model = GPTModel(
-        config=config, transformer_layer_spec=gpt_local_block_spec(config), vocab_size=s["vocab"],
+        config=config, transformer_layer_spec=spec, vocab_size=s["vocab"],
         max_sequence_length=args.seq, position_embedding_type="rope", share_embeddings_and_output_weights=False,
     )
     model.train()

@@ -4,7 +4,8 @@ Filtered by exact message, so every other warning stays visible:
 
 - megatron-core without apex / TransformerEngine announces each fallback to torch (norms,
   optimizers, multi-tensor ops) at import, once per module and per rank;
-- megatron-core 0.16's TransformerConfig warns about a cuda-graph scope default it sets itself;
+- megatron-core 0.16's TransformerConfig warns about a cuda-graph scope default it sets itself,
+  and about TransformerEngine's fused attention when selective recompute is asked for;
 - PEFT imports bitsandbytes, which logs that its optional CPU kernel package is missing;
 - PEFT reads a transformers attribute that transformers 5 marks deprecated;
 - ``datasets`` shows a progress bar per file it converts (dist_lora shows its own).
@@ -20,6 +21,7 @@ _MESSAGES = (
     r"Apex is not installed\. Falling back to Torch Norm",
     r"full scope is deprecated\. Use empty cuda_graph_scope",
     r".*is_gradient_checkpointing",
+    r"If you are using transformer_engine as the transformer implementation, the core_attn",
 )
 
 
