@@ -241,8 +241,7 @@ def _parts(
         if parsed is None or parsed[1] not in features:
             raise PeftToMegatronError(
                 f"{key!r}: {module!r} is not a module of a Llama-family model that the megatron bridge maps "
-                "(model.layers.N.self_attn.{q,k,v,o}_proj, model.layers.N.mlp.{gate,up,down}_proj): an adapter "
-                "for a different architecture?"
+                f"({HF_LAYERS}.N.{{{', '.join(features)}}}): an adapter for a different architecture?"
             )
         if parsed[0] >= arch.num_layers:
             raise PeftToMegatronError(
