@@ -433,7 +433,8 @@ def test_a_new_family_is_one_table() -> None:
     assert isinstance(family, ModelFamily)
     mapped = family.modules.megatron("decoder.layers.5.self_attention.k_layernorm")
     assert (mapped.hf, mapped.entry.partition) == (("model.layers.5.self_attn.k_norm",), None)
-    assert family.modules.hf("model.layers.2.self_attn.q_norm")[0].megatron == "decoder.layers.2.self_attention.q_layernorm"
+    mapped, position = family.modules.hf("model.layers.2.self_attn.q_norm")
+    assert (mapped.megatron, position) == ("decoder.layers.2.self_attention.q_layernorm", 0)
     assert family.modules.megatron("output_layer").entry.partition == (0, 1)
     with pytest.raises(KeyError, match="q_layernorm"):
         llama.modules.megatron("decoder.layers.5.self_attention.q_layernorm")

@@ -5,7 +5,8 @@ A checkpoint directory holds either one ``model.safetensors`` or several shards 
 are present the single file is read, as transformers does; a path to one ``.safetensors``
 file reads that file. The reader opens a shard only when one of its tensors is asked for and
 reads only the requested slice (``safe_open(...).get_slice(name)[...]``), so a tensor-parallel
-rank never materialises a tensor it does not hold a part of. ``bytes_read`` counts what was returned, for tests and logs.
+rank never materialises a tensor it does not hold a part of. ``bytes_read`` counts what was
+returned, for tests and logs.
 """
 
 from __future__ import annotations

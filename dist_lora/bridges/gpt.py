@@ -31,10 +31,6 @@ if TYPE_CHECKING:  # megatron is imported lazily: names and layouts work without
     from megatron.core.models.gpt import GPTModel
 
 
-# ---------------------------------------------------------------------------------------------
-# Building and loading
-
-
 def build_megatron_gpt(
     hf_dir: str | os.PathLike[str],
     tp: int = 1,
@@ -50,7 +46,7 @@ def build_megatron_gpt(
     the last; each rank reads only its own slices of its own stage's tensors.
     ``overrides`` go to :func:`transformer_config_from_hf`.
     """
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # megatron (heavy) is imported on use
     from megatron.core.models.gpt import GPTModel
 
     from .block_spec import gpt_local_block_spec  # imports megatron
@@ -111,7 +107,7 @@ def load_hf_weights(
     before wrapping it with LoRA). Also sets megatron's tensor-parallel markers
     (``tensor_model_parallel``, ``partition_dim``, ``partition_stride``), which megatron skips
     when ``perform_initialization=False``. Returns the bytes read."""
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # megatron (heavy) is imported on use
     from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
     if not isinstance(checkpoint, CheckpointReader):

@@ -253,7 +253,7 @@ def transformer_config_from_hf(
     ``params_dtype=torch.bfloat16``; ``pipeline_dtype`` follows ``params_dtype`` unless given).
     RoPE settings are GPTModel arguments, not config fields: see :func:`gpt_model_kwargs_from_hf`.
     """
-    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer import TransformerConfig  # megatron (heavy) is imported on use
 
     arch = parse_hf_config(hf_config)
     check_parallel_layout(arch, tp, pp)

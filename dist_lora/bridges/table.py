@@ -53,7 +53,9 @@ class Module:
 
     def __post_init__(self) -> None:
         if self.tp not in TP_KINDS or self.fused not in FUSED_LAYOUTS:
-            raise ValueError(f"{self.megatron}: tp {self.tp!r} / fused {self.fused!r} not in {TP_KINDS} / {FUSED_LAYOUTS}.")
+            raise ValueError(
+                f"{self.megatron}: tp {self.tp!r} / fused {self.fused!r} not in {TP_KINDS} / {FUSED_LAYOUTS}."
+            )
         if self.features and len(self.features) != len(self.hf):
             raise ValueError(f"{self.megatron}: one (in, out) feature pair per HF part is needed.")
 
@@ -142,7 +144,8 @@ class ModuleTable:
 
     def known_megatron(self) -> str:
         """The megatron modules this table maps, for error messages."""
-        return f"{MEGATRON_LAYERS}.N.{{{', '.join(self._by_megatron_sub)}}}, {', '.join(e.megatron for e in self.model)}"
+        layer = ", ".join(self._by_megatron_sub)
+        return f"{MEGATRON_LAYERS}.N.{{{layer}}}, {', '.join(e.megatron for e in self.model)}"
 
     def hf_layer_linears(self) -> tuple[str, ...]:
         """The HF submodules of a decoder layer that are linear layers (LoRA targets)."""

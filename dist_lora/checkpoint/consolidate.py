@@ -76,6 +76,7 @@ from ..bridges import (
 from ..config import ConfigError, LoraConfig, explicit_pattern
 from ..layers.base import LoraLayer
 from ..layers.embedding import FACTOR_KEYS as EMBEDDING_FACTOR_KEYS
+from ..replication import expand_ranges, replicate_layers
 from .peft_format import PREFIX, WEIGHTS_NAME
 from .safetensors_stream import DTYPES, SafetensorsFormatError, ShardReader, StreamWriter, row_runs
 from .manifest import MANIFEST, entry_dtype, read_adapter_config, read_manifest, shard_file_name, shard_rank
@@ -558,8 +559,6 @@ def _expanded_layers(config: LoraConfig, num_layers: int, hf_model_dir: str) -> 
     (PEFT expands the HF model the same way before loading)."""
     if not config.layer_replication:
         return num_layers
-    from ..replication import expand_ranges
-
     try:
         return len(expand_ranges(config.layer_replication, num_layers))
     except ConfigError as e:
@@ -705,7 +704,7 @@ def _hf_modules(
     """module name -> ((in, out) for linear and embedding layers, {param: shape}, whether it is
     an embedding) of the HF model, built on the meta device from its config.json (no weights
     are read)."""
-    import transformers
+    import transformers  # heavy optional dependency, needed only with an HF model directory
 
     try:
         hf_config = transformers.AutoConfig.from_pretrained(hf_model_dir, local_files_only=True)
@@ -714,8 +713,6 @@ def _hf_modules(
     except (OSError, ValueError, KeyError) as e:
         raise ConsolidationError(f"cannot build the HF model from {hf_model_dir}/config.json: {e}") from None
     if layer_replication:
-        from ..replication import replicate_layers
-
         try:
             replicate_layers(model, layer_replication)  # structural only: the meta model stays meta
         except ConfigError as e:

@@ -207,22 +207,28 @@ def replace_lora_weights_loftq(
         if not model_path or not os.path.exists(model_path):
             raise ValueError("replace_lora_weights_loftq needs model_path: the original model's safetensors file or directory.")
     with CheckpointReader(os.fspath(model_path)) as weights:
-        prefix = getattr(peft_model.model, "base_model_prefix", None)
-        layers = [(n, l) for n, l in peft_model.lora_layers() if is_linear4bit(l.base_layer)]
-        if not layers:
-            raise ValueError("replace_lora_weights_loftq: the model has no LoRA layer on a bitsandbytes Linear4bit.")
-        keys = {name: _original_weight_key(weights, name, layer, prefix, adapter_name) for name, layer in layers}
-        for name, layer in layers:  # everything was checked before the first adapter changes
-            w = weights.read(keys[name])
-            q = dequantized_4bit(layer.base_layer.weight)
-            a, b, _ = weight_driven_factors(w.float() - q, layer.r[adapter_name], layer.scaling[adapter_name], "pissa")
-            pa, pb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-            before = (pa.detach().clone(), pb.detach().clone())
-            pa.copy_(a.to(pa.dtype))
-            pb.copy_(b.to(pb.dtype))
-            if callback is not None and not callback(peft_model, name):
-                pa.copy_(before[0])
-                pb.copy_(before[1])
+        _replace_with_loftq(peft_model, weights, adapter_name, callback)
+
+
+def _replace_with_loftq(
+    peft_model, weights: CheckpointReader, adapter_name: str, callback: Optional[Callable[[nn.Module, str], bool]]
+) -> None:
+    prefix = getattr(peft_model.model, "base_model_prefix", None)
+    layers = [(n, l) for n, l in peft_model.lora_layers() if is_linear4bit(l.base_layer)]
+    if not layers:
+        raise ValueError("replace_lora_weights_loftq: the model has no LoRA layer on a bitsandbytes Linear4bit.")
+    keys = {name: _original_weight_key(weights, name, layer, prefix, adapter_name) for name, layer in layers}
+    for name, layer in layers:  # everything was checked before the first adapter changes
+        w = weights.read(keys[name])
+        q = dequantized_4bit(layer.base_layer.weight)
+        a, b, _ = weight_driven_factors(w.float() - q, layer.r[adapter_name], layer.scaling[adapter_name], "pissa")
+        pa, pb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        before = (pa.detach().clone(), pb.detach().clone())
+        pa.copy_(a.to(pa.dtype))
+        pb.copy_(b.to(pb.dtype))
+        if callback is not None and not callback(peft_model, name):
+            pa.copy_(before[0])
+            pb.copy_(before[1])
 
 
 def _original_weight_key(
