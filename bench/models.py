@@ -80,7 +80,7 @@ def megatron_gpt(args: argparse.Namespace, tp: int, sp: bool, seed: int = 0, sdp
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
-    from dist_lora.parallel.norm import gpt_local_block_spec
+    from dist_lora.bridges.block_spec import gpt_local_block_spec
 
     s = shape(args)
     config = TransformerConfig(

@@ -19,7 +19,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from dist_lora.parallel.grads import finalize_lora_grads
-from dist_lora.parallel.norm import gpt_local_block_spec
+from dist_lora.bridges.block_spec import gpt_local_block_spec
 
 VOCAB = 128
 SEQ = 16

@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 
 import pytest  # noqa: E402
@@ -28,20 +29,30 @@ from transformers import (  # noqa: E402
 )
 
 from dist_lora.bridges import (  # noqa: E402
+    FAMILIES,
     CheckpointReader,
+    ModelFamily,
+    Module,
+    ModuleTable,
     UnsupportedCheckpointError,
     build_megatron_gpt,
+    hf_features,
     hf_module_names,
+    incomplete_adapter,
+    megatron_features,
     megatron_module_name,
     merge_gate_up,
     merge_qkv_rows,
+    parse_hf_config,
     qkv_shard_row_ranges,
+    rows_to_hf,
     split_gate_up,
     split_qkv_rows,
     transformer_config_from_hf,
 )
 from dist_lora.naming import global_module_name  # noqa: E402
 from dist_lora.parallel.tp import shard  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
 from tests.hf_models import MEGATRON_LLAMA  # noqa: E402
 from tests.tp_utils import gather_param, gather_tp  # noqa: E402
@@ -365,3 +376,80 @@ def test_build_rejects_bad_layout_before_any_process_group(checkpoints: dict, tm
     (tmp_path / "config.json").write_text(json.dumps(_config_dict("llama")))
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
         CheckpointReader(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The family tables: geometry, adapter rows and a new family as one table
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_family_table_geometry(kind: str) -> None:
+    arch = parse_hf_config(_config_dict(kind))
+    family = FAMILIES[arch.model_type]
+    heads, groups, d, hidden, ffn = arch.num_attention_heads, arch.num_query_groups, arch.head_dim, 64, 128
+    assert megatron_features(family, arch) == {
+        "self_attention.linear_qkv": ((hidden, "hidden"), ((heads + 2 * groups) * d, "q")),
+        "self_attention.linear_proj": ((heads * d, "q"), (hidden, "hidden")),
+        "mlp.linear_fc1": ((hidden, "hidden"), (2 * ffn, "ffn")),
+        "mlp.linear_fc2": ((ffn, "ffn"), (hidden, "hidden")),
+    }
+    hf = _hf_model(kind)  # every HF linear of a decoder layer, with its real (in, out)
+    for sub, (n_in, n_out) in hf_features(family, arch).items():
+        linear = hf.get_submodule(f"model.layers.0.{sub}")
+        assert (linear.in_features, linear.out_features) == (n_in, n_out), sub
+    assert family.qkv_bias == (kind == "qwen2")
+
+
+def test_adapter_rows_to_hf_split_like_the_layouts() -> None:
+    arch = parse_hf_config(_config_dict("llama"))
+    qkv = "base_model.model.decoder.layers.1.self_attention.linear_qkv"
+    rows = (arch.num_attention_heads + 2 * arch.num_query_groups) * arch.head_dim
+    b = torch.randn(rows, 4)
+    split = rows_to_hf(qkv, rows, arch.attention)
+    assert [hf for hf, _ in split] == hf_module_names(qkv)
+    for (_, index), want in zip(split, split_qkv_rows(b, 8, 4, 8)):
+        assert b[index].equal(want)
+    assert rows_to_hf(qkv, 4, arch.attention, shared=True) == [(hf, None) for hf in hf_module_names(qkv)]
+    fc1 = rows_to_hf("decoder.layers.0.mlp.linear_fc1", 10)  # gate_up needs no attention geometry
+    assert [index.tolist() for _, index in fc1] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert rows_to_hf("decoder.layers.0.mlp.linear_fc2", 64) == [("model.layers.0.mlp.down_proj", None)]
+
+
+def test_incomplete_adapter_names_missing_and_unexpected() -> None:
+    want = {"lora_A.weight", "lora_B.weight"}
+    assert incomplete_adapter("m", set(want), want) is None
+    assert incomplete_adapter("m", {"lora_A.weight", "lora_B.bias"}, want, note=" (lora_bias=False)") == (
+        "module m has an incomplete adapter: missing ['lora_B.weight']; unexpected ['lora_B.bias'] (lora_bias=False)."
+    )
+
+
+def test_a_new_family_is_one_table() -> None:
+    """A family with per-head q/k norms (as Qwen3): only its table changes."""
+    llama = FAMILIES["llama"]
+    norms = (Module("self_attention.q_layernorm", ("self_attn.q_norm",)),
+             Module("self_attention.k_layernorm", ("self_attn.k_norm",)))
+    modules = ModuleTable(layer=llama.modules.layer + norms, model=llama.modules.model)
+    family = dataclasses.replace(llama, model_type="qwen3", architecture="Qwen3ForCausalLM", modules=modules)
+    assert isinstance(family, ModelFamily)
+    mapped = family.modules.megatron("decoder.layers.5.self_attention.k_layernorm")
+    assert (mapped.hf, mapped.entry.partition) == (("model.layers.5.self_attn.k_norm",), None)
+    mapped, position = family.modules.hf("model.layers.2.self_attn.q_norm")
+    assert (mapped.megatron, position) == ("decoder.layers.2.self_attention.q_layernorm", 0)
+    assert family.modules.megatron("output_layer").entry.partition == (0, 1)
+    with pytest.raises(KeyError, match="q_layernorm"):
+        llama.modules.megatron("decoder.layers.5.self_attention.q_layernorm")
+
+
+def test_checkpoint_reader_reads_a_file_and_prefers_the_single_file(tmp_path) -> None:
+    """One reader for every HF checkpoint: a path to a .safetensors file reads that file, and a
+    directory with both model.safetensors and an index reads model.safetensors (as transformers)."""
+    single, shard = {"w": torch.ones(2, 3)}, {"w": torch.zeros(2, 3)}
+    save_file(single, str(tmp_path / "model.safetensors"))
+    save_file(shard, str(tmp_path / "model-00001-of-00001.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "model-00001-of-00001.safetensors"}})
+    )
+    with CheckpointReader(tmp_path) as reader:
+        assert reader.read("w").equal(single["w"])
+    with CheckpointReader(tmp_path / "model-00001-of-00001.safetensors") as reader:
+        assert reader.read("w").equal(shard["w"]) and reader.shape("w") == (2, 3) and "w" in reader

@@ -16,11 +16,28 @@ full fused tensor, which is how a rank builds its shard from its own q/k/v row r
 fc1. A gated MLP's full (master) ``linear_fc1`` is ``[gate; up]``, split with stride 2: rank i
 holds ``[gate_i; up_i]``. So the naive concatenation of t shards is ``[g_0; u_0; g_1; u_1; ...]``
 and :func:`split_gate_up` takes the number of concatenated shards to undo it.
+
+:func:`merge_fused`, :func:`split_fused` and :func:`fused_shard_ranges` pick the functions of
+a layout by the name a family table gives it ("qkv", "gate_up" or "none": a single part).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional, Sequence
+
 import torch
+
+
+class Attention(NamedTuple):
+    """The attention geometry a QKV layout needs: heads and query groups present, head size."""
+
+    num_heads: int
+    num_query_groups: int
+    head_dim: int
+
+    def shard(self, size: int) -> "Attention":
+        """The geometry of one of ``size`` TP shards (whole query groups)."""
+        return Attention(self.num_heads // size, self.num_query_groups // size, self.head_dim)
 
 
 def _check_qkv_dims(num_heads: int, num_query_groups: int, head_dim: int) -> int:
@@ -126,3 +143,42 @@ def contiguous_shard(length: int, rank: int, size: int) -> slice:
         raise ValueError(f"a dimension of size {length} does not divide into {size} TP shards.")
     per_rank = length // size
     return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+def _need_attention(attention: Optional[Attention]) -> Attention:
+    if attention is None:
+        raise ValueError("the qkv layout needs the attention geometry (heads, query groups, head_dim).")
+    return attention
+
+
+def merge_fused(layout: str, parts: Sequence[torch.Tensor], attention: Optional[Attention] = None) -> torch.Tensor:
+    """megatron rows from the HF parts' rows in a family table's ``fused`` layout ("qkv"
+    needs ``attention``: the heads and groups present in the parts)."""
+    if layout == "qkv":
+        return merge_qkv_rows(*parts, *_need_attention(attention))
+    if layout == "gate_up":
+        return merge_gate_up(*parts)
+    (part,) = parts
+    return part
+
+
+def split_fused(
+    layout: str, fused: torch.Tensor, attention: Optional[Attention] = None, num_shards: int = 1
+) -> tuple[torch.Tensor, ...]:
+    """Inverse of :func:`merge_fused` (``num_shards``: how many TP shards a gate_up tensor
+    concatenates, see :func:`split_gate_up`)."""
+    if layout == "qkv":
+        return split_qkv_rows(fused, *_need_attention(attention))
+    if layout == "gate_up":
+        return split_gate_up(fused, num_shards)
+    return (fused,)
+
+
+def fused_shard_ranges(
+    layout: str, part_rows: Sequence[int], attention: Optional[Attention], rank: int, size: int
+) -> tuple[slice, ...]:
+    """The rows of each HF part (of ``part_rows`` rows) that TP rank ``rank`` of ``size``
+    needs for its shard; merge them with ``merge_fused(layout, parts, attention.shard(size))``."""
+    if layout == "qkv":
+        return qkv_shard_row_ranges(*_need_attention(attention), rank, size)
+    return tuple(contiguous_shard(rows, rank, size) for rows in part_rows)

@@ -56,7 +56,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import tempfile
 from typing import Any, Callable, Iterator, Optional
 
@@ -64,10 +63,23 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from ..bridges import (
+    DEFAULT_MODULES,
+    HFLlamaArch,
+    hf_module_names,
+    incomplete_adapter,
+    is_megatron_name,
+    megatron_features,
+    parse_hf_config,
+    read_hf_config,
+    rows_to_hf,
+    split_layer_name,
+)
 from ..config import ConfigError, LoraConfig, explicit_pattern
 from ..io import AtomicDirectory, DirectoryNotEmptyError, paths_overlap
 from ..layers.base import LoraLayer
 from ..layers.embedding import FACTOR_KEYS as EMBEDDING_FACTOR_KEYS
+from ..replication import expand_ranges, replicate_layers
 from .manifest import MANIFEST, read_adapter_config, read_manifest
 from .peft_format import PREFIX, WEIGHTS_NAME
 from .pieces import Scratch, ShardFiles, StoredTensor, assemble, check_coverage, index_tensors
@@ -77,7 +89,6 @@ from .training import complete_checkpoints, latest_checkpoint
 FORMATS = ("peft", "megatron")
 LORA_SUFFIXES = (*LoraLayer.factor_keys, "lora_B.bias", "lora_magnitude_vector", *EMBEDDING_FACTOR_KEYS)
 A_SUFFIXES = (LoraLayer.factor_keys[0], EMBEDDING_FACTOR_KEYS[0])  # A [r, in] of a linear layer / an embedding
-_LAYER = re.compile(r"(?:.*\.)?decoder\.layers\.(\d+)\.(.+)")
 # Init methods that change the base weights: the adapter is only valid with those weights.
 _BASE_CHANGING_INIT = ("olora", "pissa", "corda", "loftq")
 
@@ -241,7 +252,7 @@ def _consolidate(
         groups = identity_groups(sources)
         out_config = identity_config(config, sources, hf_model_dir, rename=format == "peft")
     else:
-        if arch is None and any(src.module.endswith("linear_qkv") for src in sources.values()):
+        if arch is None and any(_fused_layout(src.module) == "qkv" for src in sources.values()):
             raise ConsolidationError(
                 "the checkpoint has fused linear_qkv adapters; splitting them into q_proj/k_proj/v_proj needs "
                 "the model's attention heads, key-value heads and head_dim: pass the HF model directory "
@@ -314,49 +325,37 @@ def _check_factors(sources: dict[str, Source], config: LoraConfig) -> None:
     linear = {*LoraLayer.factor_keys} | ({"lora_B.bias"} if config.lora_bias else set()) | dora
     for module, suffixes in sorted(present.items()):
         want = {*EMBEDDING_FACTOR_KEYS} | dora if suffixes & {*EMBEDDING_FACTOR_KEYS} else linear
-        if suffixes != want:
-            missing, extra = sorted(want - suffixes), sorted(suffixes - want)
-            raise ConsolidationError(
-                f"module {module} has an incomplete adapter: "
-                + (f"missing {missing}" if missing else f"unexpected {extra} (lora_bias={config.lora_bias})")
-                + "."
-            )
+        problem = incomplete_adapter(module, suffixes, want, note=f" (lora_bias={config.lora_bias})")
+        if problem:
+            raise ConsolidationError(problem)
 
 
 # ---------------------------------------------------------------------------------------------
 # Names, geometry and mapping
 
 
-def _is_megatron_name(module: str) -> bool:
-    """Global megatron GPTModel names start at the GPTModel (``decoder.layers.N.``, ``embedding.``,
-    ``output_layer``); HF names start with ``model.`` / ``lm_head`` / ``transformer.`` ..."""
-    return module.startswith(("decoder.layers.", "embedding.")) or module in ("output_layer", "decoder.final_layernorm")
-
-
 def _uses_megatron_names(sources: dict[str, Source], format: str) -> bool:
-    from ..bridges import hf_module_names
-
-    megatron = [s.module for s in sources.values() if _is_megatron_name(s.module)]
-    if not megatron:
+    if not any(is_megatron_name(s.module) for s in sources.values()):
         return False
-    unmapped = []
-    for module in sorted({s.module for s in sources.values()}):
-        try:
-            hf_module_names(module)
-        except KeyError:
-            unmapped.append(module)
+    unmapped = [module for module in sorted({s.module for s in sources.values()}) if _fused_layout(module) is None]
     if unmapped and format == "peft":
         raise ConsolidationError(
             f"modules {unmapped[:3]}{' ...' if len(unmapped) > 3 else ''} have no Hugging Face counterpart in the "
-            "Llama-family bridge (attention: linear_qkv/linear_proj, MLP: linear_fc1/linear_fc2, embedding, "
-            "norms, output_layer); use --format megatron to keep the megatron names."
+            f"Llama-family bridge ({DEFAULT_MODULES.known_megatron()}); use --format megatron to keep the "
+            "megatron names."
         )
     return True
 
 
-def _hf_arch(hf_model_dir: str):
-    from ..bridges import parse_hf_config, read_hf_config
+def _fused_layout(module: str) -> Optional[str]:
+    """The fused layout of a megatron module in the bridge's table, None if it maps no HF module."""
+    try:
+        return DEFAULT_MODULES.megatron(module).entry.fused
+    except KeyError:
+        return None
 
+
+def _hf_arch(hf_model_dir: str) -> HFLlamaArch:
     try:
         return parse_hf_config(read_hf_config(hf_model_dir))
     except FileNotFoundError as e:
@@ -366,17 +365,17 @@ def _hf_arch(hf_model_dir: str):
 
 
 def _layer_of(module: str) -> Optional[int]:
-    m = _LAYER.fullmatch(module)
-    return int(m[1]) if m else None
+    parsed = split_layer_name(module)
+    return parsed[0] if parsed else None
 
 
 def _layer_sub(module: str) -> Optional[str]:
     """The submodule of a decoder layer: ``decoder.layers.3.mlp.linear_fc1`` -> ``mlp.linear_fc1``."""
-    m = _LAYER.fullmatch(module)
-    return m[2] if m else None
+    parsed = split_layer_name(module)
+    return parsed[1] if parsed else None
 
 
-def _check_geometry(sources: dict[str, Source], arch: Any, config: LoraConfig, hf_model_dir: str) -> None:
+def _check_geometry(sources: dict[str, Source], arch: HFLlamaArch, config: LoraConfig, hf_model_dir: str) -> None:
     """Compare the HF config with the shapes in the checkpoint; the error says which field."""
     from ..targeting import MEGATRON_GPT_DEFAULT_TARGETS, _name_matches, layer_index
 
@@ -401,34 +400,7 @@ def _check_geometry(sources: dict[str, Source], arch: Any, config: LoraConfig, h
                 f"the HF model has {num_layers} layers, the checkpoint's adapters stop at layer {layers[-1]} "
                 f"although its config targets layer {wanted[0]} too"
             )
-    hidden, heads = arch.hidden_size, arch.num_attention_heads
-    qkv_rows = (heads + 2 * arch.num_query_groups) * arch.head_dim
-    expect = {  # megatron submodule -> (in_features, out_features) with the fields they come from
-        "self_attention.linear_qkv": ((hidden, "hidden_size"), (qkv_rows, "attention heads")),
-        "self_attention.linear_proj": ((heads * arch.head_dim, "attention heads"), (hidden, "hidden_size")),
-        "mlp.linear_fc1": ((hidden, "hidden_size"), (2 * arch.ffn_hidden_size, "intermediate_size")),
-        "mlp.linear_fc2": ((arch.ffn_hidden_size, "intermediate_size"), (hidden, "hidden_size")),
-    }
-    field_text = {
-        "hidden_size": f"hidden_size={hidden}",
-        "attention heads": (
-            f"num_attention_heads={heads}, num_key_value_heads={arch.num_query_groups}, head_dim={arch.head_dim} "
-            f"(q/k/v rows {qkv_rows}, o_proj in_features {heads * arch.head_dim})"
-        ),
-        "intermediate_size": f"intermediate_size={arch.ffn_hidden_size}",
-    }
-    for source in sources.values():
-        sub = _layer_sub(source.module)
-        if sub not in expect or source.suffix not in LORA_SUFFIXES:
-            continue
-        (n_in, in_field), (n_out, out_field) = expect[sub]
-        if source.suffix == "lora_A.weight":
-            got, want, field = source.global_shape[1], n_in, in_field
-        else:
-            got, want, field = source.global_shape[0], n_out, out_field
-        if got != want and field not in problems:
-            what = "in_features" if source.suffix == "lora_A.weight" else "out_features"
-            problems[field] = f"HF {field_text[field]}, but {source.key} has {what} {got} (expected {want})"
+    problems.update(_shape_problems(sources, arch))
     if problems:
         raise ConsolidationError(
             f"the HF model at {hf_model_dir} does not match the checkpoint: "
@@ -437,13 +409,42 @@ def _check_geometry(sources: dict[str, Source], arch: Any, config: LoraConfig, h
         )
 
 
+def _shape_problems(sources: dict[str, Source], arch: HFLlamaArch) -> dict[str, str]:
+    """HF config field -> how the checkpoint's LoRA factor shapes disagree with it (the
+    features of each decoder-layer module come from the bridge's family table)."""
+    family, problems = arch.family, {}
+    expect = megatron_features(family, arch)  # submodule -> ((in, dimension), (out, dimension))
+    qkv_rows = next(expect[e.megatron][1][0] for e in family.modules.layer if e.fused == "qkv")
+    field_text = {
+        "hidden_size": f"hidden_size={arch.hidden_size}",
+        "attention heads": (
+            f"num_attention_heads={arch.num_attention_heads}, num_key_value_heads={arch.num_query_groups}, "
+            f"head_dim={arch.head_dim} (q/k/v rows {qkv_rows}, o_proj in_features "
+            f"{family.size('q', arch)})"
+        ),
+        "intermediate_size": f"intermediate_size={arch.ffn_hidden_size}",
+    }
+    for source in sources.values():
+        sub = _layer_sub(source.module)
+        if sub not in expect or source.suffix not in LORA_SUFFIXES:
+            continue
+        (n_in, in_dim), (n_out, out_dim) = expect[sub]
+        in_field, out_field = family.field(in_dim), family.field(out_dim)
+        if source.suffix == "lora_A.weight":
+            got, want, field = source.global_shape[1], n_in, in_field
+        else:
+            got, want, field = source.global_shape[0], n_out, out_field
+        if got != want and field not in problems:
+            what = "in_features" if source.suffix == "lora_A.weight" else "out_features"
+            problems[field] = f"HF {field_text[field]}, but {source.key} has {what} {got} (expected {want})"
+    return problems
+
+
 def _expanded_layers(config: LoraConfig, num_layers: int, hf_model_dir: str) -> int:
     """The number of layers the adapters sit on: with layer_replication, the expanded stack's
     (PEFT expands the HF model the same way before loading)."""
     if not config.layer_replication:
         return num_layers
-    from ..replication import expand_ranges
-
     try:
         return len(expand_ranges(config.layer_replication, num_layers))
     except ConfigError as e:
@@ -460,24 +461,19 @@ def _targets(config: LoraConfig, spec: Any, name: str, name_matches: Any, layer_
     return layers is None or layer_index(name, config.layers_pattern) in layers
 
 
-def _megatron_to_hf(sources: dict[str, Source], arch: Any) -> list[tuple[Source, list[Output]]]:
-    from ..bridges import hf_module_names, split_gate_up, split_qkv_rows
-
+def _megatron_to_hf(sources: dict[str, Source], arch: Optional[HFLlamaArch]) -> list[tuple[Source, list[Output]]]:
+    """Each source's outputs under HF names: as is, A copied per fused part, or the fused
+    rows split with the bridge's own layout functions (applied to row indices)."""
+    attention = arch.attention if arch is not None else None
     groups = []
     for source in sources.values():
-        hf_names = hf_module_names(source.module)
-        if len(hf_names) == 1 or source.suffix in A_SUFFIXES:  # as is, or A copied per module
-            outputs = [Output(f"{PREFIX}{hf}.{source.suffix}", source.global_shape, None) for hf in hf_names]
-        else:  # split output rows with the bridge's own layout functions, applied to row indices
-            rows = torch.arange(source.global_shape[0])
-            if source.module.endswith("linear_qkv"):
-                parts = split_qkv_rows(rows, arch.num_attention_heads, arch.num_query_groups, arch.head_dim)
-            else:
-                parts = split_gate_up(rows)
-            outputs = [
-                Output(f"{PREFIX}{hf}.{source.suffix}", (len(part), *source.global_shape[1:]), row_runs(part))
-                for hf, part in zip(hf_names, parts)
-            ]
+        rows = source.global_shape[0] if source.global_shape else 0
+        outputs = [
+            Output(f"{PREFIX}{hf}.{source.suffix}", source.global_shape, None)
+            if part is None
+            else Output(f"{PREFIX}{hf}.{source.suffix}", (len(part), *source.global_shape[1:]), row_runs(part))
+            for hf, part in rows_to_hf(source.module, rows, attention, shared=source.suffix in A_SUFFIXES)
+        ]
         groups.append((source, outputs))
     return groups
 
@@ -527,8 +523,6 @@ def identity_config(
 def _hf_config(
     config: LoraConfig, sources: dict[str, Source], groups: list, hf_model_dir: Optional[str]
 ) -> LoraConfig:
-    from ..bridges import hf_module_names
-
     ranks = _check_ranks(config, sources)
     rank_of, alpha_of, saved = {}, {}, set()
     for module, rank in ranks.items():
@@ -603,7 +597,7 @@ def _hf_modules(
     """module name -> ((in, out) for linear and embedding layers, {param: shape}, whether it is
     an embedding) of the HF model, built on the meta device from its config.json (no weights
     are read)."""
-    import transformers
+    import transformers  # heavy optional dependency, needed only with an HF model directory
 
     try:
         hf_config = transformers.AutoConfig.from_pretrained(hf_model_dir, local_files_only=True)
@@ -612,8 +606,6 @@ def _hf_modules(
     except (OSError, ValueError, KeyError) as e:
         raise ConsolidationError(f"cannot build the HF model from {hf_model_dir}/config.json: {e}") from None
     if layer_replication:
-        from ..replication import replicate_layers
-
         try:
             replicate_layers(model, layer_replication)  # structural only: the meta model stays meta
         except ConfigError as e:

@@ -179,7 +179,7 @@ def _plan(reader: CheckpointReader, limit: int) -> list[list[tuple[str, torch.dt
     shards: list[list] = [[]]
     size = 0
     for name in reader.keys():
-        part = reader._slice(name)
+        part = reader.tensor_slice(name)
         dtype, shape = DTYPES[part.get_dtype()], tuple(part.get_shape())
         nbytes = torch.Size(shape).numel() * dtype.itemsize
         if shards[-1] and size + nbytes > limit:

@@ -49,33 +49,37 @@ import dataclasses
 import functools
 import math
 import os
-import re
 from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from ..bridges import (
+    DEFAULT_MODULES,
+    HF_LAYERS,
+    HFLlamaArch,
+    Mapped,
+    hf_features,
+    incomplete_adapter,
+    layer_module_name,
+    megatron_geometry_mismatch,
+    merge_fused,
+    parse_hf_config,
+    read_hf_config,
+    split_layer_name,
+)
 from ..config import ConfigError, LoraConfig, explicit_pattern
 from ..layers.math import lora_scaling
+from ..naming import global_module_name
 from .peft_format import PREFIX, WEIGHTS_NAME, read_adapter_file, resolve_parameter, set_tensor
 
 if TYPE_CHECKING:
-    from ..bridges import HFLlamaArch
     from ..model import LoraModel
 
 LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias")
-# The HF linear modules of a decoder layer that map to megatron LoRA targets.
-_LAYER_LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-_HF_LINEAR = re.compile(r"model\.layers\.(?P<layer>\d+)\.(?P<sub>" + "|".join(map(re.escape, _LAYER_LINEARS)) + ")")
-_TOP_LEVEL = ("lm_head", "model.embed_tokens")
-_MEGATRON_GLOBAL = re.compile(r"(?:.*\.)?(?P<name>decoder\.layers\.\d+\..+)")
+# From the bridge's table: the HF linear modules of a decoder layer (megatron LoRA targets) and
+# the model-level ones (embedding, head), which the loader refuses.
+_LAYER_LINEARS = DEFAULT_MODULES.hf_layer_linears()
+_TOP_LEVEL = DEFAULT_MODULES.hf_model_linears()
 # Init methods that change the base weights: such an adapter is only valid with those weights.
 _BASE_CHANGING_INIT = ("olora", "pissa", "corda", "loftq")
 
@@ -109,7 +113,7 @@ class MegatronAdapter:
 
     config: LoraConfig
     modules: dict[str, FusedFactors]  # global megatron module name -> factors
-    arch: "HFLlamaArch"
+    arch: HFLlamaArch
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The full tensors under PEFT-style keys with global megatron names
@@ -143,8 +147,6 @@ def translate_peft_adapter(
     """Read and check a PEFT adapter for the Llama-family HF model in ``hf_model_dir`` and
     translate it to megatron modules (full tensors, see the module docstring). One process,
     no megatron needed. Raises :class:`PeftToMegatronError` naming what does not fit."""
-    from ..bridges import hf_module_names, megatron_module_name, parse_hf_config, read_hf_config
-
     adapter_dir, hf_model_dir = os.fspath(adapter_dir), os.fspath(hf_model_dir)
     config = _read_config(adapter_dir)
     arch = parse_hf_config(read_hf_config(hf_model_dir))
@@ -157,20 +159,20 @@ def translate_peft_adapter(
         )
     _check_targets(config, arch, set(parts), adapter_dir)
 
-    grouped: dict[str, dict[int, _Part]] = {}
+    grouped: dict[str, tuple[Mapped, dict[int, _Part]]] = {}
     for module, part in parts.items():
-        megatron_name, position = megatron_module_name(module)
-        grouped.setdefault(megatron_name, {})[position] = part
+        mapped, position = arch.family.modules.hf(module)
+        grouped.setdefault(mapped.megatron, (mapped, {}))[1][position] = part
     modules = {}
     for megatron_name in sorted(grouped, key=_module_order):
-        hf_names = hf_module_names(megatron_name)
-        modules[megatron_name] = _fuse(megatron_name, hf_names, grouped[megatron_name], arch, config.use_rslora)
+        mapped, fused_parts = grouped[megatron_name]
+        modules[megatron_name] = _fuse(mapped, fused_parts, arch, config.use_rslora)
     return MegatronAdapter(_translated_config(config, modules, hf_model_dir), modules, arch)
 
 
 def _module_order(name: str) -> tuple[int, str]:
-    m = re.search(r"decoder\.layers\.(\d+)\.", name)
-    return (int(m[1]) if m else -1, name)
+    parsed = split_layer_name(name)
+    return (parsed[0] if parsed else -1, name)
 
 
 def _read_config(adapter_dir: str) -> LoraConfig:
@@ -192,21 +194,6 @@ def _read_config(adapter_dir: str) -> LoraConfig:
     if config.layer_replication:
         raise PeftToMegatronError(f"{adapter_dir}: layer_replication={config.layer_replication} is not supported.")
     return config
-
-
-def _expected_features(arch: "HFLlamaArch") -> dict[str, tuple[int, int]]:
-    """HF layer submodule -> (in_features, out_features)."""
-    h, d = arch.hidden_size, arch.head_dim
-    q, kv, f = arch.num_attention_heads * d, arch.num_query_groups * d, arch.ffn_hidden_size
-    return {
-        "self_attn.q_proj": (h, q),
-        "self_attn.k_proj": (h, kv),
-        "self_attn.v_proj": (h, kv),
-        "self_attn.o_proj": (q, h),
-        "mlp.gate_proj": (h, f),
-        "mlp.up_proj": (h, f),
-        "mlp.down_proj": (f, h),
-    }
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -243,41 +230,37 @@ def _split_key(key: str) -> tuple[str, str]:
 
 
 def _parts(
-    tensors: dict[str, torch.Tensor], config: LoraConfig, arch: "HFLlamaArch", hf_model_dir: str
+    tensors: dict[str, torch.Tensor], config: LoraConfig, arch: HFLlamaArch, hf_model_dir: str
 ) -> dict[str, _Part]:
     """HF module -> its checked adapter."""
+    features = hf_features(arch.family, arch)  # HF layer submodule -> (in, out)
     by_module: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key in sorted(tensors):
         module, suffix = _split_key(key)
-        m = _HF_LINEAR.fullmatch(module)
-        if m is None:
+        parsed = split_layer_name(module, HF_LAYERS, anywhere=False)
+        if parsed is None or parsed[1] not in features:
             raise PeftToMegatronError(
                 f"{key!r}: {module!r} is not a module of a Llama-family model that the megatron bridge maps "
-                "(model.layers.N.self_attn.{q,k,v,o}_proj, model.layers.N.mlp.{gate,up,down}_proj): an adapter "
-                "for a different architecture?"
+                f"({HF_LAYERS}.N.{{{', '.join(features)}}}): an adapter for a different architecture?"
             )
-        if int(m["layer"]) >= arch.num_layers:
+        if parsed[0] >= arch.num_layers:
             raise PeftToMegatronError(
-                f"{key!r} is for layer {m['layer']}, but the HF model at {hf_model_dir} has {arch.num_layers} "
+                f"{key!r} is for layer {parsed[0]}, but the HF model at {hf_model_dir} has {arch.num_layers} "
                 "layers (num_hidden_layers): an adapter for a different model?"
             )
         by_module.setdefault(module, {})[suffix] = (key, tensors[key])
 
-    features = _expected_features(arch)
     want = {"lora_A.weight", "lora_B.weight"} | ({"lora_B.bias"} if config.lora_bias else set())
     parts = {}
     for module, found in sorted(by_module.items()):
-        if set(found) != want:
-            missing, extra = sorted(want - set(found)), sorted(set(found) - want)
-            raise PeftToMegatronError(
-                f"module {module} has an incomplete adapter: "
-                + (f"missing {[PREFIX + module + '.' + s for s in missing]}" if missing else "")
-                + (f"unexpected {[found[s][0] for s in extra]} (lora_bias={config.lora_bias})" if extra else "")
-                + "."
-            )
+        problem = incomplete_adapter(
+            module, set(found), want, name=lambda s: f"{PREFIX}{module}.{s}", note=f" (lora_bias={config.lora_bias})"
+        )
+        if problem:
+            raise PeftToMegatronError(problem)
         (a_key, a), (b_key, b) = found["lora_A.weight"], found["lora_B.weight"]
         bias_key, bias = found.get("lora_B.bias", (None, None))
-        n_in, n_out = features[_HF_LINEAR.fullmatch(module)["sub"]]
+        n_in, n_out = features[split_layer_name(module, HF_LAYERS)[1]]
         for key, tensor in ((a_key, a), (b_key, b), (bias_key, bias)):
             if tensor is not None and not tensor.is_floating_point():
                 raise PeftToMegatronError(f"{key!r} has dtype {tensor.dtype}; LoRA factors are floating point.")
@@ -306,7 +289,7 @@ def _parts(
     return parts
 
 
-def _check_targets(config: LoraConfig, arch: "HFLlamaArch", present: set[str], adapter_dir: str) -> None:
+def _check_targets(config: LoraConfig, arch: HFLlamaArch, present: set[str], adapter_dir: str) -> None:
     """The modules PEFT would give an adapter (its matching rules on the HF model's names) must
     be exactly the modules with tensors in the file: PEFT leaves a targeted module without
     tensors at its init, and silently ignores tensors of modules it does not target."""
@@ -356,18 +339,14 @@ def _check_targets(config: LoraConfig, arch: "HFLlamaArch", present: set[str], a
 # Fusing q/k/v and gate/up
 
 
-def _fuse(
-    megatron_name: str, hf_names: list[str], parts: dict[int, _Part], arch: "HFLlamaArch", rslora: bool
-) -> FusedFactors:
-    from ..bridges import merge_gate_up, merge_qkv_rows
-
+def _fuse(mapped: Mapped, parts: dict[int, _Part], arch: HFLlamaArch, rslora: bool) -> FusedFactors:
+    """One megatron module's factors from its HF parts' (see the module docstring)."""
     names = tuple(parts[i].module for i in sorted(parts))
-    if len(hf_names) == 1:
+    if len(mapped.hf) == 1:
         p = parts[0]
         return FusedFactors(p.a, p.b, p.bias, p.r, p.alpha, "single", names)
-    sub = _HF_LINEAR.fullmatch(hf_names[0])["sub"]
-    features = _expected_features(arch)
-    out_dims = [features[_HF_LINEAR.fullmatch(hf)["sub"]][1] for hf in hf_names]
+    features = hf_features(arch.family, arch)
+    out_dims = [features[split_layer_name(hf, HF_LAYERS)[1]][1] for hf in mapped.hf]
     present = [parts[i] for i in sorted(parts)]
     first = present[0]
     with_bias = first.bias is not None
@@ -408,17 +387,8 @@ def _fuse(
             out.append(value)
         return out
 
-    if sub.startswith("self_attn."):
-        merge = functools.partial(
-            merge_qkv_rows,
-            num_heads=arch.num_attention_heads,
-            num_query_groups=arch.num_query_groups,
-            head_dim=arch.head_dim,
-        )
-    else:
-        merge = merge_gate_up
-    b = merge(*blocks(_b))
-    bias = merge(*blocks(_bias)) if with_bias else None
+    b = merge_fused(mapped.entry.fused, blocks(_b), arch.attention)
+    bias = merge_fused(mapped.entry.fused, blocks(_bias), arch.attention) if with_bias else None
     return FusedFactors(a.contiguous(), b.contiguous(), bias, rank, alpha, layout, names)
 
 
@@ -535,30 +505,14 @@ def _restore(flags: list[tuple[torch.nn.Parameter, bool]]) -> None:
         param.requires_grad_(requires_grad)
 
 
-def _check_model(gpt: torch.nn.Module, arch: "HFLlamaArch", hf_model_dir: str) -> None:
+def _check_model(gpt: torch.nn.Module, arch: HFLlamaArch, hf_model_dir: str) -> None:
     config = getattr(gpt, "config", None)
     if config is None or not hasattr(gpt, "decoder") or not hasattr(config, "num_query_groups"):
         raise TypeError(
             f"load_peft_adapter_into_megatron needs a megatron GPTModel (or a LoraModel around one), got "
             f"{type(gpt).__name__}; for a Hugging Face model use LoraModel.from_pretrained / load_adapter."
         )
-    have = {
-        "num_layers": config.num_layers,
-        "hidden_size": config.hidden_size,
-        "ffn_hidden_size": config.ffn_hidden_size,
-        "num_attention_heads": config.num_attention_heads,
-        "num_query_groups": config.num_query_groups or config.num_attention_heads,
-        "kv_channels": config.kv_channels or config.hidden_size // config.num_attention_heads,
-    }
-    want = {
-        "num_layers": arch.num_layers,
-        "hidden_size": arch.hidden_size,
-        "ffn_hidden_size": arch.ffn_hidden_size,
-        "num_attention_heads": arch.num_attention_heads,
-        "num_query_groups": arch.num_query_groups,
-        "kv_channels": arch.head_dim,
-    }
-    differing = [f"{k} {have[k]} (HF: {want[k]})" for k in have if have[k] != want[k]]
+    differing = megatron_geometry_mismatch(config, arch)
     if differing:
         raise PeftToMegatronError(
             f"the megatron model does not match the HF model at {hf_model_dir}: {', '.join(differing)}. "
@@ -570,25 +524,23 @@ def _check_model(gpt: torch.nn.Module, arch: "HFLlamaArch", hf_model_dir: str) -
 def _assign(lora_model: "LoraModel", adapter: MegatronAdapter, adapter_name: str, source: str) -> None:
     """Slice each module's full factors to this rank's shard and set them; every check
     first, then the updates."""
-    from ..naming import global_module_name
-
     updates, seen = [], set()
-    stage = set()
-    for name, _ in lora_model.model.named_modules():
-        m = _MEGATRON_GLOBAL.fullmatch(global_module_name(lora_model.model, name)) if name else None
-        if m is not None:
-            stage.add(m["name"])
+    stage = {
+        global_name
+        for name, _ in lora_model.model.named_modules()
+        if name and (global_name := _global_layer_module(lora_model.model, name)) is not None
+    }
     for name, layer in lora_model.lora_layers():
         if adapter_name not in layer.lora_A:
             continue
-        m = _MEGATRON_GLOBAL.fullmatch(global_module_name(lora_model.model, name))
-        factors = adapter.modules.get(m["name"]) if m else None
+        global_name = _global_layer_module(lora_model.model, name)
+        factors = adapter.modules.get(global_name) if global_name else None
         if factors is None:  # pragma: no cover - the config targets exactly adapter.modules
             raise PeftToMegatronError(f"module {name} got adapter {adapter_name!r} but {source} has no factors for it.")
-        seen.add(m["name"])
+        seen.add(global_name)
         if factors.a.shape[1] != layer.in_features or factors.b.shape[0] != layer.out_features:
             raise PeftToMegatronError(
-                f"{m['name']}: the adapter's factors are [{factors.r}, {factors.a.shape[1]}] / "
+                f"{global_name}: the adapter's factors are [{factors.r}, {factors.a.shape[1]}] / "
                 f"[{factors.b.shape[0]}, {factors.r}], the layer has in/out features "
                 f"{layer.in_features}/{layer.out_features}."
             )
@@ -600,7 +552,7 @@ def _assign(lora_model: "LoraModel", adapter: MegatronAdapter, adapter_name: str
             expected = tuple(getattr(sub, pname).shape)
             if tuple(value.shape) != expected:
                 raise PeftToMegatronError(
-                    f"{m['name']}.{path}: this rank's shard has shape {tuple(value.shape)}, the model expects "
+                    f"{global_name}.{path}: this rank's shard has shape {tuple(value.shape)}, the model expects "
                     f"{expected}."
                 )
             updates.append((sub, pname, value))
@@ -609,3 +561,10 @@ def _assign(lora_model: "LoraModel", adapter: MegatronAdapter, adapter_name: str
         raise PeftToMegatronError(f"modules {unassigned[:4]} of this pipeline stage got no adapter.")
     for sub, pname, value in updates:
         set_tensor(sub, pname, value)
+
+
+def _global_layer_module(model: torch.nn.Module, name: str) -> Optional[str]:
+    """``decoder.layers.<global N>.<submodule>`` of a local module name (any prefix before
+    ``decoder.layers`` dropped), None outside the decoder layers."""
+    parsed = split_layer_name(global_module_name(model, name))
+    return layer_module_name(*parsed) if parsed else None

@@ -1,4 +1,4 @@
-"""Torch norms for megatron's local (no apex / Transformer Engine) GPT spec, sequence parallel too.
+"""megatron's local GPT block spec (no apex / Transformer Engine) with torch norms, sequence parallel too.
 
 Without apex or TE, megatron's local spec builds ``WrappedTorchNorm``, which asserts
 ``not config.sequence_parallel``. The norms here take megatron's construction signature

@@ -1,0 +1,138 @@
+"""The model-family tables: Llama, Mistral and Qwen2 (the form is in :mod:`.table`).
+
+All three are pre-norm Llama decoders (RMSNorm, SwiGLU, grouped-query attention,
+rotate-half RoPE), so they share one module table and one config-field mapping; they differ
+in their config rules (Qwen2's q/k/v biases, Mistral's and Qwen2's sliding-window switches).
+Adding a family means adding one :class:`~.table.ModelFamily` here (and its module table
+where the decoder differs).
+
+Weight mapping (HF ``model.layers.N.`` <-> megatron ``decoder.layers.N.``, global N), with
+what TP rank i of t holds:
+
+=========================================  ==================================  ===================
+HF                                         megatron                            TP rank i holds
+=========================================  ==================================  ===================
+model.embed_tokens                         embedding.word_embeddings           vocab rows i (dim 0)
+self_attn.{q,k,v}_proj (+ bias, qwen2)     self_attention.linear_qkv           whole query groups i
+self_attn.o_proj                           self_attention.linear_proj          columns i (dim 1)
+input_layernorm                            input_layernorm                     all
+post_attention_layernorm                   pre_mlp_layernorm                   all
+mlp.{gate,up}_proj                         mlp.linear_fc1 = [gate_i; up_i]     rows i of each
+mlp.down_proj                              mlp.linear_fc2                      columns i (dim 1)
+model.norm                                 decoder.final_layernorm             all
+lm_head (embed_tokens when tied)           output_layer                        vocab rows i (dim 0)
+=========================================  ==================================  ===================
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from .table import MEGATRON_LAYERS, ModelFamily, Module, ModuleTable
+
+LLAMA_MODULES = ModuleTable(
+    layer=(
+        Module("input_layernorm", ("input_layernorm",)),
+        Module(
+            "self_attention.linear_qkv",
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            tp="column",
+            fused="qkv",
+            features=(("hidden", "q"), ("hidden", "kv"), ("hidden", "kv")),
+        ),
+        Module("self_attention.linear_proj", ("self_attn.o_proj",), tp="row", features=(("q", "hidden"),)),
+        Module("pre_mlp_layernorm", ("post_attention_layernorm",)),
+        Module(
+            "mlp.linear_fc1",
+            ("mlp.gate_proj", "mlp.up_proj"),
+            tp="column",
+            fused="gate_up",
+            features=(("hidden", "ffn"), ("hidden", "ffn")),
+        ),
+        Module("mlp.linear_fc2", ("mlp.down_proj",), tp="row", features=(("ffn", "hidden"),)),
+    ),
+    model=(
+        Module("embedding.word_embeddings", ("model.embed_tokens",), tp="vocab", features=(("vocab", "hidden"),)),
+        Module("decoder.final_layernorm", ("model.norm",)),
+        Module(
+            "output_layer", ("lm_head",), tp="vocab", features=(("hidden", "vocab"),), tied=("model.embed_tokens",)
+        ),
+    ),
+)
+
+# (HFLlamaArch field, HF config.json key, megatron TransformerConfig field) of the geometry.
+LLAMA_CONFIG_FIELDS = (
+    ("num_layers", "num_hidden_layers", "num_layers"),
+    ("hidden_size", "hidden_size", "hidden_size"),
+    ("ffn_hidden_size", "intermediate_size", "ffn_hidden_size"),
+    ("num_attention_heads", "num_attention_heads", "num_attention_heads"),
+    ("num_query_groups", "num_key_value_heads", "num_query_groups"),
+    ("head_dim", "head_dim", "kv_channels"),
+)
+
+# TransformerConfig fields every Llama-family model has.
+LLAMA_MEGATRON_CONFIG = dict(
+    normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False
+)
+
+# The named dimensions of the module features: size from the parsed config, and the config
+# field(s) it comes from.
+LLAMA_DIMENSIONS = {
+    "hidden": (lambda arch: arch.hidden_size, "hidden_size"),
+    "q": (lambda arch: arch.num_attention_heads * arch.head_dim, "attention heads"),
+    "kv": (lambda arch: arch.num_query_groups * arch.head_dim, "attention heads"),
+    "ffn": (lambda arch: arch.ffn_hidden_size, "intermediate_size"),
+    "vocab": (lambda arch: arch.vocab_size, "vocab_size"),
+}
+
+_LLAMA_DECODER = dict(
+    modules=LLAMA_MODULES,
+    config_fields=LLAMA_CONFIG_FIELDS,
+    megatron_config=LLAMA_MEGATRON_CONFIG,
+    dimensions=LLAMA_DIMENSIONS,
+)
+
+LLAMA = ModelFamily("llama", "LlamaForCausalLM", **_LLAMA_DECODER)
+MISTRAL = ModelFamily("mistral", "MistralForCausalLM", sliding_window_size="sliding_window", **_LLAMA_DECODER)
+QWEN2 = ModelFamily(
+    "qwen2", "Qwen2ForCausalLM", qkv_bias=True, sliding_window_flag="use_sliding_window", **_LLAMA_DECODER
+)
+
+FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (LLAMA, MISTRAL, QWEN2)}
+# The table used where no HF config says which family (all supported families share it).
+DEFAULT_MODULES = LLAMA_MODULES
+
+
+def family_of(model_type: str) -> ModelFamily:
+    """The family serving an HF ``model_type``; KeyError if none does."""
+    return FAMILIES[model_type]
+
+
+def hf_module_names(megatron_name: str) -> list[str]:
+    """The HF module name(s) that a megatron GPT module corresponds to, in fused order.
+
+    ``decoder.layers.3.self_attention.linear_qkv`` -> ``model.layers.3.self_attn.{q,k,v}_proj``;
+    ``mlp.linear_fc1`` -> ``mlp.gate_proj``, ``mlp.up_proj``; ``linear_proj`` -> ``o_proj``;
+    ``linear_fc2`` -> ``down_proj``. Any prefix before the megatron name (``module.``, a PEFT
+    wrapper's) is dropped. The layer index must be global: under pipeline parallelism pass
+    :func:`dist_lora.naming.global_module_name` of the local name.
+    """
+    return list(DEFAULT_MODULES.megatron(megatron_name).hf)
+
+
+def megatron_module_name(hf_name: str) -> tuple[str, int]:
+    """The megatron module an HF module belongs to and its position among
+    :func:`hf_module_names` of it: ``model.layers.3.self_attn.k_proj`` ->
+    (``decoder.layers.3.self_attention.linear_qkv``, 1). Any prefix before ``model.`` /
+    ``lm_head`` (``base_model.model.``) is dropped."""
+    mapped, position = DEFAULT_MODULES.hf(hf_name)
+    return mapped.megatron, position
+
+
+def is_megatron_name(module: str) -> bool:
+    """Global megatron GPTModel names start at the GPTModel (``decoder.layers.N.``, ``embedding.``,
+    ``output_layer``); HF names start with ``model.`` / ``lm_head`` / ``transformer.`` ..."""
+    return module.startswith((MEGATRON_LAYERS + ".", "embedding.")) or module in (
+        "output_layer",
+        "decoder.final_layernorm",
+    )
