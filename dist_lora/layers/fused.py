@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import math as lm
+
 
 @dataclass(frozen=True)
 class FusedSpec:
@@ -137,7 +139,7 @@ class ColumnParallelLoRA(torch.autograd.Function):
         out = _base_plus_lora(x_full, weight, [(h, b) for h, ((_, b, _, _), _) in zip(hs, adapters)], bias)
         for (_, _, b_bias, _), scale in adapters:
             if b_bias is not None:
-                out.add_(b_bias, alpha=scale)
+                out.add_(lm.scaled_bias(b_bias, scale))
         keep = not spec.sequence_parallel or spec.keep_gathered_input
         ctx.spec = spec
         ctx.save_for_backward(x_full if keep else x, weight, *hs, *factors)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..deepspeed import zero
 from . import math as lm
-from .base import LoraLayer
+from .base import LoraLayer, MergedValues
 from .fused import ColumnParallelLoRA, FusedSpec
 
 
@@ -71,10 +71,11 @@ class LoraLinear(LoraLayer):
     def fan_in_fan_out(self) -> bool:
         return self._fan_in_fan_out
 
-    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+    def merged_values(self, adapter_names: list[str]) -> MergedValues:
+        """:meth:`LoraLayer.merged_values` (what merge and safe_merge's check use); refused on 4-bit."""
         if self.quantized:
             raise NotImplementedError("merging into a bitsandbytes 4-bit base layer is not supported; dequantise the model first.")
-        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        return super().merged_values(adapter_names)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapters = self._forward_adapters()

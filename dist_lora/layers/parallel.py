@@ -272,7 +272,7 @@ class LoraRowParallelLinear(_ParallelLoraLayer):
         for name in adapters:
             bias = self.lora_B[name].bias
             if bias is not None:
-                out = out + bias * self.scaling[name]
+                out = out + lm.scaled_bias(bias, self.scaling[name])
         if base.skip_bias_add:
             return out, base.bias
         return (out if base.bias is None else out + base.bias), None
