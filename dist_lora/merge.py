@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from .deepspeed import zero
 from .layers import LoraLayer
+from .layers.parallel import ParallelLoraLayer
 
 
 class MergeError(ValueError):
@@ -41,9 +42,7 @@ def merge_group(layers: Iterable[LoraLayer]) -> Optional[dist.ProcessGroup]:
     model or a single process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
-    from .layers.parallel import _ParallelLoraLayer
-
-    if any(isinstance(layer, _ParallelLoraLayer) for layer in layers):
+    if any(isinstance(layer, ParallelLoraLayer) for layer in layers):
         return dist.group.WORLD
     try:
         from megatron.core import parallel_state

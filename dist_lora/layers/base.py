@@ -70,7 +70,11 @@ class LoraLayer(nn.Module):
         return b
 
     def _tag_parameters(self, adapter_name: str) -> None:
-        """Attach sharding attributes to the new adapter's parameters (parallel layers)."""
+        """Attach sharding (and partial-gradient) attributes to the new adapter's parameters (parallel layers)."""
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Every adapter parameter of this layer: A, B (and its bias), DoRA's m, of all adapters."""
+        return [p for store in self.adapter_layer_names for p in getattr(self, store).parameters()]
 
     def _reduce_norm_sq(self, norm_sq: torch.Tensor) -> torch.Tensor:
         """Complete a row-wise squared norm over the shards of the input dim (row-parallel)."""

@@ -22,7 +22,7 @@ Row-parallel (W_i columns of W, x_i features i, A_i columns of A, B replicated):
 
 The per-step sums (A of column layers, B of row layers) are done by
 :func:`dist_lora.parallel.grads.finalize_lora_grads` in one flattened all-reduce for all layers.
-Those parameters carry ``tp_partial_grad = True``.
+Those parameters carry ``tp_partial_grad = True`` (set by :mod:`dist_lora.layers.parallel`).
 
 Saved for backward: the frozen weights (no copy), the r-sized h, the input the LoRA path
 needs (x, or the local sequence shard under SP with re-gathering), and dropout masks only
