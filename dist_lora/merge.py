@@ -16,7 +16,7 @@ agree on them through the same one-flag all-reduce (so even a plain merge of a m
 costs one tiny collective; all ranks must call it, as they do every model-level method).
 
 Under DeepSpeed ZeRO-3 each layer is gathered for its check and its merge (one layer at a
-time), and rank 0's merged weight is the one re-partitioned (:mod:`dist_lora.deepspeed.zero`).
+time), and rank 0's merged weight is the one re-partitioned (:mod:`dist_lora.parallel.zero`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from .deepspeed import zero
+from .parallel import zero
 from .layers import LoraLayer
 from .layers.parallel import ParallelLoraLayer
 

@@ -24,7 +24,7 @@ from torch import nn
 from . import config as cfg
 from .checkpoint.conversion import changes_base_weight
 from .config import ConfigError, LoraConfig
-from .deepspeed.zero import full_shape, gathered
+from .parallel.zero import full_shape, gathered
 from .layers import LoraEmbedding, LoraLayer, LoraLinear
 from .layers.embedding import check_embedding_targets, embedding_kind
 from .init import check_data_driven_init, is_weight_driven

@@ -29,7 +29,8 @@ prepare_deepspeed()  # before DeepSpeed's first use; forked ranks inherit the pa
 import deepspeed  # noqa: E402, F401
 
 from dist_lora import ConfigError, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, get_lora_model  # noqa: E402
-from dist_lora.deepspeed import gathered_forward, initialize, zero  # noqa: E402
+from dist_lora.deepspeed import gathered_forward, initialize  # noqa: E402
+from dist_lora.parallel import zero  # noqa: E402
 from dist_lora.init import initialize_lora_eva_weights, preprocess_corda  # noqa: E402
 from dist_lora.parallel.grads import allreduce_data_parallel_grads  # noqa: E402
 from tests import hf_models  # noqa: E402

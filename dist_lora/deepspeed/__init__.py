@@ -1,6 +1,7 @@
-"""DeepSpeed integration: ZeRO-aware LoRA (see :mod:`.setup` for running DeepSpeed on CPU,
-:mod:`.zero` for what changes under ZeRO-3, :mod:`.data_driven` for EVA/CorDA on a ZeRO-3 model,
-:mod:`.config` for config checks)."""
+"""DeepSpeed integration, the face users call: :mod:`.engine` (``initialize``), :mod:`.setup`
+for running DeepSpeed on CPU, :mod:`.data_driven` for EVA/CorDA on a ZeRO-3 model, :mod:`.config`
+for config checks, :mod:`.megatron` for megatron TP under ZeRO. The ZeRO-3 primitives the layers
+and checkpoints use (full shapes, gathering, who may write) are below, in :mod:`dist_lora.parallel.zero`."""
 
 from .config import check_ds_config, load_ds_config
 from .data_driven import check_forward_ready, gathered_forward

@@ -5,7 +5,7 @@ ordinary activation). A model built under ``deepspeed.zero.Init`` cannot run a f
 own: every ``param.data`` is an empty piece until someone gathers it, and the gathering hooks
 come only with ``deepspeed.initialize``. But an engine is the wrong place for these inits:
 adapters cannot be added or re-shaped once it manages the model (EVA changes ranks, CorDA
-rewrites base weights; see :func:`dist_lora.deepspeed.zero.refuse_registered`), so an engine
+rewrites base weights; see :func:`dist_lora.parallel.zero.refuse_registered`), so an engine
 would force building the model twice (once to measure, once to train).
 
 :func:`gathered_forward` is the small piece that is missing: for the duration of a ``with``
@@ -50,7 +50,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from . import zero
+from ..parallel import zero
 
 _active: list[nn.Module] = []  # the models inside a gathered_forward block
 

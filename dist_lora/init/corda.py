@@ -64,7 +64,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, CordaConfig, LoraConfig
-from ..deepspeed import zero
+from ..parallel import zero
 from ..parallel import tp
 from .corda_math import CordaEigens, dense_corda_eigens, sharded_corda_eigens
 from ..parallel.collectives import all_gather, all_reduce, broadcast_from_first, data_parallel_group

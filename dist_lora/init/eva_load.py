@@ -47,7 +47,7 @@ def _pipeline_merge(entries: list) -> list:
 def load_eva_state_dict(model, eva_state_dict: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
     """Set adapter ``adapter_name`` of ``model`` (a LoraModel) from ``eva_state_dict``
     ({module name: A [rank, in_features]}, full, unsharded). Validates every entry first."""
-    from ..deepspeed.zero import refuse_registered
+    from ..parallel.zero import refuse_registered
     from ..naming import global_module_name
 
     refuse_registered(model, "cannot load an EVA state dict")  # A would be re-created, B zeroed

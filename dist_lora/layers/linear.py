@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..deepspeed import zero
+from ..parallel import zero
 from . import math as lm
 from .base import LoraLayer, MergedValues
 from .fused import ColumnParallelLoRA, FusedSpec
@@ -48,7 +48,7 @@ class LoraLinear(LoraLayer):
         """:meth:`LoraLayer.update_layer`, with the base weight gathered under ZeRO-3 when the
         init may read it (PiSSA/OLoRA and any other named init but "gaussian", DoRA's norm);
         rank 0's rewrite of it (e.g. PiSSA/OLoRA's residual) is the one re-partitioned (see
-        :mod:`dist_lora.deepspeed.zero`). Without ZeRO-3 this is the plain call."""
+        :mod:`dist_lora.parallel.zero`). Without ZeRO-3 this is the plain call."""
         zero.refuse_registered(self, f"cannot add adapter {adapter_name!r}")
         bound = inspect.signature(LoraLayer.update_layer).bind(self, adapter_name, *args, **kwargs)
         bound.apply_defaults()
