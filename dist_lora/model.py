@@ -31,6 +31,7 @@ from .init import check_data_driven_init, is_weight_driven
 from .layers import math as lm
 from .modules_to_save import ModulesToSaveWrapper
 from .naming import global_module_name
+from .parallel.setup import pipeline_group
 from .peft_api import PeftModelApi
 from .replication import Replication, replicate_layers
 from .rollback import ModelSnapshot
@@ -75,7 +76,7 @@ def _refuse_unsupported(config: LoraConfig) -> None:
 def _find_targets_on_all_stages(model: nn.Module, config: LoraConfig) -> list[str]:
     """This pipeline stage's targets. A stage may hold none of the targeted layers; only a
     config that matches nothing on every stage is an error (raised on every stage)."""
-    stages = _pipeline_group()
+    stages = pipeline_group()
     if stages is None:
         return find_targets(model, config)
     targets = find_targets(model, config, allow_empty=True)
@@ -84,17 +85,6 @@ def _find_targets_on_all_stages(model: nn.Module, config: LoraConfig) -> list[st
     if count.item() == 0:
         find_targets(model, config)  # raises the no-match error naming the candidates
     return targets
-
-
-def _pipeline_group() -> Optional[dist.ProcessGroup]:
-    """megatron's pipeline group when there is more than one stage, else None."""
-    try:
-        from megatron.core import parallel_state
-    except ImportError:
-        return None
-    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return None
-    return parallel_state.get_pipeline_model_parallel_group()
 
 
 def _shared_seed(seed: Optional[int]) -> int:
@@ -261,11 +251,11 @@ class LoraModel(PeftModelApi, nn.Module):
                 module = self.model.get_submodule(name)
                 if not isinstance(module, ModulesToSaveWrapper):
                     module = ModulesToSaveWrapper(module)
-                    self._replace(name, module)
+                    self.replace_module(name, module)
                 module.add(adapter_name)
             self.peft_config[adapter_name] = config
             _extend_unique(self.targeted_module_names, (t.name for t in targets))
-            self._mark_trainable()
+            self.mark_trainable()
 
     def _check_new_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         if adapter_name in self.peft_config:
@@ -304,7 +294,7 @@ class LoraModel(PeftModelApi, nn.Module):
             layer = self.model.get_submodule(target.name)
             if not isinstance(layer, LoraLayer):
                 layer = make_lora_layer(layer, config)
-                self._replace(target.name, layer)
+                self.replace_module(target.name, layer)
             if rewrites:
                 self._keep_weight(layer.base_weight)  # undone exactly if a later layer fails
             layer.update_layer(
@@ -397,7 +387,9 @@ class LoraModel(PeftModelApi, nn.Module):
             raise ConfigError(f"modules_to_save={config.modules_to_save!r} matched no module.")
         return names
 
-    def _replace(self, name: str, new: nn.Module) -> None:
+    def replace_module(self, name: str, new: nn.Module) -> None:
+        """Put ``new`` at the dotted module path ``name`` of the wrapped model (a LoRA layer for its
+        base, or back); the hook other packages use to change the module tree."""
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         setattr(parent, child, new)
@@ -413,10 +405,11 @@ class LoraModel(PeftModelApi, nn.Module):
             layer.set_adapter(names)
         for wrapper in self._wrappers():
             wrapper.set_adapter(names)
-        self._mark_trainable()
+        self.mark_trainable()
 
-    def _mark_trainable(self) -> None:
-        """Adapters of active, non-inference configs train; biases per ``config.bias``."""
+    def mark_trainable(self) -> None:
+        """Set ``requires_grad`` from the configs: adapters of active, non-inference configs train,
+        everything else is frozen; biases per ``config.bias``."""
         active = [n for n in self._active_adapters if n in self.peft_config]
         frozen = [n for n in active if self.peft_config[n].inference_mode]
         for _, layer in self.lora_layers():
@@ -480,16 +473,16 @@ class LoraModel(PeftModelApi, nn.Module):
             svd_full_matrices, svd_driver, density, majority_sign_method, seed,
         )
 
-    def _discard_adapter(self, adapter_name: str) -> None:
+    def discard_adapter(self, adapter_name: str) -> None:
         """Undo a failed load: delete the adapter and unwrap the layers left with no adapter,
         so the module tree (and state-dict keys) are as before."""
         self.delete_adapter(adapter_name)
         for name, layer in list(self.lora_layers()):
             if not layer.lora_A:
-                self._replace(name, layer.base_layer)
+                self.replace_module(name, layer.base_layer)
         for name, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper) and not module.modules_to_save:
-                self._replace(name, module.original_module)
+                self.replace_module(name, module.original_module)
         if not self.peft_config:
             self._unreplicate()
 
@@ -577,11 +570,11 @@ class LoraModel(PeftModelApi, nn.Module):
     def unload(self) -> nn.Module:
         """The base model with every LoRA layer replaced by its base layer (no merge)."""
         for name, layer in list(self.lora_layers()):
-            self._replace(name, layer.base_layer)
+            self.replace_module(name, layer.base_layer)
         for name, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper):
                 active = module.active_adapter
-                self._replace(name, module.modules_to_save[active] if active else module.original_module)
+                self.replace_module(name, module.modules_to_save[active] if active else module.original_module)
         return self.model
 
     # --- loading (saving and the other PeftModel-level names: :mod:`dist_lora.peft_api`) -----

@@ -334,4 +334,4 @@ def add_weighted_adapter(
         lora_b.copy_(layer.shard_b(b_new).to(lora_b.dtype))
         assert layer.scaling[adapter_name] == 1.0, "the new adapter's scale must be 1"
     model.peft_config[adapter_name] = config
-    model._mark_trainable()
+    model.mark_trainable()

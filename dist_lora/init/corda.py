@@ -64,11 +64,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, CordaConfig, LoraConfig
-from ..parallel import zero
-from ..parallel import tp
+from ..parallel import tp, zero
 from .corda_math import CordaEigens, dense_corda_eigens, sharded_corda_eigens
 from ..parallel.collectives import all_gather, all_reduce, broadcast_from_first, data_parallel_group
-from ..parallel.setup import is_rank0
+from ..parallel.setup import is_rank0, pipeline_group
 
 logger = logging.getLogger(__name__)
 
@@ -363,9 +362,7 @@ def _with_corda(config: LoraConfig, corda: CordaConfig) -> LoraConfig:
 
 
 def _pipelined() -> bool:
-    from ..model import _pipeline_group
-
-    return _pipeline_group() is not None
+    return pipeline_group() is not None
 
 
 def _covariance_from_file(data: dict, key: str, g: _Geometry) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,18 @@ def shutdown_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def pipeline_group() -> Optional[dist.ProcessGroup]:
+    """megatron's pipeline group when there is more than one stage, else None (also without
+    megatron-core, or before its model-parallel state is initialised)."""
+    try:
+        from megatron.core import parallel_state  # optional and heavy: imported on use
+    except ImportError:
+        return None
+    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_pipeline_model_parallel_group()
 
 
 def is_rank0() -> bool:
