@@ -29,6 +29,7 @@ from .layers import LoraEmbedding, LoraLayer, LoraLinear
 from .layers.embedding import check_embedding_targets, embedding_kind
 from .init import check_data_driven_init, is_weight_driven
 from .layers import math as lm
+from .merge import MergeError, merge_layers, refuse_replicated_layers
 from .modules_to_save import ModulesToSaveWrapper
 from .naming import global_module_name
 from .parallel.setup import pipeline_group
@@ -36,6 +37,7 @@ from .peft_api import PeftModelApi
 from .replication import Replication, replicate_layers
 from .rollback import ModelSnapshot
 from .targeting import find_targets, parallel_linear_kind
+from .weighting import add_weighted_adapter
 
 
 def make_lora_layer(module: nn.Module, config: LoraConfig) -> LoraLayer:
@@ -466,8 +468,6 @@ class LoraModel(PeftModelApi, nn.Module):
     ) -> None:
         """Add ``adapter_name``, a weighted combination of ``adapters`` (PEFT's method, on
         sharded adapters too; ``seed`` seeds DARE's masks); see :mod:`dist_lora.weighting`."""
-        from .weighting import add_weighted_adapter
-
         add_weighted_adapter(
             self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
             svd_full_matrices, svd_driver, density, majority_sign_method, seed,
@@ -520,8 +520,6 @@ class LoraModel(PeftModelApi, nn.Module):
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Merge adapters (default: the active ones) into the base weights in place, on each
         rank's own shards; see :mod:`dist_lora.merge` (safe_merge is all-or-nothing on all ranks)."""
-        from .merge import merge_layers
-
         self._check_merge_allowed()
         merge_layers(list(self.lora_layers()), adapter_names, self._active_adapters, safe_merge)
 
@@ -543,8 +541,6 @@ class LoraModel(PeftModelApi, nn.Module):
         ``materialize`` (layer_replication only) first copies the shared base weights
         (:meth:`materialize_replicated_layers`): the result is a dense expanded model.
         """
-        from .merge import merge_layers
-
         if materialize:
             self.materialize_replicated_layers()
         self._check_merge_allowed()
@@ -554,8 +550,6 @@ class LoraModel(PeftModelApi, nn.Module):
 
     def _check_merge_allowed(self) -> None:
         """Replicated layers share base weights: merging is refused until they are materialized."""
-        from .merge import MergeError, refuse_replicated_layers
-
         if self._replication is not None and self._replication.materialized:
             return
         if self._replication is not None:

@@ -1,7 +1,7 @@
 """The data- and weight-driven inits (EVA, CorDA, LoftQ) on a model built under ZeRO-3's
 ``zero.Init`` (2 CPU ranks, gloo, configs/zero3_cpu.json).
 
-The flow (dist_lora/deepspeed/data_driven.py): adapters and their init BEFORE
+The flow (dist_lora/parallel/zero_forward.py): adapters and their init BEFORE
 ``deepspeed.initialize``; EVA's and CorDA's data pass inside ``gathered_forward`` (each
 module's weights gathered around its forward), the weight reads and rewrites gathered by the
 layers themselves. The reference is the very same flow on the unpartitioned model with plain

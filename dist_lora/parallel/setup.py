@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .cpu_compat import apply_cpu_compat
+
 
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None) -> None:
     """Init the default process group from torchrun's environment, apply the CPU
@@ -25,8 +27,6 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | 
         dist.init_process_group(backend)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from .cpu_compat import apply_cpu_compat
 
     apply_cpu_compat()
     if parallel_state.model_parallel_is_initialized():  # e.g. set up by the caller already

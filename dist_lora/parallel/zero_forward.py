@@ -1,5 +1,8 @@
 """Data-driven LoRA inits (EVA, CorDA) on a model partitioned by ZeRO-3, before any engine.
 
+(A ZeRO-3 primitive beside :mod:`dist_lora.parallel.zero`: the init drivers check with it; users
+reach it as ``dist_lora.deepspeed.gathered_forward``.)
+
 EVA and CorDA need a *data pass*: forwards whose hooks record each target layer's input (an
 ordinary activation). A model built under ``deepspeed.zero.Init`` cannot run a forward on its
 own: every ``param.data`` is an empty piece until someone gathers it, and the gathering hooks
@@ -50,7 +53,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..parallel import zero
+from ..config import ConfigError
+from . import zero
 
 _active: list[nn.Module] = []  # the models inside a gathered_forward block
 
@@ -134,15 +138,13 @@ def check_forward_ready(model: nn.Module, what: str) -> None:
         return
     if any(isinstance(getattr(m, "ds_id", None), int) for m in model.modules()):  # an engine's hooks
         return
-    from ..config import ConfigError
-
     raise ConfigError(
         f"{what}: the model is partitioned by DeepSpeed ZeRO-3 (built under deepspeed.zero.Init), so its "
         "weights are empty here and a forward pass cannot run. Run the data pass inside "
         "dist_lora.deepspeed.gathered_forward(model), before deepspeed.initialize: e.g. "
         "`with gathered_forward(model): initialize_lora_eva_weights(model, dataloader)` or "
         "`with gathered_forward(base): preprocess_corda(base, config, run_model)`; then "
-        "dist_lora.deepspeed.initialize(model, ds_config). See dist_lora/deepspeed/data_driven.py."
+        "dist_lora.deepspeed.initialize(model, ds_config). See dist_lora/parallel/zero_forward.py."
     )
 
 
