@@ -142,7 +142,7 @@ class LoraModel(PeftModelApi, nn.Module):
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self._active_adapters: list[str] = [adapter_name]
-        self._seed = _shared_seed(seed)
+        self._seed = _shared_seed(seed)  # read through adapter_seed
         self._replication: Optional[Replication] = None  # set by the first adapter with layer_replication
         self.targeted_module_names: list[str] = []  # as PEFT: every adapter's targets, first seen first
         self._snapshots: list[ModelSnapshot] = []  # one per open rollback_on_error block
@@ -212,6 +212,12 @@ class LoraModel(PeftModelApi, nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         return list(self._active_adapters)
+
+    @property
+    def adapter_seed(self) -> int:
+        """The seed every adapter init derives from (per module and adapter: :func:`lm.init_seed`),
+        the same on every rank."""
+        return self._seed
 
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
         for name, module in self.model.named_modules():
@@ -452,26 +458,9 @@ class LoraModel(PeftModelApi, nn.Module):
         if remaining:
             self.set_adapter(remaining)
 
-    def add_weighted_adapter(
-        self,
-        adapters: list[str],
-        weights: list[float],
-        adapter_name: str,
-        combination_type: str = "svd",
-        svd_rank: Optional[int] = None,
-        svd_clamp: Optional[float] = None,
-        svd_full_matrices: bool = True,
-        svd_driver: Optional[str] = None,
-        density: Optional[float] = None,
-        majority_sign_method: str = "total",
-        seed: Optional[int] = None,
-    ) -> None:
-        """Add ``adapter_name``, a weighted combination of ``adapters`` (PEFT's method, on
-        sharded adapters too; ``seed`` seeds DARE's masks); see :mod:`dist_lora.weighting`."""
-        add_weighted_adapter(
-            self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
-            svd_full_matrices, svd_driver, density, majority_sign_method, seed,
-        )
+    # PEFT's add_weighted_adapter (on sharded adapters too; ``seed`` seeds DARE's masks): the
+    # function of :mod:`dist_lora.weighting`, bound as a method (its first argument is the model).
+    add_weighted_adapter = add_weighted_adapter
 
     def discard_adapter(self, adapter_name: str) -> None:
         """Undo a failed load: delete the adapter and unwrap the layers left with no adapter,

@@ -68,7 +68,7 @@ def load_eva_state_dict(model, eva_state_dict: dict[str, torch.Tensor], adapter_
     for name, gname, layer in layers:
         r, alpha = config.rank_for(gname), config.alpha_for(gname)
         a = state.get(gname)
-        seed = lm.init_seed(model._seed, gname, adapter_name)
+        seed = lm.init_seed(model.adapter_seed, gname, adapter_name)
         options = dict(
             lora_dropout=config.lora_dropout, use_rslora=config.use_rslora, lora_bias=config.lora_bias,
             use_dora=config.use_dora, seed=seed,

@@ -127,6 +127,14 @@ def _unpack(factors: tuple, spec: FusedSpec):
     return [tuple(factors[4 * k : 4 * k + 4]) for k in range(n)]
 
 
+def _saved(ctx) -> tuple:
+    """(spec, input, weight, the r-sized h per adapter, the flat factor list) as forward saved them."""
+    spec: FusedSpec = ctx.spec
+    x, weight, *rest = ctx.saved_tensors
+    n = len(spec.scalings)
+    return spec, x, weight, rest[:n], rest[n:]
+
+
 class ColumnParallelLoRA(torch.autograd.Function):
     """y_i = x W_iᵀ + b_i + Σ_adapters s·(mask⊙x) Aᵀ B_iᵀ + s·b_B,i, with the collectives of
     a frozen ColumnParallelLinear only (see the module docstring for the math)."""
@@ -147,10 +155,7 @@ class ColumnParallelLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        spec: FusedSpec = ctx.spec
-        x_saved, weight, *rest = ctx.saved_tensors
-        n = len(spec.scalings)
-        hs, factors = rest[:n], rest[n:]
+        spec, x_saved, weight, hs, factors = _saved(ctx)
         regather = spec.sequence_parallel and not spec.keep_gathered_input
         if regather:  # issue the all-gather first; the dgrad matmul below overlaps it
             x_full, work = _all_gather_seq(x_saved, spec, async_op=True)
@@ -194,10 +199,7 @@ class RowParallelLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        spec: FusedSpec = ctx.spec
-        x, weight, *rest = ctx.saved_tensors
-        n = len(spec.scalings)
-        hs, factors = rest[:n], rest[n:]
+        spec, x, weight, hs, factors = _saved(ctx)
         if spec.sequence_parallel:
             dy = _all_gather_seq(dy, spec)  # the base's own backward collective
         dy_t = _tokens(dy)
