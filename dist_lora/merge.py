@@ -3,10 +3,11 @@
 On a TP shard the local ΔW = s·B_local·A_local is exactly this rank's shard of the full ΔW
 (column-parallel: B_i·A, the rows of W_i; row-parallel: B·A_i, the columns of W_i), so every
 rank merges its own shard and no base weight is ever gathered. The arithmetic is
-:meth:`dist_lora.layers.LoraLayer.merge`: W' = W + ΔW in fp32, cast back to W's dtype.
+:meth:`dist_lora.layers.LoraLayer.merged_values` (:func:`dist_lora.layers.math.merged_weight`):
+W' = W + ΔW (DoRA: rescaled per row) in fp32, cast back to W's dtype.
 
 ``safe_merge`` is all-or-nothing on every rank: each rank computes every merged weight it
-would write (cast to the weight's dtype) and checks it finite *before any weight changes*;
+would write (the same values, cast to the weight's dtype) and checks it finite *before any weight changes*;
 one flag is then all-reduced over the ranks, so a NaN/Inf on one rank's shard aborts the
 merge on all of them, each raising an error that names the offending module(s) and rank(s).
 Structural refusals (base weights shared by replicated layers, lora_bias on a base layer
@@ -15,7 +16,7 @@ agree on them through the same one-flag all-reduce (so even a plain merge of a m
 costs one tiny collective; all ranks must call it, as they do every model-level method).
 
 Under DeepSpeed ZeRO-3 each layer is gathered for its check and its merge (one layer at a
-time), and rank 0's merged weight is the one re-partitioned (:mod:`dist_lora.deepspeed.zero`).
+time), and rank 0's merged weight is the one re-partitioned (:mod:`dist_lora.parallel.zero`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from .deepspeed import zero
+from .parallel import zero
 from .layers import LoraLayer
+from .layers.parallel import ParallelLoraLayer
 
 
 class MergeError(ValueError):
@@ -40,9 +42,7 @@ def merge_group(layers: Iterable[LoraLayer]) -> Optional[dist.ProcessGroup]:
     model or a single process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
-    from .layers.parallel import _ParallelLoraLayer
-
-    if any(isinstance(layer, _ParallelLoraLayer) for layer in layers):
+    if any(isinstance(layer, ParallelLoraLayer) for layer in layers):
         return dist.group.WORLD
     try:
         from megatron.core import parallel_state
@@ -50,21 +50,6 @@ def merge_group(layers: Iterable[LoraLayer]) -> Optional[dist.ProcessGroup]:
         return None
     # A pipeline stage may hold no LoRA layer of its own; it still takes part.
     return dist.group.WORLD if parallel_state.model_parallel_is_initialized() else None
-
-
-@torch.no_grad()
-def _first_non_finite(layer: LoraLayer, names: list[str]) -> Optional[str]:
-    """Which tensor of ``layer`` merging ``names`` would make non-finite (None: all finite).
-    The check is on the value that would be written: fp32 sum cast to the weight's dtype."""
-    weight = layer.base_weight
-    new = weight.float() + sum(layer.get_delta_weight(n) for n in names)
-    if not torch.isfinite(new.to(weight.dtype)).all():
-        return "weight"
-    bias = getattr(layer.base_layer, "bias", None)
-    deltas = [d for d in (layer._delta_bias(n) for n in names) if d is not None]
-    if deltas and bias is not None and not torch.isfinite((bias.float() + sum(deltas)).to(bias.dtype)).all():
-        return "bias"
-    return None
 
 
 def check_finite(
@@ -82,7 +67,7 @@ def check_finite(
         names = names_of(layer)
         if names:
             with zero.gathered(layer.parameters()):  # ZeRO-3: read the full weight
-                which = _first_non_finite(layer, names)
+                which = layer.merged_values(names).non_finite()  # exactly what the merge would write
             if which is not None:
                 bad.append(f"merging adapters {names} gives NaN or Inf values in {name}.{which}")
     if group is not None:

@@ -24,17 +24,20 @@ from torch import nn
 from . import config as cfg
 from .checkpoint.conversion import changes_base_weight
 from .config import ConfigError, LoraConfig
-from .deepspeed.zero import full_shape, gathered
+from .parallel.zero import full_shape, gathered
 from .layers import LoraEmbedding, LoraLayer, LoraLinear
 from .layers.embedding import check_embedding_targets, embedding_kind
 from .init import check_data_driven_init, is_weight_driven
 from .layers import math as lm
+from .merge import MergeError, merge_layers, refuse_replicated_layers
 from .modules_to_save import ModulesToSaveWrapper
 from .naming import global_module_name
+from .parallel.setup import pipeline_group
 from .peft_api import PeftModelApi
 from .replication import Replication, replicate_layers
 from .rollback import ModelSnapshot
 from .targeting import find_targets, parallel_linear_kind
+from .weighting import add_weighted_adapter
 
 
 def make_lora_layer(module: nn.Module, config: LoraConfig) -> LoraLayer:
@@ -75,7 +78,7 @@ def _refuse_unsupported(config: LoraConfig) -> None:
 def _find_targets_on_all_stages(model: nn.Module, config: LoraConfig) -> list[str]:
     """This pipeline stage's targets. A stage may hold none of the targeted layers; only a
     config that matches nothing on every stage is an error (raised on every stage)."""
-    stages = _pipeline_group()
+    stages = pipeline_group()
     if stages is None:
         return find_targets(model, config)
     targets = find_targets(model, config, allow_empty=True)
@@ -84,17 +87,6 @@ def _find_targets_on_all_stages(model: nn.Module, config: LoraConfig) -> list[st
     if count.item() == 0:
         find_targets(model, config)  # raises the no-match error naming the candidates
     return targets
-
-
-def _pipeline_group() -> Optional[dist.ProcessGroup]:
-    """megatron's pipeline group when there is more than one stage, else None."""
-    try:
-        from megatron.core import parallel_state
-    except ImportError:
-        return None
-    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return None
-    return parallel_state.get_pipeline_model_parallel_group()
 
 
 def _shared_seed(seed: Optional[int]) -> int:
@@ -150,7 +142,7 @@ class LoraModel(PeftModelApi, nn.Module):
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self._active_adapters: list[str] = [adapter_name]
-        self._seed = _shared_seed(seed)
+        self._seed = _shared_seed(seed)  # read through adapter_seed
         self._replication: Optional[Replication] = None  # set by the first adapter with layer_replication
         self.targeted_module_names: list[str] = []  # as PEFT: every adapter's targets, first seen first
         self._snapshots: list[ModelSnapshot] = []  # one per open rollback_on_error block
@@ -221,6 +213,12 @@ class LoraModel(PeftModelApi, nn.Module):
     def active_adapters(self) -> list[str]:
         return list(self._active_adapters)
 
+    @property
+    def adapter_seed(self) -> int:
+        """The seed every adapter init derives from (per module and adapter: :func:`lm.init_seed`),
+        the same on every rank."""
+        return self._seed
+
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
         for name, module in self.model.named_modules():
             if isinstance(module, LoraLayer):
@@ -261,11 +259,11 @@ class LoraModel(PeftModelApi, nn.Module):
                 module = self.model.get_submodule(name)
                 if not isinstance(module, ModulesToSaveWrapper):
                     module = ModulesToSaveWrapper(module)
-                    self._replace(name, module)
+                    self.replace_module(name, module)
                 module.add(adapter_name)
             self.peft_config[adapter_name] = config
             _extend_unique(self.targeted_module_names, (t.name for t in targets))
-            self._mark_trainable()
+            self.mark_trainable()
 
     def _check_new_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         if adapter_name in self.peft_config:
@@ -304,7 +302,7 @@ class LoraModel(PeftModelApi, nn.Module):
             layer = self.model.get_submodule(target.name)
             if not isinstance(layer, LoraLayer):
                 layer = make_lora_layer(layer, config)
-                self._replace(target.name, layer)
+                self.replace_module(target.name, layer)
             if rewrites:
                 self._keep_weight(layer.base_weight)  # undone exactly if a later layer fails
             layer.update_layer(
@@ -397,7 +395,9 @@ class LoraModel(PeftModelApi, nn.Module):
             raise ConfigError(f"modules_to_save={config.modules_to_save!r} matched no module.")
         return names
 
-    def _replace(self, name: str, new: nn.Module) -> None:
+    def replace_module(self, name: str, new: nn.Module) -> None:
+        """Put ``new`` at the dotted module path ``name`` of the wrapped model (a LoRA layer for its
+        base, or back); the hook other packages use to change the module tree."""
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         setattr(parent, child, new)
@@ -413,10 +413,11 @@ class LoraModel(PeftModelApi, nn.Module):
             layer.set_adapter(names)
         for wrapper in self._wrappers():
             wrapper.set_adapter(names)
-        self._mark_trainable()
+        self.mark_trainable()
 
-    def _mark_trainable(self) -> None:
-        """Adapters of active, non-inference configs train; biases per ``config.bias``."""
+    def mark_trainable(self) -> None:
+        """Set ``requires_grad`` from the configs: adapters of active, non-inference configs train,
+        everything else is frozen; biases per ``config.bias``."""
         active = [n for n in self._active_adapters if n in self.peft_config]
         frozen = [n for n in active if self.peft_config[n].inference_mode]
         for _, layer in self.lora_layers():
@@ -457,39 +458,20 @@ class LoraModel(PeftModelApi, nn.Module):
         if remaining:
             self.set_adapter(remaining)
 
-    def add_weighted_adapter(
-        self,
-        adapters: list[str],
-        weights: list[float],
-        adapter_name: str,
-        combination_type: str = "svd",
-        svd_rank: Optional[int] = None,
-        svd_clamp: Optional[float] = None,
-        svd_full_matrices: bool = True,
-        svd_driver: Optional[str] = None,
-        density: Optional[float] = None,
-        majority_sign_method: str = "total",
-        seed: Optional[int] = None,
-    ) -> None:
-        """Add ``adapter_name``, a weighted combination of ``adapters`` (PEFT's method, on
-        sharded adapters too; ``seed`` seeds DARE's masks); see :mod:`dist_lora.weighting`."""
-        from .weighting import add_weighted_adapter
+    # PEFT's add_weighted_adapter (on sharded adapters too; ``seed`` seeds DARE's masks): the
+    # function of :mod:`dist_lora.weighting`, bound as a method (its first argument is the model).
+    add_weighted_adapter = add_weighted_adapter
 
-        add_weighted_adapter(
-            self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
-            svd_full_matrices, svd_driver, density, majority_sign_method, seed,
-        )
-
-    def _discard_adapter(self, adapter_name: str) -> None:
+    def discard_adapter(self, adapter_name: str) -> None:
         """Undo a failed load: delete the adapter and unwrap the layers left with no adapter,
         so the module tree (and state-dict keys) are as before."""
         self.delete_adapter(adapter_name)
         for name, layer in list(self.lora_layers()):
             if not layer.lora_A:
-                self._replace(name, layer.base_layer)
+                self.replace_module(name, layer.base_layer)
         for name, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper) and not module.modules_to_save:
-                self._replace(name, module.original_module)
+                self.replace_module(name, module.original_module)
         if not self.peft_config:
             self._unreplicate()
 
@@ -527,8 +509,6 @@ class LoraModel(PeftModelApi, nn.Module):
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Merge adapters (default: the active ones) into the base weights in place, on each
         rank's own shards; see :mod:`dist_lora.merge` (safe_merge is all-or-nothing on all ranks)."""
-        from .merge import merge_layers
-
         self._check_merge_allowed()
         merge_layers(list(self.lora_layers()), adapter_names, self._active_adapters, safe_merge)
 
@@ -550,8 +530,6 @@ class LoraModel(PeftModelApi, nn.Module):
         ``materialize`` (layer_replication only) first copies the shared base weights
         (:meth:`materialize_replicated_layers`): the result is a dense expanded model.
         """
-        from .merge import merge_layers
-
         if materialize:
             self.materialize_replicated_layers()
         self._check_merge_allowed()
@@ -561,8 +539,6 @@ class LoraModel(PeftModelApi, nn.Module):
 
     def _check_merge_allowed(self) -> None:
         """Replicated layers share base weights: merging is refused until they are materialized."""
-        from .merge import MergeError, refuse_replicated_layers
-
         if self._replication is not None and self._replication.materialized:
             return
         if self._replication is not None:
@@ -577,11 +553,11 @@ class LoraModel(PeftModelApi, nn.Module):
     def unload(self) -> nn.Module:
         """The base model with every LoRA layer replaced by its base layer (no merge)."""
         for name, layer in list(self.lora_layers()):
-            self._replace(name, layer.base_layer)
+            self.replace_module(name, layer.base_layer)
         for name, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper):
                 active = module.active_adapter
-                self._replace(name, module.modules_to_save[active] if active else module.original_module)
+                self.replace_module(name, module.modules_to_save[active] if active else module.original_module)
         return self.model
 
     # --- loading (saving and the other PeftModel-level names: :mod:`dist_lora.peft_api`) -----

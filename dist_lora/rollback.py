@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .deepspeed.zero import is_zero3_param
+from .parallel.zero import is_zero3_param
 from .layers.base import LoraLayer
 from .modules_to_save import ModulesToSaveWrapper
 

@@ -278,7 +278,7 @@ def add_weighted_adapter(
     if len(adapters) == 1:
         combination_type = "linear"  # as PEFT: one source, one exact result
     config = _new_config(model, adapters, combination_type, svd_rank)
-    base_seed = model._seed if seed is None else int(seed)
+    base_seed = model.adapter_seed if seed is None else int(seed)
 
     layers = list(model.lora_layers())
     plans = []
@@ -334,4 +334,4 @@ def add_weighted_adapter(
         lora_b.copy_(layer.shard_b(b_new).to(lora_b.dtype))
         assert layer.scaling[adapter_name] == 1.0, "the new adapter's scale must be 1"
     model.peft_config[adapter_name] = config
-    model._mark_trainable()
+    model.mark_trainable()

@@ -1,7 +1,7 @@
 """The data- and weight-driven inits (EVA, CorDA, LoftQ) on a model built under ZeRO-3's
 ``zero.Init`` (2 CPU ranks, gloo, configs/zero3_cpu.json).
 
-The flow (dist_lora/deepspeed/data_driven.py): adapters and their init BEFORE
+The flow (dist_lora/parallel/zero_forward.py): adapters and their init BEFORE
 ``deepspeed.initialize``; EVA's and CorDA's data pass inside ``gathered_forward`` (each
 module's weights gathered around its forward), the weight reads and rewrites gathered by the
 layers themselves. The reference is the very same flow on the unpartitioned model with plain
@@ -29,7 +29,8 @@ prepare_deepspeed()  # before DeepSpeed's first use; forked ranks inherit the pa
 import deepspeed  # noqa: E402, F401
 
 from dist_lora import ConfigError, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, get_lora_model  # noqa: E402
-from dist_lora.deepspeed import gathered_forward, initialize, zero  # noqa: E402
+from dist_lora.deepspeed import gathered_forward, initialize  # noqa: E402
+from dist_lora.parallel import zero  # noqa: E402
 from dist_lora.init import initialize_lora_eva_weights, preprocess_corda  # noqa: E402
 from dist_lora.parallel.grads import allreduce_data_parallel_grads  # noqa: E402
 from tests import hf_models  # noqa: E402

@@ -29,7 +29,8 @@ import deepspeed  # noqa: E402
 from dist_lora import LoraConfig, LoraModel, get_lora_model  # noqa: E402
 from dist_lora.checkpoint.peft_format import adapter_state_dict  # noqa: E402
 from dist_lora.config import ConfigError  # noqa: E402
-from dist_lora.deepspeed import check_ds_config, initialize, load_ds_config, zero  # noqa: E402
+from dist_lora.deepspeed import check_ds_config, initialize, load_ds_config  # noqa: E402
+from dist_lora.parallel import zero  # noqa: E402
 from dist_lora.layers import LoraLinear  # noqa: E402
 from dist_lora.parallel.grads import allreduce_data_parallel_grads  # noqa: E402
 from tests import hf_models  # noqa: E402

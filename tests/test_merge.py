@@ -229,3 +229,63 @@ def test_lora_bias_without_base_bias_is_refused_before_any_merge() -> None:
     with pytest.raises(MergeError, match="no bias"):
         model.merge_adapter()
     assert _state_bytes(model) == before
+
+
+# --- DoRA: safe_merge checks the value a DoRA merge writes (its row rescale included) ------------
+#
+# W' = m / ||W + ΔW||_row · (W + ΔW): with a huge (finite) magnitude m the rescale overflows to
+# Inf although W + ΔW is finite, so a check of W + ΔW alone would let the merge write Inf.
+HUGE = 3e38  # finite in fp32; m / ||W + ΔW|| overflows for a row norm below ~1.1
+
+
+def _huge_magnitude(layer: LoraLayer, row: int = 0) -> None:
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight[row] = HUGE
+
+
+def test_safe_merge_refuses_dora_rescale_overflow_on_plain_model() -> None:
+    model = get_lora_model(hf_models.tiny_llama(), LoraConfig(r=4, init_lora_weights=False, use_dora=True,
+                                                             target_modules=["q_proj", "v_proj"]), seed=0)
+    name, layer = list(model.lora_layers())[-1]
+    _huge_magnitude(layer)
+    assert torch.isfinite(layer.base_weight.float() + layer.get_delta_weight("default")).all()
+    before = _state_bytes(model)
+    with pytest.raises(MergeError, match=name.replace(".", r"\.") + r"\.weight"):
+        model.merge_and_unload(safe_merge=True)
+    assert _state_bytes(model) == before
+    assert not any(layer.merged for _, layer in model.lora_layers())
+    with pytest.raises(ValueError, match="NaN or Inf"):  # the layer's own safe_merge checks the same value
+        layer.merge(safe_merge=True)
+    assert _state_bytes(model) == before and not layer.merged
+
+
+def _dora_overflow_on_one_rank(bad_rank: int, module: str) -> dict:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    model = build_tiny_gpt(tiny_gpt_config(tp, False, **MODEL))
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, use_dora=True)
+    model = get_lora_model(model, config, seed=0).eval()
+    if torch.distributed.get_rank() == bad_rank:
+        # linear_fc1 (column-parallel): m is sharded with the rows, so only this rank's shard overflows;
+        # linear_fc2 (row-parallel): m is replicated, the norm summed over TP; only this rank's copy is huge
+        layer = next(layer for n, layer in model.lora_layers() if n.endswith(module))
+        _huge_magnitude(layer)
+    before = _state_bytes(model)
+    try:
+        model.merge_adapter(safe_merge=True)
+        error = None
+    except MergeError as e:
+        error = str(e)
+    return {
+        "error": error,
+        "unchanged": before == _state_bytes(model),
+        "merged": sum(bool(layer.merged_adapters) for _, layer in model.lora_layers()),
+    }
+
+
+@pytest.mark.parametrize("tp,bad_rank,module", [(1, 0, "linear_fc1"), (2, 1, "linear_fc1"), (2, 0, "linear_fc2")])
+def test_safe_merge_refuses_dora_rescale_overflow_on_every_rank(tp: int, bad_rank: int, module: str) -> None:
+    for result in run_distributed(_dora_overflow_on_one_rank, tp, tp=tp, args=(bad_rank, module)):
+        assert result["error"] is not None
+        assert f"{module}.weight" in result["error"]
+        assert tp == 1 or f"rank {bad_rank}" in result["error"]  # a single process names no rank
+        assert result["unchanged"] and result["merged"] == 0

@@ -410,7 +410,7 @@ def test_megatron_tp2_rollback_and_pissa_reload(tmp_path):
 
 
 def _zero3_rollback() -> dict:
-    from dist_lora.deepspeed import zero
+    from dist_lora.parallel import zero
     from tests.test_deepspeed_zero import build_base, ds_config
 
     base = build_base(3, ds_config(3))

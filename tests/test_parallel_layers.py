@@ -11,7 +11,7 @@ from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from dist_lora.layers.parallel import LoraColumnParallelLinear, LoraRowParallelLinear
-from dist_lora.parallel.grads import finalize_lora_grads
+from dist_lora.parallel.grads import finalize_lora_grads, tp_partial_grad_parameters
 from tests.harness import run_distributed
 from tests.tp_utils import all_tp_copies, gather_tp, tp_chunk
 
@@ -186,3 +186,46 @@ def test_column_dropout_draws_the_same_mask_on_every_tp_rank(comm: str) -> None:
     every rank means equal masks."""
     for diffs in run_distributed(_column_dropout_masks_agree, 2, tp=2, args=(comm,)):
         assert max(diffs) == 0.0
+
+
+def _partial_names(layer) -> set[str]:
+    partial = {id(p) for p in tp_partial_grad_parameters(layer)}
+    return {n for n, p in layer.named_parameters() if id(p) in partial}
+
+
+def _partial_grad_tags_follow_the_layer() -> dict[str, set[str]]:
+    base = ColumnParallelLinear(IN, OUT, config=_config(False), init_method=_init, bias=False)
+    base.requires_grad_(False)
+    layer = LoraColumnParallelLinear(base)
+    layer.update_layer("a", r=R, lora_alpha=ALPHA, init_lora_weights=False, seed=7)
+    layer.set_adapter(["a", "b"])
+    seen = {"fused": _partial_names(layer)}
+    layer.set_tp_comm("reference")
+    seen["reference"] = _partial_names(layer)
+    layer.set_tp_comm("fused")
+    layer.update_layer("b", r=R, lora_alpha=ALPHA, init_lora_weights=False, seed=8, use_dora=True)
+    layer.set_adapter(["a", "b"])
+    seen["with DoRA"] = _partial_names(layer)  # a DoRA adapter sends the whole layer down the reference path
+    layer.delete_adapter("b")
+    seen["DoRA deleted"] = _partial_names(layer)
+    return seen
+
+
+def test_partial_grad_tags_follow_the_communication_mode_and_dora() -> None:
+    """The replicated factors are found by their ``tp_partial_grad`` tag; the tags follow
+    set_tp_comm and adding / deleting a DoRA adapter (which switch the fused path on and off)."""
+    for seen in run_distributed(_partial_grad_tags_follow_the_layer, 2, tp=2):
+        assert seen == {"fused": {"lora_A.a.weight"}, "reference": set(), "with DoRA": set(),
+                        "DoRA deleted": {"lora_A.a.weight"}}
+
+
+def test_partial_grads_are_found_by_parameter_attribute() -> None:
+    """Any trainable parameter tagged ``tp_partial_grad`` (or megatron's ``sequence_parallel``) is
+    summed per step, whatever module holds it; untagged and frozen ones are not."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].weight.tp_partial_grad = True
+    model[1].weight.sequence_parallel = True
+    model[1].bias.tp_partial_grad = True
+    model[1].bias.requires_grad_(False)
+    assert tp_partial_grad_parameters(model) == [model[0].weight, model[1].weight]
+    assert tp_partial_grad_parameters(model, include_sequence_parallel=False) == [model[0].weight]

@@ -12,7 +12,8 @@ How, with bounded memory:
      names, fused QKV / gated fc1 split with the bridge's layouts) into a temporary directory
      next to OUT_DIR (removed at the end). An adapter is small next to the base model.
   2. The base checkpoint is streamed one tensor at a time: for a targeted module
-     W' = W + s·B·A (with lora_bias: b' = b + s·b_B) in fp32, cast back to W's dtype;
+     W' = W + s·B·A (DoRA: rescaled per row; with lora_bias: b' = b + s·b_B) in fp32, cast back
+     to W's dtype (:func:`dist_lora.layers.math.merged_weight`, the formula every merge uses);
      a modules_to_save tensor replaces the base tensor; anything else is copied unchanged.
      At most one base tensor (plus its fp32 copy) and one module's factors are in memory.
   3. Files go into a staging directory that is renamed to OUT_DIR at the end (as consolidate).
@@ -152,16 +153,15 @@ class _AdapterFile:
         scaling = lm.lora_scaling(self.config.alpha_for(module), a.shape[0], self.config.use_rslora)
         if kind == "bias":
             bias = self._get(f"{PREFIX}{module}.lora_B.bias")
-            return tensor if bias is None else (tensor.float() + bias.float() * scaling).to(tensor.dtype)
+            return tensor if bias is None else lm.merged_bias(tensor, [lm.scaled_bias(bias.float(), scaling)]).to(tensor.dtype)
         delta = lm.delta_weight(a, b, scaling, fan_in_fan_out)
         if delta.shape != tensor.shape:
             raise MergedExportError(f"{module}: ΔW is {tuple(delta.shape)}, the base weight {tuple(tensor.shape)}.")
-        merged = tensor.float() + delta
         magnitude = self._get(f"{PREFIX}{module}.lora_magnitude_vector")
-        if magnitude is not None:  # DoRA: W' = m / ||W + ΔW||_row · (W + ΔW); the bias is not rescaled
-            scale = lm.dora_scale(magnitude.float(), lm.dora_norm_sq(tensor, delta, fan_in_fan_out).sqrt())
-            merged = merged * (scale[None, :] if fan_in_fan_out else scale[:, None])
-        return merged.to(tensor.dtype)
+        scale = None  # DoRA: m / ||W + ΔW||_row rescales the weight; the bias is not rescaled
+        if magnitude is not None:
+            scale = lm.dora_merge_scale(magnitude, lm.dora_norm_sq(tensor, delta, fan_in_fan_out).sqrt())
+        return lm.merged_weight(tensor, [(delta, scale)], fan_in_fan_out).to(tensor.dtype)
 
     def close(self) -> None:
         self._file.__exit__(None, None, None)

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError, LoraConfig
-from ..deepspeed import zero
+from ..parallel import zero
 from ..io import atomic_path
 from ..layers.base import LoraLayer
 from ..layers.embedding import SAVED_BASE_WEIGHT, LoraEmbedding

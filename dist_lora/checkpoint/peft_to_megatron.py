@@ -492,11 +492,11 @@ def load_peft_adapter_into_megatron(
     try:
         _assign(lora_model, adapter, adapter_name, os.fspath(adapter_dir))
     except Exception:
-        lora_model._discard_adapter(adapter_name)
+        lora_model.discard_adapter(adapter_name)
         if flags is not None:
             _restore(flags)
         raise
-    lora_model._mark_trainable()
+    lora_model.mark_trainable()
     return lora_model
 
 

@@ -312,7 +312,7 @@ def load_sharded(
             optim_states = _read_optimizer_states(files, manifest, optimizer, updates, ranks) if optimizer else {}
     except Exception:
         if created:
-            model._discard_adapter(adapter)
+            model.discard_adapter(adapter)
         raise
     for _, sub, pname, value in updates:
         set_tensor(sub, pname, value)

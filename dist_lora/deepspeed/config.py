@@ -21,6 +21,7 @@ import warnings
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 from ..config import ConfigError
 
@@ -90,8 +91,6 @@ def check_ds_config(config: dict[str, Any], allow_jit: Optional[bool] = None) ->
 
 def _is_rank0() -> bool:
     """Warn once per job, not once per rank (before init_distributed: the launcher's RANK)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     return os.environ.get("RANK", "0") == "0"

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..layers.embedding import LoraEmbedding
 from .config import check_ds_config, load_ds_config
 from .setup import prepare_deepspeed
 
@@ -45,8 +46,6 @@ def _refuse_embedding_adapters(model: torch.nn.Module) -> None:
     """A DeepSpeed checkpoint names parameters only, and an embedding's factors would look like
     a linear layer's there (PEFT would then ignore them): refuse until the checkpoint records
     module kinds. ``model.save_pretrained`` under ZeRO-1/2 and the megatron path have no such limit."""
-    from ..layers.embedding import LoraEmbedding
-
     names = [name for name, module in model.named_modules() if isinstance(module, LoraEmbedding)]
     if names:
         raise ValueError(

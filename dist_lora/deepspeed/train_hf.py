@@ -19,6 +19,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..config import LoraConfig
+from ..data.pipeline import PackedDataset, builtin_corpus_path, load_tokenizer, read_documents
+from ..model import get_lora_model
+from ..tiny_model import builtin_model_dir
+from .config import check_ds_config, load_ds_config
+from .engine import initialize
 from .setup import prepare_deepspeed
 
 
@@ -46,12 +52,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
-
-    from .. import LoraConfig, get_lora_model
-    from ..data.pipeline import PackedDataset, builtin_corpus_path, load_tokenizer, read_documents
-    from ..tiny_model import builtin_model_dir
-    from .config import check_ds_config, load_ds_config
-    from .engine import initialize
 
     config = check_ds_config(load_ds_config(args.deepspeed_config), allow_jit=args.allow_jit or None)
     deepspeed.init_distributed()  # the launcher's env:// rendezvous (gloo on CPU, NCCL on GPUs)

@@ -64,11 +64,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, CordaConfig, LoraConfig
-from ..deepspeed import zero
-from ..parallel import tp
+from ..parallel import tp, zero
 from .corda_math import CordaEigens, dense_corda_eigens, sharded_corda_eigens
 from ..parallel.collectives import all_gather, all_reduce, broadcast_from_first, data_parallel_group
-from ..parallel.setup import is_rank0
+from ..parallel.setup import is_rank0, pipeline_group
+from ..parallel.zero_forward import check_forward_ready
 
 logger = logging.getLogger(__name__)
 
@@ -325,8 +325,6 @@ def preprocess_corda(
                 "or set corda_config.covariance_file / cache_file to an existing file."
             )
         else:
-            from ..deepspeed.data_driven import check_forward_ready
-
             check_forward_ready(model if hooked_model is None else hooked_model, "CorDA data pass (preprocess_corda)")
             found = _collect_covariances(model, names, lora_config, run_model, hooked_model)
             covs = [found[k] for k in keys]
@@ -363,9 +361,7 @@ def _with_corda(config: LoraConfig, corda: CordaConfig) -> LoraConfig:
 
 
 def _pipelined() -> bool:
-    from ..model import _pipeline_group
-
-    return _pipeline_group() is not None
+    return pipeline_group() is not None
 
 
 def _covariance_from_file(data: dict, key: str, g: _Geometry) -> torch.Tensor:

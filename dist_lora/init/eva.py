@@ -56,6 +56,7 @@ import torch.distributed as dist
 
 from ..config import EvaConfig, LoraConfig
 from ..parallel.collectives import all_gather_object, all_reduce
+from ..parallel.zero_forward import check_forward_ready
 from . import eva_gather as eg
 from .eva_inputs import forward_fn_default, prepare_layer_inputs_fn_default, prepare_model_inputs_fn_default
 from .eva_ranks import redistribute_ranks
@@ -410,8 +411,6 @@ def get_eva_state_dict(
         raise ValueError(f"svd must be one of {SVD_MODES}, got {svd!r}.")
     if forward_fn is None:
         raise ValueError("forward_fn must be given (forward_fn_default runs HF and megatron-style batches).")
-    from ..deepspeed.data_driven import check_forward_ready
-
     check_forward_ready(model, "EVA data pass (get_eva_state_dict)")
     started = time.perf_counter()
     topo = eg.current_topology(gather_distributed_inputs)

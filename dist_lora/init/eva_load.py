@@ -27,15 +27,15 @@ import torch.distributed as dist
 
 from ..config import EvaConfig, explicit_pattern
 from ..layers import math as lm
+from ..parallel.setup import pipeline_group
+from ..parallel.zero import refuse_registered
 from .eva_ranks import scaled_alpha
 
 PEFT_PREFIX = "base_model.model."
 
 
 def _pipeline_merge(entries: list) -> list:
-    from ..model import _pipeline_group
-
-    group = _pipeline_group()
+    group = pipeline_group()
     if group is None:
         return entries
     parts = [None] * dist.get_world_size(group)
@@ -47,7 +47,6 @@ def _pipeline_merge(entries: list) -> list:
 def load_eva_state_dict(model, eva_state_dict: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
     """Set adapter ``adapter_name`` of ``model`` (a LoraModel) from ``eva_state_dict``
     ({module name: A [rank, in_features]}, full, unsharded). Validates every entry first."""
-    from ..deepspeed.zero import refuse_registered
     from ..naming import global_module_name
 
     refuse_registered(model, "cannot load an EVA state dict")  # A would be re-created, B zeroed
@@ -69,7 +68,7 @@ def load_eva_state_dict(model, eva_state_dict: dict[str, torch.Tensor], adapter_
     for name, gname, layer in layers:
         r, alpha = config.rank_for(gname), config.alpha_for(gname)
         a = state.get(gname)
-        seed = lm.init_seed(model._seed, gname, adapter_name)
+        seed = lm.init_seed(model.adapter_seed, gname, adapter_name)
         options = dict(
             lora_dropout=config.lora_dropout, use_rslora=config.use_rslora, lora_bias=config.lora_bias,
             use_dora=config.use_dora, seed=seed,
@@ -83,7 +82,7 @@ def load_eva_state_dict(model, eva_state_dict: dict[str, torch.Tensor], adapter_
         if new_rank == 0:
             layer.delete_adapter(adapter_name)
             if not layer.lora_A:
-                model._replace(name, layer.base_layer)
+                model.replace_module(name, layer.base_layer)
             entries.append((gname, False, 0, alpha))
             continue
         alpha = scaled_alpha(alpha, r, new_rank, eva.adjust_scaling_factors)

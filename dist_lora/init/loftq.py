@@ -127,7 +127,7 @@ def loftq_factors(
 
 def check_loftq_ready(model: nn.Module, targets: list[str], config) -> None:
     """bitsandbytes importable, a supported bit width, float base weights, whole NF4 blocks per shard."""
-    from ..deepspeed.zero import full_shape
+    from ..parallel.zero import full_shape
     from ..layers.base import LoraLayer
     from ..naming import global_module_name
     from ..parallel import tp

@@ -8,13 +8,26 @@ bookkeeping and merging live here and use :mod:`dist_lora.layers.math`.
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from ..init import weight_driven as wd
 from . import math as lm
+
+
+class MergedValues(NamedTuple):
+    """What a merge writes (:meth:`LoraLayer.merged_values`): the new base weight and bias in
+    their own dtypes (bias None: unchanged) and the DoRA row scales kept for unmerging."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    dora_scales: dict[str, torch.Tensor]
+
+    def non_finite(self) -> Optional[str]:
+        """"weight" or "bias" if that value has a NaN or Inf, else None."""
+        return lm.non_finite({"weight": self.weight, "bias": self.bias})
 
 
 class LoraLayer(nn.Module):
@@ -57,7 +70,11 @@ class LoraLayer(nn.Module):
         return b
 
     def _tag_parameters(self, adapter_name: str) -> None:
-        """Attach sharding attributes to the new adapter's parameters (parallel layers)."""
+        """Attach sharding (and partial-gradient) attributes to the new adapter's parameters (parallel layers)."""
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Every adapter parameter of this layer: A, B (and its bias), DoRA's m, of all adapters."""
+        return [p for store in self.adapter_layer_names for p in getattr(self, store).parameters()]
 
     def _reduce_norm_sq(self, norm_sq: torch.Tensor) -> torch.Tensor:
         """Complete a row-wise squared norm over the shards of the input dim (row-parallel)."""
@@ -296,14 +313,39 @@ class LoraLayer(nn.Module):
         return lm.dora_scale(self.lora_magnitude_vector[adapter_name].weight, self.dora_weight_norm(adapter_name))
 
     def _delta_bias(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """s · b of a lora_bias adapter in fp32 (None without lora_bias)."""
         bias = self.lora_B[adapter_name].bias
-        return None if bias is None else bias.float() * self.scaling[adapter_name]
+        return None if bias is None else lm.scaled_bias(bias.float(), self.scaling[adapter_name])
+
+    @torch.no_grad()
+    def merged_values(self, adapter_names: list[str]) -> MergedValues:
+        """What merging ``adapter_names`` (present, not yet merged) would write, changing nothing:
+        :func:`lm.merged_weight` / :func:`lm.merged_bias` cast to the base dtypes. A DoRA adapter's
+        norm is taken on the weight without any merged adapter (row-parallel shards: all-reduced
+        over TP, so every TP rank must call this). Refuses lora_bias on a base without bias."""
+        weight = self.base_weight
+        base = self._unmerged(weight) if any(self.is_dora(n) for n in adapter_names) else None
+        scales = [
+            lm.dora_merge_scale(self.lora_magnitude_vector[n].weight, self.dora_weight_norm(n, base))
+            if self.is_dora(n) else None
+            for n in adapter_names
+        ]
+        steps = ((self.get_delta_weight(n), scale) for n, scale in zip(adapter_names, scales))  # one ΔW at a time
+        new_weight = lm.merged_weight(weight, steps, self.fan_in_fan_out).to(weight.dtype)
+        bias = getattr(self.base_layer, "bias", None)
+        bias_deltas = [d for d in (self._delta_bias(n) for n in adapter_names) if d is not None]
+        if bias_deltas and bias is None:
+            raise ValueError(f"{type(self).__name__} has lora_bias adapters but its base layer has no bias to merge into.")
+        new_bias = lm.merged_bias(bias, bias_deltas).to(bias.dtype) if bias_deltas else None
+        dora_scales = {n: scale for n, scale in zip(adapter_names, scales) if scale is not None}
+        return MergedValues(new_weight, new_bias, dora_scales)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """W += ΔW for each adapter, computed in fp32 and cast back to W's dtype.
+        """W += ΔW for each adapter (DoRA: then the row rescale), computed in fp32 and cast back
+        to W's dtype (:meth:`merged_values`).
 
-        With ``safe_merge`` every result is checked finite before any weight changes.
+        With ``safe_merge`` the values to be written are checked finite before any weight changes.
         """
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         names = [n for n in names if n in self.lora_A]
@@ -313,31 +355,13 @@ class LoraLayer(nn.Module):
         names = [n for n in names if n not in self.merged_adapters]
         if not names:
             return
-        weight = self.base_weight
-        new_weight, dora_scales = weight.float(), {}
-        # DoRA: W' = m / ||W0 + ΔW|| · (W + ΔW), W the weight so far, W0 the base without any
-        # merged adapter (the norm forward uses; PEFT merges the same way).
-        unmerged = self._unmerged(new_weight) if any(self.is_dora(n) for n in names) else None
-        for n in names:
-            new_weight = new_weight + self.get_delta_weight(n)
-            if self.is_dora(n):
-                norm = self.dora_weight_norm(n, unmerged)
-                scale = self.lora_magnitude_vector[n].weight.detach().float() / norm
-                dora_scales[n] = scale
-                new_weight = new_weight * (scale[None, :] if self.fan_in_fan_out else scale[:, None])
-        bias = getattr(self.base_layer, "bias", None)
-        deltas = [d for d in (self._delta_bias(n) for n in names) if d is not None]
-        if deltas and bias is None:
-            raise ValueError(f"{type(self).__name__} has lora_bias adapters but its base layer has no bias to merge into.")
-        new_bias = bias.float() + sum(deltas) if deltas else None
-        if safe_merge:
-            bad = not torch.isfinite(new_weight).all() or (new_bias is not None and not torch.isfinite(new_bias).all())
-            if bad:
-                raise ValueError(f"merging adapters {names} gives NaN or Inf weights; nothing was merged.")
-        weight.copy_(new_weight.to(weight.dtype))
-        if new_bias is not None:
-            bias.copy_(new_bias.to(bias.dtype))
-        self._dora_merge_scale.update(dora_scales)
+        values = self.merged_values(names)
+        if safe_merge and values.non_finite() is not None:
+            raise ValueError(f"merging adapters {names} gives NaN or Inf weights; nothing was merged.")
+        self.base_weight.copy_(values.weight)
+        if values.bias is not None:
+            self.base_layer.bias.copy_(values.bias)
+        self._dora_merge_scale.update(values.dora_scales)
         self.merged_adapters.extend(names)
 
     @torch.no_grad()
@@ -346,23 +370,19 @@ class LoraLayer(nn.Module):
         if not self.merged_adapters:
             return
         weight = self.base_weight
-        new_weight = self._unmerged(weight.float())
+        new_weight = self._unmerged(weight)
         self._dora_merge_scale.clear()
         weight.copy_(new_weight.to(weight.dtype))
         bias = getattr(self.base_layer, "bias", None)
         deltas = [d for d in (self._delta_bias(n) for n in self.merged_adapters) if d is not None]
         if deltas:
-            bias.copy_((bias.float() - sum(deltas)).to(bias.dtype))
+            bias.copy_(lm.unmerged_bias(bias, deltas).to(bias.dtype))
         self.merged_adapters = []
 
     def _unmerged(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` (fp32) with the merged adapters taken out, last merged first."""
-        for n in reversed(self.merged_adapters):
-            if n in self._dora_merge_scale:
-                scale = self._dora_merge_scale[n]
-                weight = weight / (scale[None, :] if self.fan_in_fan_out else scale[:, None])
-            weight = weight - self.get_delta_weight(n)
-        return weight
+        """``weight`` in fp32 with the merged adapters taken out, last merged first."""
+        steps = ((self.get_delta_weight(n), self._dora_merge_scale.get(n)) for n in reversed(self.merged_adapters))
+        return lm.unmerged_weight(weight, steps, self.fan_in_fan_out)
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{a}: r={r}" for a, r in self.r.items())

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, LoraConfig
-from ..deepspeed import zero
+from ..parallel import zero
 from . import math as lm
 from .base import LoraLayer
 

@@ -22,7 +22,7 @@ Row-parallel (W_i columns of W, x_i features i, A_i columns of A, B replicated):
 
 The per-step sums (A of column layers, B of row layers) are done by
 :func:`dist_lora.parallel.grads.finalize_lora_grads` in one flattened all-reduce for all layers.
-Those parameters carry ``tp_partial_grad = True``.
+Those parameters carry ``tp_partial_grad = True`` (set by :mod:`dist_lora.layers.parallel`).
 
 Saved for backward: the frozen weights (no copy), the r-sized h, the input the LoRA path
 needs (x, or the local sequence shard under SP with re-gathering), and dropout masks only
@@ -37,6 +37,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from . import math as lm
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,14 @@ def _unpack(factors: tuple, spec: FusedSpec):
     return [tuple(factors[4 * k : 4 * k + 4]) for k in range(n)]
 
 
+def _saved(ctx) -> tuple:
+    """(spec, input, weight, the r-sized h per adapter, the flat factor list) as forward saved them."""
+    spec: FusedSpec = ctx.spec
+    x, weight, *rest = ctx.saved_tensors
+    n = len(spec.scalings)
+    return spec, x, weight, rest[:n], rest[n:]
+
+
 class ColumnParallelLoRA(torch.autograd.Function):
     """y_i = x W_iᵀ + b_i + Σ_adapters s·(mask⊙x) Aᵀ B_iᵀ + s·b_B,i, with the collectives of
     a frozen ColumnParallelLinear only (see the module docstring for the math)."""
@@ -137,7 +147,7 @@ class ColumnParallelLoRA(torch.autograd.Function):
         out = _base_plus_lora(x_full, weight, [(h, b) for h, ((_, b, _, _), _) in zip(hs, adapters)], bias)
         for (_, _, b_bias, _), scale in adapters:
             if b_bias is not None:
-                out.add_(b_bias, alpha=scale)
+                out.add_(lm.scaled_bias(b_bias, scale))
         keep = not spec.sequence_parallel or spec.keep_gathered_input
         ctx.spec = spec
         ctx.save_for_backward(x_full if keep else x, weight, *hs, *factors)
@@ -145,10 +155,7 @@ class ColumnParallelLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        spec: FusedSpec = ctx.spec
-        x_saved, weight, *rest = ctx.saved_tensors
-        n = len(spec.scalings)
-        hs, factors = rest[:n], rest[n:]
+        spec, x_saved, weight, hs, factors = _saved(ctx)
         regather = spec.sequence_parallel and not spec.keep_gathered_input
         if regather:  # issue the all-gather first; the dgrad matmul below overlaps it
             x_full, work = _all_gather_seq(x_saved, spec, async_op=True)
@@ -192,10 +199,7 @@ class RowParallelLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        spec: FusedSpec = ctx.spec
-        x, weight, *rest = ctx.saved_tensors
-        n = len(spec.scalings)
-        hs, factors = rest[:n], rest[n:]
+        spec, x, weight, hs, factors = _saved(ctx)
         if spec.sequence_parallel:
             dy = _all_gather_seq(dy, spec)  # the base's own backward collective
         dy_t = _tokens(dy)

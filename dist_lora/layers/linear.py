@@ -8,9 +8,9 @@ import warnings
 import torch
 from torch import nn
 
-from ..deepspeed import zero
+from ..parallel import zero
 from . import math as lm
-from .base import LoraLayer
+from .base import LoraLayer, MergedValues
 from .fused import ColumnParallelLoRA, FusedSpec
 
 
@@ -48,7 +48,7 @@ class LoraLinear(LoraLayer):
         """:meth:`LoraLayer.update_layer`, with the base weight gathered under ZeRO-3 when the
         init may read it (PiSSA/OLoRA and any other named init but "gaussian", DoRA's norm);
         rank 0's rewrite of it (e.g. PiSSA/OLoRA's residual) is the one re-partitioned (see
-        :mod:`dist_lora.deepspeed.zero`). Without ZeRO-3 this is the plain call."""
+        :mod:`dist_lora.parallel.zero`). Without ZeRO-3 this is the plain call."""
         zero.refuse_registered(self, f"cannot add adapter {adapter_name!r}")
         bound = inspect.signature(LoraLayer.update_layer).bind(self, adapter_name, *args, **kwargs)
         bound.apply_defaults()
@@ -71,10 +71,11 @@ class LoraLinear(LoraLayer):
     def fan_in_fan_out(self) -> bool:
         return self._fan_in_fan_out
 
-    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+    def merged_values(self, adapter_names: list[str]) -> MergedValues:
+        """:meth:`LoraLayer.merged_values` (what merge and safe_merge's check use); refused on 4-bit."""
         if self.quantized:
             raise NotImplementedError("merging into a bitsandbytes 4-bit base layer is not supported; dequantise the model first.")
-        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        return super().merged_values(adapter_names)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapters = self._forward_adapters()

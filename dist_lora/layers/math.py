@@ -8,7 +8,10 @@ A LoRA adapter adds a low-rank update to a frozen linear map W ∈ R^{out×in}:
     s = alpha / sqrt(r)      (rank-stabilised LoRA, use_rslora=True)
 
 so the merged weight is W' = W + ΔW with ΔW = s · B A. With lora_bias, B has a bias b and
-the adapter output is s · (B h + b): the bias is scaled like the rest (PEFT's convention).
+the adapter output is s · (B h + b): the bias is scaled like the rest (PEFT's convention), and
+merging adds s · b to the base bias. :func:`merged_weight` / :func:`merged_bias` are the one
+home of the merged values (DoRA's row rescale included): layers merge with them, ``safe_merge``
+checks exactly what they return, and the merged export writes them.
 
 The scale is applied to the r-sized intermediate h = A x (r ≪ out), never to an out-sized tensor.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Optional, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -73,9 +76,14 @@ def lora_down(x: torch.Tensor, a: torch.Tensor, scaling: float, dropout: torch.n
     return F.linear(dropout(x.to(a.dtype)), a) * scaling
 
 
+def scaled_bias(bias: torch.Tensor, scaling: float) -> torch.Tensor:
+    """s · b, the adapter's bias as added to the output (and merged into the base bias)."""
+    return bias * scaling
+
+
 def lora_up(h: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], scaling: float) -> torch.Tensor:
     """B h (+ s · b): completes s · (B A x + b) given h = s · A x."""
-    return F.linear(h, b, None if bias is None else bias * scaling)
+    return F.linear(h, b, None if bias is None else scaled_bias(bias, scaling))
 
 
 def delta_weight(
@@ -116,3 +124,61 @@ def dora_output(base_nobias: torch.Tensor, lora_out: torch.Tensor, scale: torch.
     """What DoRA adds to the base output: (m/n - 1) · W x_d + (m/n) · s · B A x_d."""
     scale = scale.to(lora_out.dtype)
     return (scale - 1) * base_nobias.to(lora_out.dtype) + scale * lora_out
+
+
+# --- merged values ---------------------------------------------------------------------------
+#
+# Merging adapters k = 1..K in order into W (fp32 throughout, cast back to W's dtype once):
+#     W ← W + ΔW_k,  then for a DoRA adapter  W ← (m_k / ||W0 + ΔW_k||_row) ⊙_row W
+# with W0 the base weight without any merged adapter (the norm forward uses; PEFT merges the
+# same way). Unmerging undoes the steps last first. The bias: b' = b + Σ_k s_k · b_k.
+
+
+def _per_row(scale: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """``scale`` [out] shaped to broadcast over the output rows of a weight (columns for fan_in_fan_out)."""
+    return scale[None, :] if fan_in_fan_out else scale[:, None]
+
+
+def dora_merge_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """The fp32 row rescale m / ||W0 + ΔW||_row a DoRA merge applies (no gradient)."""
+    return dora_scale(magnitude.detach().float(), norm)
+
+
+MergeStep = tuple[torch.Tensor, Optional[torch.Tensor]]  # (ΔW as delta_weight returns it, DoRA row scale or None)
+
+
+def merged_weight(weight: torch.Tensor, steps: Iterable[MergeStep], fan_in_fan_out: bool = False) -> torch.Tensor:
+    """W' in fp32: for each adapter in order W ← W + ΔW, then (DoRA) W ← scale ⊙_row W with the
+    scale from :func:`dora_merge_scale`. ``steps`` may be a generator (one ΔW at a time)."""
+    new = weight.float()
+    for delta, scale in steps:
+        new = new + delta
+        if scale is not None:
+            new = new * _per_row(scale, fan_in_fan_out)
+    return new
+
+
+def unmerged_weight(weight: torch.Tensor, steps: Iterable[MergeStep], fan_in_fan_out: bool = False) -> torch.Tensor:
+    """The inverse of :func:`merged_weight` in fp32, undoing ``steps`` in the order given (so
+    pass them last merged first)."""
+    new = weight.float()
+    for delta, scale in steps:
+        if scale is not None:
+            new = new / _per_row(scale, fan_in_fan_out)
+        new = new - delta
+    return new
+
+
+def merged_bias(bias: torch.Tensor, scaled_biases: Sequence[torch.Tensor]) -> torch.Tensor:
+    """b' = b + Σ s·b_k in fp32 (``scaled_biases``: :func:`scaled_bias` of each adapter's bias)."""
+    return bias.float() + sum(b.float() for b in scaled_biases)
+
+
+def unmerged_bias(bias: torch.Tensor, scaled_biases: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The inverse of :func:`merged_bias`, in fp32."""
+    return bias.float() - sum(b.float() for b in scaled_biases)
+
+
+def non_finite(values: dict[str, Optional[torch.Tensor]]) -> Optional[str]:
+    """The name of the first tensor in ``values`` with a NaN or Inf (None values skipped), or None."""
+    return next((name for name, t in values.items() if t is not None and not torch.isfinite(t).all()), None)

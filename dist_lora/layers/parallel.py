@@ -9,7 +9,8 @@ Two implementations of the communication, chosen per layer by ``tp_comm``:
 "fused" (default, :mod:`dist_lora.layers.fused`): the LoRA path rides on the base layer's own
   collective in forward and backward, so the layer does exactly the collectives of the frozen
   base. The replicated factor's gradient (column A, row B) is then a per-rank partial sum,
-  summed over TP once per step for all layers by :func:`dist_lora.parallel.grads.finalize_lora_grads`.
+  summed over TP once per step for all layers by :func:`dist_lora.parallel.grads.finalize_lora_grads`,
+  which finds such parameters by their ``tp_partial_grad`` tag (set here, see ``_tag_partial_grads``).
 
 "reference" (PEFT's design, kept to check the fused path against): the base layer runs as is
   and the LoRA path adds one r-sized collective of its own per pass.
@@ -29,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from ..parallel import tp
+from ..parallel import grads, tp
 from ..init import weight_driven as wd
 from . import math as lm
 from .base import LoraLayer
@@ -44,7 +45,10 @@ def _mappings():
     return mappings
 
 
-class _ParallelLoraLayer(LoraLayer):
+class ParallelLoraLayer(LoraLayer):
+    """What the column- and row-parallel LoRA layers share: the TP group, the communication mode,
+    and the ``tp_partial_grad`` tags of the replicated factors."""
+
     def __init__(self, base_layer: torch.nn.Module, tp_comm: str = "fused", keep_gathered_input: bool = False) -> None:
         super().__init__(base_layer, base_layer.input_size, base_layer.output_size)
         self.tp_group = tp.tp_group_of(base_layer)
@@ -77,15 +81,31 @@ class _ParallelLoraLayer(LoraLayer):
             raise ValueError(f"tp_comm must be one of {TP_COMM_MODES}, got {mode!r}.")
         self.tp_comm = mode
         self.keep_gathered_input = keep_gathered_input
+        self._tag_partial_grads()  # the mode decides which gradients are partial sums
 
     @property
     def sequence_parallel(self) -> bool:
         return bool(getattr(self.base_layer, "sequence_parallel", False)) and self.tp_size > 1
 
-    def partial_grad_parameters(self) -> list[torch.nn.Parameter]:
+    def _tag_parameters(self, adapter_name: str) -> None:
+        self._tag_sharded(adapter_name)
+        self._tag_partial_grads()  # a DoRA adapter changes the path (so the partial sums) of every adapter
+
+    def _tag_sharded(self, adapter_name: str) -> None:
+        """TP attributes of the new adapter's sharded parameters."""
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._tag_partial_grads()  # without its last DoRA adapter the layer takes the fused path again
+
+    def _partial_grad_parameters(self) -> list[torch.nn.Parameter]:
         """Replicated adapter parameters whose gradient on each rank is a partial sum over TP
         (summed once per step by finalize_lora_grads)."""
         return []
+
+    def _tag_partial_grads(self) -> None:
+        """Set ``tp_partial_grad`` on every adapter parameter from :meth:`_partial_grad_parameters`."""
+        grads.mark_tp_partial_grads(self.adapter_parameters(), self._partial_grad_parameters())
 
     def _can_fuse(self, x: torch.Tensor, adapters: list[str]) -> bool:
         base = self.base_layer
@@ -127,7 +147,7 @@ class _ParallelLoraLayer(LoraLayer):
 
 
 
-class LoraColumnParallelLinear(_ParallelLoraLayer):
+class LoraColumnParallelLinear(ParallelLoraLayer):
     """LoRA on a ColumnParallelLinear: A replicated, B sharded like the base rows.
 
     The input is replicated over TP (or its gathered sequence is), so dropout draws the same
@@ -137,13 +157,13 @@ class LoraColumnParallelLinear(_ParallelLoraLayer):
     def shard_b(self, b: torch.Tensor) -> torch.Tensor:
         return tp.shard(b, 0, self.tp_rank, self.tp_size, self.stride)
 
-    def _tag_parameters(self, adapter_name: str) -> None:
+    def _tag_sharded(self, adapter_name: str) -> None:
         for param in self.lora_B[adapter_name].parameters():
             tp.set_tp_attributes(param, 0, self.stride)
         if adapter_name in self.lora_magnitude_vector:  # m is sharded with the output rows
             tp.set_tp_attributes(self.lora_magnitude_vector[adapter_name].weight, 0, self.stride)
 
-    def partial_grad_parameters(self) -> list[torch.nn.Parameter]:
+    def _partial_grad_parameters(self) -> list[torch.nn.Parameter]:
         if self.tp_size == 1 or not self._uses_fused():
             return []
         return [self.lora_A[n].weight for n in self.lora_A]
@@ -209,7 +229,7 @@ class LoraColumnParallelLinear(_ParallelLoraLayer):
         return out
 
 
-class LoraRowParallelLinear(_ParallelLoraLayer):
+class LoraRowParallelLinear(ParallelLoraLayer):
     """LoRA on a RowParallelLinear: A sharded like the base columns, B replicated.
 
     The input is a feature shard, so dropout draws from megatron's model-parallel RNG stream
@@ -221,7 +241,7 @@ class LoraRowParallelLinear(_ParallelLoraLayer):
     def shard_a(self, a: torch.Tensor) -> torch.Tensor:
         return tp.shard(a, 1, self.tp_rank, self.tp_size, self.stride)
 
-    def _tag_parameters(self, adapter_name: str) -> None:
+    def _tag_sharded(self, adapter_name: str) -> None:
         tp.set_tp_attributes(self.lora_A[adapter_name].weight, 1, self.stride)
 
     def _reduce_norm_sq(self, norm_sq: torch.Tensor) -> torch.Tensor:
@@ -230,7 +250,7 @@ class LoraRowParallelLinear(_ParallelLoraLayer):
             torch.distributed.all_reduce(norm_sq, group=self.tp_group)
         return norm_sq
 
-    def partial_grad_parameters(self) -> list[torch.nn.Parameter]:
+    def _partial_grad_parameters(self) -> list[torch.nn.Parameter]:
         if self.tp_size == 1 or (not self._uses_fused() and not self.sequence_parallel):
             return []
         if not self._uses_fused():  # reference path under SP: B and m see this rank's tokens only
@@ -272,7 +292,7 @@ class LoraRowParallelLinear(_ParallelLoraLayer):
         for name in adapters:
             bias = self.lora_B[name].bias
             if bias is not None:
-                out = out + bias * self.scaling[name]
+                out = out + lm.scaled_bias(bias, self.scaling[name])
         if base.skip_bias_add:
             return out, base.bias
         return (out if base.bias is None else out + base.bias), None

@@ -16,7 +16,7 @@ is split the same way:
               dA_i = s · (dy B)ᵀ gathered into the columns of this rank's tokens: local, complete;
               dB = Σ_i s · dyᵀ A_iᵀ[x]: a partial sum per rank, summed over TP once per step
               with the other replicated factors (:func:`dist_lora.parallel.grads.finalize_lora_grads`,
-              via :meth:`LoraVocabParallelEmbedding.partial_grad_parameters`).
+              which finds dB by its ``tp_partial_grad`` tag, set in ``_tag_parameters``).
 
 The wrapper therefore re-implements ``VocabParallelEmbedding.forward`` with megatron's own
 mapping functions (the same mask, lookup and collective); with no active adapter it calls the
@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..parallel import tp
+from ..parallel import grads, tp
 from .embedding import LoraEmbedding
 
 
@@ -50,6 +50,7 @@ class LoraVocabParallelEmbedding(LoraEmbedding):
 
     def _tag_parameters(self, adapter_name: str) -> None:
         tp.set_tp_attributes(self.lora_A[adapter_name].weight, 1)
+        grads.mark_tp_partial_grads(self.adapter_parameters(), self._partial_grad_parameters())
 
     def _reduce_norm_sq(self, norm_sq: torch.Tensor) -> torch.Tensor:
         """||E + ΔE||² per embedding column = Σ_i over the vocabulary shards (one d-sized all-reduce)."""
@@ -57,7 +58,7 @@ class LoraVocabParallelEmbedding(LoraEmbedding):
             dist.all_reduce(norm_sq, group=self.tp_group)
         return norm_sq
 
-    def partial_grad_parameters(self) -> list[torch.nn.Parameter]:
+    def _partial_grad_parameters(self) -> list[torch.nn.Parameter]:
         """B (and DoRA's m): replicated, with a per-rank partial gradient (summed once per step)."""
         if self.tp_size == 1:
             return []

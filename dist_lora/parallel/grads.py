@@ -5,35 +5,35 @@ the optimizer step: the replicated factor of every fused parallel LoRA layer (co
 see :mod:`dist_lora.layers.fused`) and of a vocab-parallel embedding (B, see
 :mod:`dist_lora.layers.parallel_embedding`), the row B of the reference path under sequence
 parallelism, and any trainable parameter megatron marks ``sequence_parallel`` (its norm
-weights under SP). :func:`finalize_lora_grads` sums all of them in one flattened all-reduce
-per step — never one collective per layer.
+weights under SP). The layers tag theirs ``tp_partial_grad = True`` (:func:`mark_tp_partial_grads`),
+so this module finds them by that attribute and knows no layer class. :func:`finalize_lora_grads`
+sums all of them in one flattened all-reduce per step — never one collective per layer.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
-def tp_partial_grad_parameters(model: torch.nn.Module, include_sequence_parallel: bool = True) -> list[torch.nn.Parameter]:
-    """Trainable parameters whose gradient is a per-rank partial sum over TP: the LoRA
-    layers' replicated factors, and (``include_sequence_parallel``) parameters megatron marks
-    ``sequence_parallel``."""
-    from ..layers.base import LoraLayer
+def mark_tp_partial_grads(params: Iterable[torch.nn.Parameter], partial: Iterable[torch.nn.Parameter]) -> None:
+    """Set ``tp_partial_grad`` on each of ``params``: True for those in ``partial`` (their gradient
+    on each rank is a partial sum over TP), False for the rest. Layers call this where their
+    adapter parameters are created and whenever the set changes (e.g. the TP communication mode)."""
+    partial_ids = {id(p) for p in partial}
+    for param in params:
+        param.tp_partial_grad = id(param) in partial_ids
 
-    params: dict[int, torch.nn.Parameter] = {}
-    for module in model.modules():
-        partial = getattr(module, "partial_grad_parameters", None)  # parallel linear and embedding layers
-        if isinstance(module, LoraLayer) and partial is not None:
-            params.update((id(p), p) for p in partial())
-    if include_sequence_parallel:
-        for p in model.parameters():
-            if getattr(p, "sequence_parallel", False):
-                params[id(p)] = p
-    return [p for p in params.values() if p.requires_grad]
+
+def tp_partial_grad_parameters(model: torch.nn.Module, include_sequence_parallel: bool = True) -> list[torch.nn.Parameter]:
+    """Trainable parameters whose gradient is a per-rank partial sum over TP: those tagged
+    ``tp_partial_grad`` (the LoRA layers' replicated factors, :func:`mark_tp_partial_grads`)
+    and (``include_sequence_parallel``) those megatron marks ``sequence_parallel``."""
+    attributes = ("tp_partial_grad", "sequence_parallel") if include_sequence_parallel else ("tp_partial_grad",)
+    return [p for p in model.parameters() if p.requires_grad and any(getattr(p, a, False) for a in attributes)]
 
 
 def _grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:

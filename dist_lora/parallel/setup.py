@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from .cpu_compat import apply_cpu_compat
 
 
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None) -> None:
@@ -25,8 +28,6 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | 
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from .cpu_compat import apply_cpu_compat
-
     apply_cpu_compat()
     if parallel_state.model_parallel_is_initialized():  # e.g. set up by the caller already
         have = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size())
@@ -44,6 +45,18 @@ def shutdown_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def pipeline_group() -> Optional[dist.ProcessGroup]:
+    """megatron's pipeline group when there is more than one stage, else None (also without
+    megatron-core, or before its model-parallel state is initialised)."""
+    try:
+        from megatron.core import parallel_state  # optional and heavy: imported on use
+    except ImportError:
+        return None
+    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_pipeline_model_parallel_group()
 
 
 def is_rank0() -> bool:

@@ -1,11 +1,14 @@
 """Data-driven LoRA inits (EVA, CorDA) on a model partitioned by ZeRO-3, before any engine.
 
+(A ZeRO-3 primitive beside :mod:`dist_lora.parallel.zero`: the init drivers check with it; users
+reach it as ``dist_lora.deepspeed.gathered_forward``.)
+
 EVA and CorDA need a *data pass*: forwards whose hooks record each target layer's input (an
 ordinary activation). A model built under ``deepspeed.zero.Init`` cannot run a forward on its
 own: every ``param.data`` is an empty piece until someone gathers it, and the gathering hooks
 come only with ``deepspeed.initialize``. But an engine is the wrong place for these inits:
 adapters cannot be added or re-shaped once it manages the model (EVA changes ranks, CorDA
-rewrites base weights; see :func:`dist_lora.deepspeed.zero.refuse_registered`), so an engine
+rewrites base weights; see :func:`dist_lora.parallel.zero.refuse_registered`), so an engine
 would force building the model twice (once to measure, once to train).
 
 :func:`gathered_forward` is the small piece that is missing: for the duration of a ``with``
@@ -50,6 +53,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from . import zero
 
 _active: list[nn.Module] = []  # the models inside a gathered_forward block
@@ -134,15 +138,13 @@ def check_forward_ready(model: nn.Module, what: str) -> None:
         return
     if any(isinstance(getattr(m, "ds_id", None), int) for m in model.modules()):  # an engine's hooks
         return
-    from ..config import ConfigError
-
     raise ConfigError(
         f"{what}: the model is partitioned by DeepSpeed ZeRO-3 (built under deepspeed.zero.Init), so its "
         "weights are empty here and a forward pass cannot run. Run the data pass inside "
         "dist_lora.deepspeed.gathered_forward(model), before deepspeed.initialize: e.g. "
         "`with gathered_forward(model): initialize_lora_eva_weights(model, dataloader)` or "
         "`with gathered_forward(base): preprocess_corda(base, config, run_model)`; then "
-        "dist_lora.deepspeed.initialize(model, ds_config). See dist_lora/deepspeed/data_driven.py."
+        "dist_lora.deepspeed.initialize(model, ds_config). See dist_lora/parallel/zero_forward.py."
     )
 
 

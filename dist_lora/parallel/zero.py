@@ -35,6 +35,9 @@ import contextlib
 from typing import Iterable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
+
+from ..config import ConfigError
 
 
 def is_zero3_param(param: torch.Tensor) -> bool:
@@ -111,8 +114,6 @@ def single_writer(model: torch.nn.Module) -> Iterator[bool]:
     that it succeeded, so no rank returns before the files exist and a failure on rank 0 is an
     error on every rank instead of a hang. Otherwise: yields True, no collective.
     """
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and has_zero3_params(model)):
         yield True
         return
@@ -135,8 +136,6 @@ def refuse_registered(module: torch.nn.Module, what: str) -> None:
     module it hooks an integer ``ds_id``; ``zero.Init`` alone does not): adapters added now
     would be invisible to it (not partitioned, not in its optimizer, not fetched in forward)."""
     if isinstance(getattr(module, "ds_id", None), int):
-        from ..config import ConfigError
-
         raise ConfigError(
             f"{what}: this model is already wrapped by a DeepSpeed ZeRO-3 engine (deepspeed.initialize was "
             "called), which would neither partition nor train nor gather adapters added now. Add adapters "
