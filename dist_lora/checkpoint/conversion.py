@@ -27,29 +27,18 @@ import torch
 from ..config import ConfigError, LoraConfig
 from ..io import atomic_path
 
-# init_lora_weights values whose adapters convert; LoftQ's base is quantised, not W - s·B0·A0.
-CONVERTIBLE_INITS = ("pissa", "olora", "corda")
-# init_lora_weights values that rewrite the base weight when the adapter is created ("pissa_niter_<N>" too).
-BASE_CHANGING_INITS = CONVERTIBLE_INITS + ("loftq",)
-
-
-def changes_base_weight(init) -> bool:
-    """Whether ``init_lora_weights`` rewrites the base weight when an adapter is created
-    (PiSSA / OLoRA / CorDA: W - s·B0·A0; LoftQ: its quantised weight). A saved, unconverted
-    adapter of such an init computes the trained function only on a base rewritten the same way."""
-    return isinstance(init, str) and init.startswith(BASE_CHANGING_INITS)
-
-
 class ConversionError(ConfigError):
     """The trained and initial adapters do not describe one PiSSA/OLoRA/CorDA run."""
 
 
 def check_convertible(config: LoraConfig) -> None:
-    """Raise unless an adapter trained with ``config`` can be released as plain LoRA."""
-    init = config.init_lora_weights
-    if not (isinstance(init, str) and init.startswith(CONVERTIBLE_INITS)):
+    """Raise unless an adapter trained with ``config`` can be released as plain LoRA
+    (:attr:`InitKind.convertible <dist_lora.config.InitKind.convertible>`; LoftQ's base is
+    quantised, not W - s·B0·A0)."""
+    if not config.init_kind.convertible:
         raise ConversionError(
-            f"only PiSSA / OLoRA / CorDA adapters convert to plain LoRA, this one has init_lora_weights={init!r}."
+            "only PiSSA / OLoRA / CorDA adapters convert to plain LoRA, this one has "
+            f"init_lora_weights={config.init_lora_weights!r}."
         )
     if config.use_dora:
         raise ConversionError(

@@ -21,7 +21,6 @@ from ..config import ConfigError, LoraConfig
 from ..deepspeed import zero
 from ..io import atomic_path
 from ..layers.base import LoraLayer
-from .conversion import changes_base_weight
 
 if TYPE_CHECKING:
     from ..model import LoraModel
@@ -151,7 +150,7 @@ def load_adapter(
     check_reproducible(model, config, directory)
     tensors = read_adapter_file(os.path.join(directory, WEIGHTS_NAME))  # fail before touching the model
     with model.rollback_on_error():
-        redo_init = changes_base_weight(config.init_lora_weights)
+        redo_init = config.init_kind.rewrites_base
         model.add_adapter(adapter, config, low_cpu_mem_usage=not redo_init, autocast_adapter_dtype=autocast_adapter_dtype)
         assign_tensors(model, tensors, adapter, source=directory)
     if not is_trainable:
@@ -196,7 +195,7 @@ def check_reproducible(model: torch.nn.Module, config: LoraConfig, directory: st
             "CKPT OUT --initial INITIAL_CKPT`). Or run dist_lora.init.preprocess_corda(model, config, run_model) "
             "on this model with the training data first, as PEFT requires."
         )
-    if isinstance(init, str) and init.startswith("pissa_niter_"):
+    if config.init_kind.niter is not None:
         warnings.warn(
             f"{source}: init_lora_weights={init!r} is redone to rewrite the base weight; on a layer that is not "
             "tensor parallel its randomised SVD reproduces the trained model's base only with the seed and adapter "

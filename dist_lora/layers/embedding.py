@@ -37,21 +37,13 @@ from ..config import ConfigError, LoraConfig
 from ..deepspeed import zero
 from . import math as lm
 from .base import LoraLayer
+from .kinds import embedding_kind
 
 # PEFT's saved names of an embedding adapter's (A, B); linear layers save "lora_A.weight" / "lora_B.weight".
 FACTOR_KEYS = ("lora_embedding_A", "lora_embedding_B")
 # What PEFT's save_pretrained adds for a targeted embedding (save_embedding_layers): its base weight.
 SAVED_BASE_WEIGHT = "base_layer.weight"
 SUPPORTED_INITS = (True, False, "gaussian")
-
-
-def embedding_kind(module: nn.Module) -> Optional[str]:
-    """'vocab_parallel' for megatron's VocabParallelEmbedding (and subclasses), 'embedding' for
-    ``nn.Embedding`` (and subclasses, e.g. scaled word embeddings), else None."""
-    for cls in type(module).__mro__:
-        if cls.__name__ == "VocabParallelEmbedding" and cls.__module__.startswith("megatron.core"):
-            return "vocab_parallel"
-    return "embedding" if isinstance(module, nn.Embedding) else None
 
 
 def init_embedding_factors(
