@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from .io import atomic_write_text
+
 CONFIG_NAME = "adapter_config.json"
 
 # What each init_lora_weights method dist_lora runs does (see InitKind; "pissa_niter_<N>" is "pissa"):
@@ -398,8 +400,6 @@ class LoraConfig:
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Write adapter_config.json atomically into ``directory``; return its path."""
-        from .io import atomic_write_text
-
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, CONFIG_NAME)
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -26,6 +26,7 @@ import torch
 
 from ..config import ConfigError, LoraConfig
 from ..io import atomic_path
+from .peft_format import WEIGHTS_NAME, read_adapter_file
 
 class ConversionError(ConfigError):
     """The trained and initial adapters do not describe one PiSSA/OLoRA/CorDA run."""
@@ -112,8 +113,6 @@ def convert_adapter_dir(
     must be a convertible init. The written config is ``trained_dir``'s with r and alpha
     doubled as in :func:`converted_config`."""
     from safetensors.torch import save_file
-
-    from .peft_format import WEIGHTS_NAME, read_adapter_file
 
     trained_config = LoraConfig.from_pretrained(trained_dir)
     initial_config = LoraConfig.from_pretrained(initial_dir)

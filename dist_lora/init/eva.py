@@ -55,9 +55,12 @@ import torch
 import torch.distributed as dist
 
 from ..config import EvaConfig, LoraConfig
+from ..model import LoraModel
+from ..naming import global_module_name
 from ..parallel.collectives import all_gather_object, all_reduce
 from . import eva_gather as eg
 from .eva_inputs import forward_fn_default, prepare_layer_inputs_fn_default, prepare_model_inputs_fn_default
+from .eva_load import load_eva_state_dict
 from .eva_ranks import redistribute_ranks
 from .incremental_pca import SVD_MODES, IncrementalPCA, converged_components
 
@@ -143,8 +146,6 @@ def _cycle(dataloader: Iterable) -> Iterable[tuple[int, Any]]:
 class _Run:
     def __init__(self, model, config: LoraConfig, adapter_name: str, topo: eg.Topology, prepare_model_inputs_fn,
                  prepare_layer_inputs_fn, svd: str) -> None:
-        from ..naming import global_module_name
-
         self.model, self.config, self.topo, self.svd = model, config, topo, svd
         self.eva = config.eva_config or EvaConfig()
         self.prepare_model_inputs_fn = prepare_model_inputs_fn
@@ -360,8 +361,6 @@ class _Run:
 
 
 def _lora_model_config(model, peft_config: Optional[LoraConfig], adapter_name: str) -> LoraConfig:
-    from ..model import LoraModel
-
     if not isinstance(model, LoraModel):
         raise TypeError(
             f"EVA needs a dist_lora LoraModel (from get_lora_model), got {type(model).__name__}."
@@ -515,8 +514,6 @@ def initialize_lora_eva_weights(
     compute the EVA state dict from ``dataloader`` (see :func:`get_eva_state_dict`) unless
     ``eva_state_dict`` is given, then load it (:func:`dist_lora.init.eva_load.load_eva_state_dict`).
     Returns ``model``."""
-    from .eva_load import load_eva_state_dict
-
     config = _lora_model_config(model, None, adapter_name)
     if len(model.active_adapters) > 1:
         raise ValueError(f"EVA initialises one active adapter at a time; active: {model.active_adapters}.")

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from ..config import EvaConfig, explicit_pattern
 from ..layers import math as lm
+from ..naming import global_module_name
 from .eva_ranks import scaled_alpha
 
 PEFT_PREFIX = "base_model.model."
@@ -48,7 +49,6 @@ def load_eva_state_dict(model, eva_state_dict: dict[str, torch.Tensor], adapter_
     """Set adapter ``adapter_name`` of ``model`` (a LoraModel) from ``eva_state_dict``
     ({module name: A [rank, in_features]}, full, unsharded). Validates every entry first."""
     from ..deepspeed.zero import refuse_registered
-    from ..naming import global_module_name
 
     refuse_registered(model, "cannot load an EVA state dict")  # A would be re-created, B zeroed
     config = model.peft_config[adapter_name]
