@@ -83,11 +83,17 @@ def in_saved_module(name: str, modules_to_save: Optional[list[str]]) -> bool:
     return any(is_saved_module(".".join(parts[:end]), modules_to_save) for end in range(1, len(parts) + 1))
 
 
-def is_targeted(config: LoraConfig, name: str, spec: Spec, all_linear_takes: bool = True) -> bool:
+def is_targeted(
+    config: LoraConfig, name: str, spec: Spec, all_linear_takes: bool = True, full_name_skips_layers: bool = False
+) -> bool:
     """PEFT's targeting rule for one module name (layout-independent: global layer indices):
     not excluded, not in modules_to_save, matched by ``spec`` (the config's target_modules or
     a default; ``"all-linear"`` matches where ``all_linear_takes``: a linear layer other than
-    the output head), inside ``layers_to_transform``."""
+    the output head), inside ``layers_to_transform``.
+
+    ``full_name_skips_layers``: PEFT 0.21 quirk, a list entry equal to the whole name matches
+    whatever ``layers_to_transform`` says (injection here applies the filter; a check of what
+    PEFT itself will target in a file asks for PEFT's behaviour)."""
     if config.exclude_modules and name_matches(config.exclude_modules, name):
         return False
     if in_saved_module(name, config.modules_to_save):
@@ -97,6 +103,8 @@ def is_targeted(config: LoraConfig, name: str, spec: Spec, all_linear_takes: boo
             return False
     elif not name_matches(spec, name):
         return False
+    elif full_name_skips_layers and not isinstance(spec, str) and name in spec:
+        return True
     layers = transformed_layers(config)
     return layers is None or layer_index(name, config.layers_pattern) in layers
 

@@ -314,8 +314,11 @@ def _check_targets(config: LoraConfig, arch: "HFLlamaArch", present: set[str], a
     if spec is None:  # pragma: no cover - every supported architecture has PEFT defaults
         raise PeftToMegatronError(f"{adapter_dir}: target_modules is not set.")
     candidates = [f"model.layers.{i}.{sub}" for i in range(arch.num_layers) for sub in _LAYER_LINEARS]
-    # "all-linear" takes neither the output head nor the embedding
-    targeted = {name for name in candidates + list(_TOP_LEVEL) if is_targeted(config, name, spec, name not in _TOP_LEVEL)}
+    targeted = {  # "all-linear" takes neither the output head nor the embedding
+        name
+        for name in candidates + list(_TOP_LEVEL)
+        if is_targeted(config, name, spec, all_linear_takes=name not in _TOP_LEVEL, full_name_skips_layers=True)
+    }
     top = sorted(targeted & set(_TOP_LEVEL))
     if top:
         raise PeftToMegatronError(
