@@ -33,17 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, LoraConfig
+from ..config import ConfigError, InitKind, LoraConfig
 from ..deepspeed import zero
 from . import math as lm
 from .base import LoraLayer
-from .kinds import embedding_kind
+from .kinds import base_module, embedding_kind
 
 # PEFT's saved names of an embedding adapter's (A, B); linear layers save "lora_A.weight" / "lora_B.weight".
 FACTOR_KEYS = ("lora_embedding_A", "lora_embedding_B")
 # What PEFT's save_pretrained adds for a targeted embedding (save_embedding_layers): its base weight.
 SAVED_BASE_WEIGHT = "base_layer.weight"
-SUPPORTED_INITS = (True, False, "gaussian")
 
 
 def init_embedding_factors(
@@ -62,7 +61,7 @@ def check_embedding_targets(model: nn.Module, targets: list[str], config: LoraCo
     cannot take (the error names the module and the field)."""
     for name in targets:
         module = model.get_submodule(name)
-        module = module.base_layer if isinstance(module, LoraLayer) else module
+        module = base_module(module)
         if embedding_kind(module) is not None:
             _check_embedding_config(name, module, config.lora_bias, config.init_lora_weights)
 
@@ -74,7 +73,7 @@ def _check_embedding_config(where: str, module: nn.Module, lora_bias: bool, init
             f"lora_bias=True is not supported for embedding layers ({what}), as in PEFT; "
             "set lora_bias=False or leave the embedding out of target_modules."
         )
-    if init not in SUPPORTED_INITS:
+    if not InitKind.of(init).seeded:  # True, False, "gaussian": A and B drawn from the seed
         raise ConfigError(
             f"init_lora_weights={init!r} is not supported for embedding layers ({what}): use "
             "True, False or 'gaussian', or leave the embedding out of target_modules (exclude_modules)."
