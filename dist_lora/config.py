@@ -24,9 +24,10 @@ from .io import atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
 
+InitValue = Union[bool, str]  # an init_lora_weights value (see InitKind for what it does)
 # What each init_lora_weights method dist_lora runs does (see InitKind; "pissa_niter_<N>" is "pissa"):
 #   method       (factors from, base weight after the adapter is created)
-_INIT_KINDS: dict[Union[bool, str], tuple[str, Optional[str]]] = {
+_INIT_KINDS: dict[InitValue, tuple[str, Optional[str]]] = {
     True: ("seed", None),  # A kaiming-uniform, B = 0 (PEFT's default)
     False: ("seed", None),  # A and B as nn.Linear's default init
     "gaussian": ("seed", None),
@@ -258,7 +259,7 @@ class LoraConfig:
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
     modules_to_save: Optional[list[str]] = None
-    init_lora_weights: Union[bool, str] = True
+    init_lora_weights: InitValue = True
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
     rank_pattern: Optional[dict] = field(default_factory=dict)
@@ -440,7 +441,7 @@ def refuse_unsupported_features(config: "LoraConfig") -> None:
         raise ConfigError(f"LoraConfig uses PEFT features dist_lora does not support: {found}. Use {fixes}.")
 
 
-def canonical_init_lora_weights(value: Any) -> Union[bool, str]:
+def canonical_init_lora_weights(value: Any) -> InitValue:
     """``value`` in PEFT's spelling (``"OLoRA"`` -> ``"olora"``, as PEFT reads it), or ConfigError
     for a value PEFT does not understand."""
     if isinstance(value, bool) or value in INIT_METHODS:
@@ -486,8 +487,8 @@ class InitKind:
                       adapter may not)
     """
 
-    value: Union[bool, str]  # as PEFT spells it
-    method: Union[bool, str]  # ``value``, but "pissa" for "pissa_niter_<N>"
+    value: InitValue  # as PEFT spells it
+    method: InitValue  # ``value``, but "pissa" for "pissa_niter_<N>"
     niter: Optional[int] = None  # N of "pissa_niter_<N>": the randomised SVD's subspace iterations
 
     @classmethod

@@ -9,7 +9,14 @@ Rules (as PEFT):
 - ``layers_to_transform``: only modules inside those layer indices, found as the first
   ``<layers_pattern>.<index>.`` in the name; with no pattern (None, "" or []) the first
   ``<parent>.<name>.<index>.``, so a layer list at the top of the model needs ``layers_pattern``.
-- ``modules_to_save`` are never targeted.
+- ``modules_to_save`` (a module named as PEFT does, :func:`is_saved_module`) and everything
+  inside them are never targeted.
+
+:func:`is_targeted` is this rule for one module name; :func:`find_targets` applies it to a
+model's modules, the consolidation checks and the PEFT -> megatron loader to module names.
+One deliberate difference from PEFT 0.21: a list entry equal to a whole module name still
+obeys ``layers_to_transform`` here (PEFT lets it through; ``full_name_skips_layers`` asks
+for PEFT's behaviour where a check predicts what PEFT will target).
 """
 
 from __future__ import annotations
@@ -20,8 +27,7 @@ from typing import Iterator, Optional, Union
 from torch import nn
 
 from .config import ConfigError, LoraConfig
-from .layers.kinds import is_linear_layer, is_supported_layer
-from .layers.base import LoraLayer
+from .layers.kinds import base_module, is_linear_layer, is_supported_layer
 from .naming import global_module_name
 
 # PEFT's defaults for Hugging Face architectures (model.config.model_type).
@@ -177,8 +183,7 @@ def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(p) for p in skip):
             continue
-        if isinstance(module, LoraLayer):
+        base = base_module(module)
+        if base is not module:  # a LoRA layer: its base layer stands for it
             skip.append(name + ".")
-            yield name, module.base_layer
-            continue
-        yield name, module
+        yield name, base

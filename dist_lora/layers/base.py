@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from ..config import InitKind
+from ..config import InitKind, InitValue
 from ..factors.checks import check_base_dtype, check_rank_fits
 from ..factors.corda_math import corda_factors
 from ..factors.loftq import loftq_factors
@@ -83,7 +83,7 @@ class LoraLayer(nn.Module):
         r: int,
         lora_alpha: float,
         lora_dropout: float = 0.0,
-        init_lora_weights: lm.InitKind = True,
+        init_lora_weights: InitValue = True,
         use_rslora: bool = False,
         lora_bias: bool = False,
         use_dora: bool = False,
@@ -156,7 +156,7 @@ class LoraLayer(nn.Module):
         self._set_requires_grad()
 
     def _init_factors(
-        self, r: int, init: lm.InitKind, seed: int, lora_bias: bool
+        self, r: int, init: InitValue, seed: int, lora_bias: bool
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Full (unsharded) A, B and B's bias from one seed (:func:`lm.init_lora_factors`;
         embedding layers draw them their own way)."""
