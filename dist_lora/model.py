@@ -65,7 +65,7 @@ def _refuse_unsupported(config: LoraConfig) -> None:
     """A config changed after it was built may still ask for a feature dist_lora lacks; an init
     method PEFT knows but dist_lora cannot run yet is refused for a new adapter."""
     cfg.refuse_unsupported_features(config)
-    if config.init_lora_weights in cfg.NOT_YET_SUPPORTED_INIT:
+    if not config.init_kind.supported:
         raise NotImplementedError(
             f"init_lora_weights={config.init_lora_weights!r} is not yet supported by dist_lora; use True, False, "
             "'gaussian', 'pissa', 'pissa_niter_<N>', 'olora', 'eva', 'corda' or 'loftq'."
