@@ -20,10 +20,26 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from .io import atomic_write_text
+
 CONFIG_NAME = "adapter_config.json"
 
+InitValue = Union[bool, str]  # an init_lora_weights value (see InitKind for what it does)
+# What each init_lora_weights method dist_lora runs does (see InitKind; "pissa_niter_<N>" is "pissa"):
+#   method       (factors from, base weight after the adapter is created)
+_INIT_KINDS: dict[InitValue, tuple[str, Optional[str]]] = {
+    True: ("seed", None),  # A kaiming-uniform, B = 0 (PEFT's default)
+    False: ("seed", None),  # A and B as nn.Linear's default init
+    "gaussian": ("seed", None),
+    "eva": ("data", None),  # the layers' inputs (initialize_lora_eva_weights, after injection)
+    "olora": ("weight", "residual"),  # QR of W; W <- W - s·B·A
+    "pissa": ("weight", "residual"),  # SVD of W; W <- W - s·B·A
+    "corda": ("data", "residual"),  # SVD of W·C, C the inputs' covariance (preprocess_corda)
+    "loftq": ("weight", "quantised"),  # W <- its NF4 quantisation Q, the factors absorb W - Q
+}
+NOT_YET_SUPPORTED_INIT: tuple[str, ...] = ("orthogonal", "mica", "lora_ga")
 # init_lora_weights values understood by PEFT 0.21 (besides True / False and "pissa_niter_<N>").
-INIT_METHODS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica", "lora_ga")
+INIT_METHODS = tuple(m for m in _INIT_KINDS if isinstance(m, str)) + NOT_YET_SUPPORTED_INIT
 # PEFT's LoRA layer compares these with ``.lower()``; it reads every other init string as written.
 _CASE_INSENSITIVE_INIT = ("gaussian", "olora", "mica")
 _PISSA_NITER = re.compile(r"pissa_niter_(.*)")
@@ -52,7 +68,6 @@ NOT_YET_SUPPORTED: dict[str, str] = {
     "arrow_config": "Arrow routing",
     "kasa_config": "KaSA",
 }
-NOT_YET_SUPPORTED_INIT: tuple[str, ...] = ("orthogonal", "mica", "lora_ga")
 # adapter_config.json keys that describe the file, not the adapter: read and dropped.
 _METADATA_KEYS = ("peft_version",)
 
@@ -244,7 +259,7 @@ class LoraConfig:
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
     modules_to_save: Optional[list[str]] = None
-    init_lora_weights: Union[bool, str] = True
+    init_lora_weights: InitValue = True
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
     rank_pattern: Optional[dict] = field(default_factory=dict)
@@ -334,6 +349,11 @@ class LoraConfig:
         if self.layer_replication is not None:
             check_layer_replication(self.layer_replication)
 
+    @property
+    def init_kind(self) -> InitKind:
+        """What ``init_lora_weights`` does (:class:`InitKind`)."""
+        return InitKind.of(self.init_lora_weights)
+
     # --- scaling -------------------------------------------------------------------------
 
     def rank_for(self, module_name: str) -> int:
@@ -381,8 +401,6 @@ class LoraConfig:
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Write adapter_config.json atomically into ``directory``; return its path."""
-        from .io import atomic_write_text
-
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, CONFIG_NAME)
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -423,7 +441,7 @@ def refuse_unsupported_features(config: "LoraConfig") -> None:
         raise ConfigError(f"LoraConfig uses PEFT features dist_lora does not support: {found}. Use {fixes}.")
 
 
-def canonical_init_lora_weights(value: Any) -> Union[bool, str]:
+def canonical_init_lora_weights(value: Any) -> InitValue:
     """``value`` in PEFT's spelling (``"OLoRA"`` -> ``"olora"``, as PEFT reads it), or ConfigError
     for a value PEFT does not understand."""
     if isinstance(value, bool) or value in INIT_METHODS:
@@ -448,6 +466,66 @@ def canonical_init_lora_weights(value: Any) -> Union[bool, str]:
     raise ConfigError(
         f"init_lora_weights must be True, False, one of {list(INIT_METHODS)} or 'pissa_niter_<N>', got {value!r}."
     )
+
+
+@dataclass(frozen=True)
+class InitKind:
+    """What an ``init_lora_weights`` value does: the one classification of init methods.
+
+    ``InitKind.of(value)`` (or ``LoraConfig.init_kind``) reads a value in PEFT's spelling
+    (ConfigError otherwise, as :func:`canonical_init_lora_weights`). Its properties:
+
+      seeded          True, False, "gaussian": factors drawn from the adapter's seed; the base
+                      weight is neither read nor changed
+      weight_driven   "pissa", "pissa_niter_<N>", "olora": factors from the base weight's SVD / QR
+      data_driven     "eva", "corda": factors from the layers' inputs (a data pass)
+      rewrites_base   PiSSA / OLoRA / CorDA (W <- W - s·B0·A0) and LoftQ (W <- its quantisation):
+                      a saved adapter is only valid on the rewritten base
+      convertible     PiSSA / OLoRA / CorDA: releasable as a plain rank-2r LoRA for the
+                      original base (:mod:`dist_lora.checkpoint.conversion`)
+      supported       not in ``NOT_YET_SUPPORTED_INIT`` (a config may name those; a new
+                      adapter may not)
+    """
+
+    value: InitValue  # as PEFT spells it
+    method: InitValue  # ``value``, but "pissa" for "pissa_niter_<N>"
+    niter: Optional[int] = None  # N of "pissa_niter_<N>": the randomised SVD's subspace iterations
+
+    @classmethod
+    def of(cls, value: Any) -> "InitKind":
+        value = canonical_init_lora_weights(value)
+        match = _PISSA_NITER.fullmatch(value) if isinstance(value, str) else None
+        if match:
+            return cls(value, "pissa", int(match.group(1)))
+        return cls(value, value)
+
+    @property
+    def _kind(self) -> tuple[Optional[str], Optional[str]]:
+        return _INIT_KINDS.get(self.method, (None, None))  # NOT_YET_SUPPORTED_INIT: not classified
+
+    @property
+    def seeded(self) -> bool:
+        return self._kind[0] == "seed"
+
+    @property
+    def weight_driven(self) -> bool:
+        return self._kind == ("weight", "residual")
+
+    @property
+    def data_driven(self) -> bool:
+        return self._kind[0] == "data"
+
+    @property
+    def rewrites_base(self) -> bool:
+        return self._kind[1] is not None
+
+    @property
+    def convertible(self) -> bool:
+        return self._kind[1] == "residual"
+
+    @property
+    def supported(self) -> bool:
+        return self.method not in NOT_YET_SUPPORTED_INIT
 
 
 def _pattern_dict(value: Any, name: str) -> dict:

@@ -22,12 +22,12 @@ import torch.distributed as dist
 from torch import nn
 
 from . import config as cfg
-from .checkpoint.conversion import changes_base_weight
 from .config import ConfigError, LoraConfig
-from .parallel.zero import full_shape, gathered
+from .parallel.zero import gathered
 from .layers import LoraEmbedding, LoraLayer, LoraLinear
-from .layers.embedding import check_embedding_targets, embedding_kind
-from .init import check_data_driven_init, is_weight_driven
+from .layers.embedding import check_embedding_targets
+from .layers.init_checks import check_init_targets
+from .layers.kinds import embedding_kind, parallel_linear_kind
 from .layers import math as lm
 from .merge import MergeError, merge_layers, refuse_replicated_layers
 from .modules_to_save import ModulesToSaveWrapper
@@ -36,7 +36,7 @@ from .parallel.setup import pipeline_group
 from .peft_api import PeftModelApi
 from .replication import Replication, replicate_layers
 from .rollback import ModelSnapshot
-from .targeting import find_targets, parallel_linear_kind
+from .targeting import find_targets, is_saved_module
 from .weighting import add_weighted_adapter
 
 
@@ -68,7 +68,7 @@ def _refuse_unsupported(config: LoraConfig) -> None:
     """A config changed after it was built may still ask for a feature dist_lora lacks; an init
     method PEFT knows but dist_lora cannot run yet is refused for a new adapter."""
     cfg.refuse_unsupported_features(config)
-    if config.init_lora_weights in cfg.NOT_YET_SUPPORTED_INIT:
+    if not config.init_kind.supported:
         raise NotImplementedError(
             f"init_lora_weights={config.init_lora_weights!r} is not yet supported by dist_lora; use True, False, "
             "'gaussian', 'pissa', 'pissa_niter_<N>', 'olora', 'eva', 'corda' or 'loftq'."
@@ -251,9 +251,8 @@ class LoraModel(PeftModelApi, nn.Module):
             targets = self._plan(adapter_name, config)
             check_embedding_targets(self.model, [t.name for t in targets], config)  # lora_bias / inits embeddings cannot take
             save_names = self._modules_to_save_names(config)
-            if not low_cpu_mem_usage:
-                self._check_weight_driven(targets, config)  # PiSSA/OLoRA change base weights
-                check_data_driven_init(self.model, [t.name for t in targets], config)  # CorDA/LoftQ too
+            if not low_cpu_mem_usage:  # PiSSA/OLoRA/CorDA/LoftQ rewrite base weights: refuse before the first
+                check_init_targets(self.model, [t.name for t in targets], config)
             self._inject(adapter_name, config, targets, low_cpu_mem_usage, autocast_adapter_dtype)
             for name in save_names:
                 module = self.model.get_submodule(name)
@@ -297,7 +296,7 @@ class LoraModel(PeftModelApi, nn.Module):
         self, adapter_name: str, config: LoraConfig, targets: list[_Target], low_cpu_mem_usage: bool, autocast: bool
     ) -> None:
         device = "meta" if low_cpu_mem_usage else None
-        rewrites = changes_base_weight(config.init_lora_weights) and not low_cpu_mem_usage
+        rewrites = config.init_kind.rewrites_base and not low_cpu_mem_usage
         for target in targets:
             layer = self.model.get_submodule(target.name)
             if not isinstance(layer, LoraLayer):
@@ -320,29 +319,6 @@ class LoraModel(PeftModelApi, nn.Module):
             )
             if not autocast:
                 _cast_to_base_dtype(layer, adapter_name)
-
-    def _check_weight_driven(self, targets: list[_Target], config: LoraConfig) -> None:
-        """PiSSA / OLoRA rewrite each target's base weight: refuse before the first one changes."""
-        if not is_weight_driven(config.init_lora_weights):
-            return
-        for target in targets:
-            layer = self.model.get_submodule(target.name)
-            if isinstance(layer, LoraLayer):
-                sizes, weight = (layer.in_features, layer.out_features), layer.base_weight
-            else:
-                weight = layer.weight
-                sizes = (getattr(layer, "input_size", None), getattr(layer, "output_size", None))
-                sizes = tuple(full_shape(weight)) if None in sizes else sizes  # ZeRO-3: ds_shape
-            if target.r > min(sizes):
-                raise ValueError(
-                    f"init_lora_weights={config.init_lora_weights!r} needs r <= min(in_features, out_features) = "
-                    f"{min(sizes)} on {target.name!r}, got r={target.r}."
-                )
-            if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                raise TypeError(
-                    f"init_lora_weights={config.init_lora_weights!r} needs a float32/float16/bfloat16 base weight, "
-                    f"{target.name!r} has {weight.dtype}."
-                )
 
     def _replicate(self, config: LoraConfig) -> None:
         """Apply ``config.layer_replication`` (see :mod:`dist_lora.replication`). Every adapter
@@ -383,13 +359,13 @@ class LoraModel(PeftModelApi, nn.Module):
         for name, module in self.model.named_modules():
             if isinstance(module, ModulesToSaveWrapper):
                 module_name = name
-            elif any(name == m or name.endswith(f".{m}") for m in config.modules_to_save):
+            elif is_saved_module(name, config.modules_to_save):
                 if ".modules_to_save." in name or name.endswith(".original_module") or ".original_module." in name:
                     continue
                 module_name = name
             else:
                 continue
-            if any(module_name == m or module_name.endswith(f".{m}") for m in config.modules_to_save):
+            if is_saved_module(module_name, config.modules_to_save):
                 names.append(module_name)
         if not names:
             raise ConfigError(f"modules_to_save={config.modules_to_save!r} matched no module.")

@@ -9,19 +9,25 @@ Rules (as PEFT):
 - ``layers_to_transform``: only modules inside those layer indices, found as the first
   ``<layers_pattern>.<index>.`` in the name; with no pattern (None, "" or []) the first
   ``<parent>.<name>.<index>.``, so a layer list at the top of the model needs ``layers_pattern``.
-- ``modules_to_save`` are never targeted.
+- ``modules_to_save`` (a module named as PEFT does, :func:`is_saved_module`) and everything
+  inside them are never targeted.
+
+:func:`is_targeted` is this rule for one module name; :func:`find_targets` applies it to a
+model's modules, the consolidation checks and the PEFT -> megatron loader to module names.
+One deliberate difference from PEFT 0.21: a list entry equal to a whole module name still
+obeys ``layers_to_transform`` here (PEFT lets it through; ``full_name_skips_layers`` asks
+for PEFT's behaviour where a check predicts what PEFT will target).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 from torch import nn
 
 from .config import ConfigError, LoraConfig
-from .layers.embedding import embedding_kind
-from .layers.linear import is_conv1d
+from .layers.kinds import base_module, is_linear_layer, is_supported_layer
 from .naming import global_module_name
 
 # PEFT's defaults for Hugging Face architectures (model.config.model_type).
@@ -34,32 +40,27 @@ HF_DEFAULT_TARGETS = {
 MEGATRON_GPT_DEFAULT_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 ALL_LINEAR = "all-linear"
 
-
-def parallel_linear_kind(module: nn.Module) -> Optional[str]:
-    """'column' or 'row' for megatron's parallel linear layers (and subclasses), else None."""
-    for cls in type(module).__mro__:
-        if cls.__module__.startswith("megatron.core"):
-            if cls.__name__ == "ColumnParallelLinear":
-                return "column"
-            if cls.__name__ == "RowParallelLinear":
-                return "row"
-    return None
+Spec = Union[str, list[str]]  # target_modules / exclude_modules: a regex or a list of names
 
 
-def is_linear_layer(module: nn.Module) -> bool:
-    """nn.Linear, Conv1D or a megatron parallel linear: what ``all-linear`` targets."""
-    return isinstance(module, nn.Linear) or is_conv1d(module) or parallel_linear_kind(module) is not None
+def is_all_linear(spec: Optional[Spec]) -> bool:
+    """Whether ``spec`` is ``"all-linear"`` (PEFT compares case-insensitively)."""
+    return isinstance(spec, str) and spec.lower() == ALL_LINEAR
 
 
-def is_supported_layer(module: nn.Module) -> bool:
-    """A layer LoRA can wrap: a linear one, or an embedding (targeted by name only, as in PEFT)."""
-    return is_linear_layer(module) or embedding_kind(module) is not None
-
-
-def _name_matches(spec: str | list[str], name: str) -> bool:
+def name_matches(spec: Spec, name: str) -> bool:
+    """PEFT's rule for target_modules / exclude_modules: a string is a regex that must match
+    the whole name; a list matches a name equal to an entry or ending in ``"." + entry``."""
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return name in spec or any(name.endswith(f".{key}") for key in spec)
+
+
+def transformed_layers(config: LoraConfig) -> Optional[list[int]]:
+    """``layers_to_transform`` as a list, or None for every layer (an int is one layer; PEFT
+    reads an empty list as every layer)."""
+    layers = config.layers_to_transform
+    return [layers] if isinstance(layers, int) else (layers or None)
 
 
 def layer_index(name: str, layers_pattern: Optional[str | list[str]]) -> Optional[int]:
@@ -74,6 +75,44 @@ def layer_index(name: str, layers_pattern: Optional[str | list[str]]) -> Optiona
             if match:
                 break
     return int(match.group("idx")) if match else None
+
+
+def is_saved_module(name: str, modules_to_save: Optional[list[str]]) -> bool:
+    """PEFT's rule for modules_to_save: ``name`` equals an entry or ends in ``"." + entry``."""
+    return any(name == m or name.endswith(f".{m}") for m in modules_to_save or ())
+
+
+def in_saved_module(name: str, modules_to_save: Optional[list[str]]) -> bool:
+    """``name`` is a saved module or lies inside one: never targeted (PEFT's
+    ``(^|.*\.)entry($|\..*)``)."""
+    parts = name.split(".")
+    return any(is_saved_module(".".join(parts[:end]), modules_to_save) for end in range(1, len(parts) + 1))
+
+
+def is_targeted(
+    config: LoraConfig, name: str, spec: Spec, all_linear_takes: bool = True, full_name_skips_layers: bool = False
+) -> bool:
+    """PEFT's targeting rule for one module name (layout-independent: global layer indices):
+    not excluded, not in modules_to_save, matched by ``spec`` (the config's target_modules or
+    a default; ``"all-linear"`` matches where ``all_linear_takes``: a linear layer other than
+    the output head), inside ``layers_to_transform``.
+
+    ``full_name_skips_layers``: PEFT 0.21 quirk, a list entry equal to the whole name matches
+    whatever ``layers_to_transform`` says (injection here applies the filter; a check of what
+    PEFT itself will target in a file asks for PEFT's behaviour)."""
+    if config.exclude_modules and name_matches(config.exclude_modules, name):
+        return False
+    if in_saved_module(name, config.modules_to_save):
+        return False
+    if is_all_linear(spec):
+        if not all_linear_takes:
+            return False
+    elif not name_matches(spec, name):
+        return False
+    elif full_name_skips_layers and not isinstance(spec, str) and name in spec:
+        return True
+    layers = transformed_layers(config)
+    return layers is None or layer_index(name, config.layers_pattern) in layers
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -104,26 +143,13 @@ def find_targets(model: nn.Module, config: LoraConfig, allow_empty: bool = False
     """Names of the modules that get an adapter; raises if there are none (unless
     ``allow_empty``: a pipeline stage may hold none of the targeted layers)."""
     spec = config.target_modules if config.target_modules is not None else default_targets(model)
-    if isinstance(spec, str) and spec.lower() == ALL_LINEAR:  # PEFT compares case-insensitively
-        spec = ALL_LINEAR
-    layers = config.layers_to_transform
-    layers = [layers] if isinstance(layers, int) else (layers or None)  # PEFT: [] means every layer
+    spec = ALL_LINEAR if is_all_linear(spec) else spec
     heads = output_head_names(model) if spec == ALL_LINEAR else set()
-    saved = config.modules_to_save or []
     found = []
     for name, module in _candidate_modules(model):
         # Match on the layout-independent name: a pipeline stage numbers its layers locally.
         key = global_module_name(model, name)
-        if config.exclude_modules and _name_matches(config.exclude_modules, key):
-            continue
-        if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in saved):
-            continue
-        if spec == ALL_LINEAR:
-            if name in heads or not is_linear_layer(module):
-                continue
-        elif not _name_matches(spec, key):
-            continue
-        if layers is not None and layer_index(key, config.layers_pattern) not in layers:
+        if not is_targeted(config, key, spec, all_linear_takes=name not in heads and is_linear_layer(module)):
             continue
         if not is_supported_layer(module):
             raise ConfigError(
@@ -137,7 +163,7 @@ def find_targets(model: nn.Module, config: LoraConfig, allow_empty: bool = False
         shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
         raise ConfigError(
             f"target_modules={spec!r} matched no module of {type(model).__name__}"
-            + _layer_filter_note(config, layers)
+            + _layer_filter_note(config, transformed_layers(config))
             + f". Linear modules it has: {shown or 'none'}."
         )
     return found
@@ -153,14 +179,11 @@ def _layer_filter_note(config: LoraConfig, layers: Optional[list[int]]) -> str:
 
 def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Named modules, skipping the internals of already-wrapped LoRA layers."""
-    from .layers.base import LoraLayer
-
     skip: list[str] = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(p) for p in skip):
             continue
-        if isinstance(module, LoraLayer):
+        base = base_module(module)
+        if base is not module:  # a LoRA layer: its base layer stands for it
             skip.append(name + ".")
-            yield name, module.base_layer
-            continue
-        yield name, module
+        yield name, base

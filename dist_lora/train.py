@@ -366,10 +366,8 @@ def _save_probe_logits(model, dataset, config: TrainConfig, out_dir: str) -> str
 
 def _initial_adapter_dir(model, out_dir: str) -> Optional[str]:
     """Where a PiSSA/OLoRA/CorDA run keeps its adapter as initialised (None for other inits)."""
-    from .checkpoint.conversion import CONVERTIBLE_INITS
-
-    init = model.peft_config["default"].init_lora_weights
-    return os.path.join(out_dir, "initial_adapter") if isinstance(init, str) and init.startswith(CONVERTIBLE_INITS) else None
+    convertible = model.peft_config["default"].init_kind.convertible
+    return os.path.join(out_dir, "initial_adapter") if convertible else None
 
 
 def _save_initial_adapter(model, out_dir: str) -> Optional[str]:

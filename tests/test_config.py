@@ -101,6 +101,44 @@ def test_init_lora_weights_bad_niter(value):
         LoraConfig(init_lora_weights=value)
 
 
+# value -> (seeded, weight_driven, data_driven, rewrites_base, convertible, supported)
+INIT_KINDS = {
+    True: (True, False, False, False, False, True),
+    False: (True, False, False, False, False, True),
+    "gaussian": (True, False, False, False, False, True),
+    "eva": (False, False, True, False, False, True),
+    "pissa": (False, True, False, True, True, True),
+    "pissa_niter_4": (False, True, False, True, True, True),
+    "olora": (False, True, False, True, True, True),
+    "corda": (False, False, True, True, True, True),
+    "loftq": (False, False, False, True, False, True),
+    "orthogonal": (False, False, False, False, False, False),
+    "mica": (False, False, False, False, False, False),
+    "lora_ga": (False, False, False, False, False, False),
+}
+
+
+@pytest.mark.parametrize("value", list(INIT_KINDS), ids=str)
+def test_init_kind_classifies_every_peft_init(value):
+    from dist_lora.config import INIT_METHODS, InitKind
+
+    kind = InitKind.of(value)
+    flags = (kind.seeded, kind.weight_driven, kind.data_driven, kind.rewrites_base, kind.convertible, kind.supported)
+    assert flags == INIT_KINDS[value]
+    assert set(INIT_KINDS) - {True, False, "pissa_niter_4"} == set(INIT_METHODS)
+    config = LoraConfig(init_lora_weights=value, loftq_config={"loftq_bits": 4} if value == "loftq" else {})
+    assert config.init_kind == kind and kind.value == value
+
+
+def test_init_kind_reads_peft_spellings():
+    from dist_lora.config import InitKind
+
+    assert InitKind.of("OLoRA") == InitKind("olora", "olora")
+    assert InitKind.of("pissa_niter_16") == InitKind("pissa_niter_16", "pissa", 16)
+    with pytest.raises(ConfigError, match=r"init_lora_weights must be True, False, one of"):
+        InitKind.of("kaiming")
+
+
 # "Gaussian" left this list: PEFT reads "gaussian" case-insensitively (see test_init_lora_weights_case).
 @pytest.mark.parametrize("value", ["kaiming", "", "pissa16", None, 1, 0, ["pissa"]])
 def test_init_lora_weights_unknown(value):

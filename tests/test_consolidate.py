@@ -399,6 +399,19 @@ def test_mismatching_hf_model_says_which(run, hf_dirs, tmp_path, change, match) 
     _fails(ckpt, str(tmp_path / "out"), match, hf_model_dir=str(hf))
 
 
+def test_all_linear_config_is_checked_against_the_hf_layers(run, hf_dirs, tmp_path) -> None:
+    """The layer-count check applies PEFT's targeting rule (dist_lora.targeting.is_targeted),
+    "all-linear" included: an all-linear adapter on 2 layers does not fit a 3-layer HF model."""
+    ckpt = _copy(run("llama_tp2")[0], tmp_path)
+    _edit_config(ckpt, target_modules="all-linear")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    config = json.load(open(os.path.join(hf_dirs["llama"], "config.json")))
+    (hf / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    _fails(ckpt, str(tmp_path / "out"), r"adapters stop at layer 1 although its config targets layer 2 too",
+           hf_model_dir=str(hf))
+
+
 def test_fused_qkv_needs_the_hf_model(run, tmp_path) -> None:
     _fails(run("llama_tp2")[0], str(tmp_path / "out"), r"linear_qkv.*pass the HF model directory \(--hf-model")
 

@@ -458,6 +458,16 @@ def test_unsupported_peft_features_are_refused(setup, tmp_path, case, fields, ma
         translate_peft_adapter(adapter_dir, setup["hf"]["llama"])
 
 
+def test_targets_follow_peft_full_name_rule(setup, tmp_path) -> None:
+    """PEFT 0.21 targets a module named in full in target_modules whatever layers_to_transform
+    says: the loader's check of the file against its config applies PEFT's rule
+    (dist_lora.targeting.is_targeted with full_name_skips_layers)."""
+    fields = dict(target_modules=["q_proj", "model.layers.1.self_attn.v_proj"], layers_to_transform=[0])
+    adapter_dir, _ = _make_peft_adapter(setup["hf"]["llama"], tmp_path / "a", **fields)
+    translated = translate_peft_adapter(adapter_dir, setup["hf"]["llama"])
+    assert list(translated.modules) == [f"decoder.layers.{i}.self_attention.linear_qkv" for i in range(2)]
+
+
 @pytest.mark.parametrize(
     "overrides,match",
     [

@@ -396,3 +396,47 @@ def test_no_match_names_the_layers_pattern(models):
     with pytest.raises(ConfigError, match=r"matched no module of LlamaForCausalLM \(with layers_to_transform=\[0\], "
                                           r"layers_pattern='h'\)"):
         find_targets(models["llama"], LoraConfig(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="h"))
+
+
+# --- the name-level rule (is_targeted) against PEFT's check_target_module_exists ----------------
+
+NAMES = [
+    "lm_head",
+    "model.embed_tokens",
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.1.self_attn.q_proj",
+    "model.layers.1.self_attn.v_proj",
+    "model.layers.12.mlp.down_proj",
+    "model.layers.0.mlp",
+    "model.layers.0.mlp.up_proj",
+    "model.my_lm_head",
+    "transformer.h.1.attn.c_attn",
+]
+NAME_CASES = [
+    dict(target_modules=["q_proj", "down_proj"]),
+    dict(target_modules=r".*\.(q|v)_proj"),
+    dict(target_modules=["q_proj", "v_proj"], exclude_modules=["layers.1.self_attn.q_proj"]),
+    dict(target_modules=["q_proj", "down_proj"], exclude_modules=r".*\.1\..*"),
+    dict(target_modules=["q_proj", "down_proj", "c_attn"], layers_to_transform=[1, 12]),
+    dict(target_modules=["q_proj", "lm_head", "embed_tokens"], layers_to_transform=0),
+    dict(target_modules=["q_proj", "model.layers.1.self_attn.v_proj"], layers_to_transform=[0]),
+    dict(target_modules=["q_proj", "c_attn"], layers_to_transform=[1], layers_pattern=["h", "layers"]),
+    dict(target_modules=["q_proj", "up_proj", "lm_head"], modules_to_save=["mlp", "lm_head"]),
+    dict(target_modules=["q_proj", "up_proj"], modules_to_save=["layers.0.mlp"]),
+]
+
+
+@pytest.mark.parametrize("kwargs", NAME_CASES, ids=[str(i) for i in range(len(NAME_CASES))])
+def test_name_level_rule_matches_peft(kwargs):
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from dist_lora.targeting import is_targeted
+
+    ours_config, theirs_config = LoraConfig(**kwargs), peft.LoraConfig(**kwargs)
+    for name in NAMES:
+        theirs = bool(check_target_module_exists(theirs_config, name))
+        ours_peft = is_targeted(ours_config, name, ours_config.target_modules, full_name_skips_layers=True)
+        assert ours_peft == theirs, name
+        if not (isinstance(kwargs["target_modules"], list) and name in kwargs["target_modules"]):
+            # injection differs from PEFT only where a full name bypasses layers_to_transform
+            assert is_targeted(ours_config, name, ours_config.target_modules) == theirs, name

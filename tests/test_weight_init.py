@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dist_lora import LoraConfig, get_lora_model
-from dist_lora.init import weight_driven_factors
+from dist_lora.factors import weight_driven_factors
 from dist_lora.layers import LoraLayer
 from tests import hf_models
 from tests.harness import run_distributed
@@ -185,7 +185,7 @@ def test_subtract_mutated_init_applies_to_original_model_with_peft(tmp_path, ini
 
     from peft.utils import set_peft_model_state_dict
 
-    from dist_lora.init import converted_config
+    from dist_lora.checkpoint.conversion import converted_config
 
     config = _cfg(init, use_rslora=use_rslora)
     ours = get_lora_model(hf_models.tiny_llama(), config, seed=0)

@@ -69,6 +69,7 @@ from ..bridges import (
     hf_module_names,
     incomplete_adapter,
     is_megatron_name,
+    layer_module_name,
     megatron_features,
     parse_hf_config,
     read_hf_config,
@@ -80,6 +81,7 @@ from ..io import AtomicDirectory, DirectoryNotEmptyError, paths_overlap
 from ..layers.base import LoraLayer
 from ..layers.embedding import FACTOR_KEYS as EMBEDDING_FACTOR_KEYS
 from ..replication import expand_ranges, replicate_layers
+from ..targeting import MEGATRON_GPT_DEFAULT_TARGETS, is_targeted
 from .manifest import MANIFEST, read_adapter_config, read_manifest
 from .peft_format import PREFIX, WEIGHTS_NAME
 from .pieces import Scratch, ShardFiles, StoredTensor, assemble, check_coverage, index_tensors
@@ -89,8 +91,6 @@ from .training import complete_checkpoints, latest_checkpoint
 FORMATS = ("peft", "megatron")
 LORA_SUFFIXES = (*LoraLayer.factor_keys, "lora_B.bias", "lora_magnitude_vector", *EMBEDDING_FACTOR_KEYS)
 A_SUFFIXES = (LoraLayer.factor_keys[0], EMBEDDING_FACTOR_KEYS[0])  # A [r, in] of a linear layer / an embedding
-# Init methods that change the base weights: the adapter is only valid with those weights.
-_BASE_CHANGING_INIT = ("olora", "pissa", "corda", "loftq")
 
 
 class ConsolidationError(ConfigError):
@@ -230,15 +230,15 @@ def _consolidate(
     manifest = _read_manifest(checkpoint_dir, verify)
     config = _read_config(checkpoint_dir)
     sources = _sources(checkpoint_dir, manifest)
-    init = config.init_lora_weights
-    if not allow_base_changing and isinstance(init, str) and init.startswith(_BASE_CHANGING_INIT):
+    kind = config.init_kind
+    if not allow_base_changing and kind.rewrites_base:
         hint = (
             " Pass the checkpoint saved before training as initial_checkpoint_dir (--initial) to release it "
             "as a plain LoRA adapter of rank 2r."
-            if init.startswith(("pissa", "olora", "corda")) else ""
+            if kind.convertible else ""
         )
         raise ConsolidationError(
-            f"init_lora_weights={init!r} changes the base weights during training; such an adapter is only "
+            f"init_lora_weights={kind.value!r} changes the base weights during training; such an adapter is only "
             f"valid on those changed weights.{hint}"
         )
 
@@ -377,8 +377,6 @@ def _layer_sub(module: str) -> Optional[str]:
 
 def _check_geometry(sources: dict[str, Source], arch: HFLlamaArch, config: LoraConfig, hf_model_dir: str) -> None:
     """Compare the HF config with the shapes in the checkpoint; the error says which field."""
-    from ..targeting import MEGATRON_GPT_DEFAULT_TARGETS, _name_matches, layer_index
-
     problems: dict[str, str] = {}
     num_layers = _expanded_layers(config, arch.num_layers, hf_model_dir)
     layers = sorted({layer for s in sources.values() if (layer := _layer_of(s.module)) is not None})
@@ -393,7 +391,7 @@ def _check_geometry(sources: dict[str, Source], arch: HFLlamaArch, config: LoraC
             layer
             for layer in range(layers[-1] + 1, num_layers)
             for sub in subs
-            if _targets(config, spec, f"decoder.layers.{layer}.{sub}", _name_matches, layer_index)
+            if is_targeted(config, layer_module_name(layer, sub), spec)
         ]
         if wanted:
             problems["num_hidden_layers"] = (
@@ -449,16 +447,6 @@ def _expanded_layers(config: LoraConfig, num_layers: int, hf_model_dir: str) -> 
         return len(expand_ranges(config.layer_replication, num_layers))
     except ConfigError as e:
         raise ConsolidationError(f"the HF model at {hf_model_dir} does not fit the checkpoint's {e}") from None
-
-
-def _targets(config: LoraConfig, spec: Any, name: str, name_matches: Any, layer_index: Any) -> bool:
-    if config.exclude_modules and name_matches(config.exclude_modules, name):
-        return False
-    if not name_matches(spec, name):
-        return False
-    layers = config.layers_to_transform
-    layers = [layers] if isinstance(layers, int) else (layers or None)
-    return layers is None or layer_index(name, config.layers_pattern) in layers
 
 
 def _megatron_to_hf(sources: dict[str, Source], arch: Optional[HFLlamaArch]) -> list[tuple[Source, list[Output]]]:

@@ -26,30 +26,20 @@ import torch
 
 from ..config import ConfigError, LoraConfig
 from ..io import atomic_path
-
-# init_lora_weights values whose adapters convert; LoftQ's base is quantised, not W - s·B0·A0.
-CONVERTIBLE_INITS = ("pissa", "olora", "corda")
-# init_lora_weights values that rewrite the base weight when the adapter is created ("pissa_niter_<N>" too).
-BASE_CHANGING_INITS = CONVERTIBLE_INITS + ("loftq",)
-
-
-def changes_base_weight(init) -> bool:
-    """Whether ``init_lora_weights`` rewrites the base weight when an adapter is created
-    (PiSSA / OLoRA / CorDA: W - s·B0·A0; LoftQ: its quantised weight). A saved, unconverted
-    adapter of such an init computes the trained function only on a base rewritten the same way."""
-    return isinstance(init, str) and init.startswith(BASE_CHANGING_INITS)
-
+from .peft_format import WEIGHTS_NAME, read_adapter_file
 
 class ConversionError(ConfigError):
     """The trained and initial adapters do not describe one PiSSA/OLoRA/CorDA run."""
 
 
 def check_convertible(config: LoraConfig) -> None:
-    """Raise unless an adapter trained with ``config`` can be released as plain LoRA."""
-    init = config.init_lora_weights
-    if not (isinstance(init, str) and init.startswith(CONVERTIBLE_INITS)):
+    """Raise unless an adapter trained with ``config`` can be released as plain LoRA
+    (:attr:`InitKind.convertible <dist_lora.config.InitKind.convertible>`; LoftQ's base is
+    quantised, not W - s·B0·A0)."""
+    if not config.init_kind.convertible:
         raise ConversionError(
-            f"only PiSSA / OLoRA / CorDA adapters convert to plain LoRA, this one has init_lora_weights={init!r}."
+            "only PiSSA / OLoRA / CorDA adapters convert to plain LoRA, this one has "
+            f"init_lora_weights={config.init_lora_weights!r}."
         )
     if config.use_dora:
         raise ConversionError(
@@ -123,8 +113,6 @@ def convert_adapter_dir(
     must be a convertible init. The written config is ``trained_dir``'s with r and alpha
     doubled as in :func:`converted_config`."""
     from safetensors.torch import save_file
-
-    from .peft_format import WEIGHTS_NAME, read_adapter_file
 
     trained_config = LoraConfig.from_pretrained(trained_dir)
     initial_config = LoraConfig.from_pretrained(initial_dir)

@@ -77,10 +77,9 @@ def consolidate_deepspeed(
     except DeepSpeedCheckpointError as e:
         raise cons.ConsolidationError(str(e)) from None
     lora_config = _load_config(config, checkpoint_dir, checkpoint.dir)
-    init = lora_config.init_lora_weights
-    if isinstance(init, str) and init.startswith(cons._BASE_CHANGING_INIT):
+    if lora_config.init_kind.rewrites_base:
         raise cons.ConsolidationError(
-            f"init_lora_weights={init!r} changes the base weights during training; such an "
+            f"init_lora_weights={lora_config.init_lora_weights!r} changes the base weights during training; such an "
             "adapter cannot be released as a plain LoRA file for the original model."
         )
     hf_modules = set(cons._hf_modules(hf_model_dir, lora_config.layer_replication)) if hf_model_dir else None

@@ -23,7 +23,6 @@ from ..io import atomic_path
 from ..layers.base import LoraLayer
 from ..layers.embedding import SAVED_BASE_WEIGHT, LoraEmbedding
 from ..modules_to_save import ModulesToSaveWrapper
-from .conversion import changes_base_weight, converted_config, mutated_to_plain
 
 if TYPE_CHECKING:
     from ..model import LoraModel
@@ -99,6 +98,8 @@ def save_adapter(
         raise ValueError(f"adapter {adapter!r} has uninitialised (meta) tensors; load weights before saving.")
     config = model.peft_config[adapter]
     if initial_dir is not None:
+        from .conversion import converted_config, mutated_to_plain  # conversion imports this module
+
         config = converted_config(config)
         initial = read_adapter_file(os.path.join(initial_dir, WEIGHTS_NAME))
         tensors = {k: v.contiguous() for k, v in mutated_to_plain(tensors, initial).items()}
@@ -149,7 +150,7 @@ def load_adapter(
     check_reproducible(model, config, directory)
     tensors = read_adapter_file(os.path.join(directory, WEIGHTS_NAME))  # fail before touching the model
     with model.rollback_on_error():
-        redo_init = changes_base_weight(config.init_lora_weights)
+        redo_init = config.init_kind.rewrites_base
         model.add_adapter(adapter, config, low_cpu_mem_usage=not redo_init, autocast_adapter_dtype=autocast_adapter_dtype)
         assign_tensors(model, tensors, adapter, source=directory)
     if not is_trainable:
@@ -194,7 +195,7 @@ def check_reproducible(model: torch.nn.Module, config: LoraConfig, directory: st
             "CKPT OUT --initial INITIAL_CKPT`). Or run dist_lora.init.preprocess_corda(model, config, run_model) "
             "on this model with the training data first, as PEFT requires."
         )
-    if isinstance(init, str) and init.startswith("pissa_niter_"):
+    if config.init_kind.niter is not None:
         warnings.warn(
             f"{source}: init_lora_weights={init!r} is redone to rewrite the base weight; on a layer that is not "
             "tensor parallel its randomised SVD reproduces the trained model's base only with the seed and adapter "

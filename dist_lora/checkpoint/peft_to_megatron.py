@@ -70,6 +70,7 @@ from ..bridges import (
 from ..config import ConfigError, LoraConfig, explicit_pattern
 from ..layers.math import lora_scaling
 from ..naming import global_module_name
+from ..targeting import HF_DEFAULT_TARGETS, is_targeted
 from .peft_format import PREFIX, WEIGHTS_NAME, read_adapter_file, resolve_parameter, set_tensor
 
 if TYPE_CHECKING:
@@ -80,8 +81,6 @@ LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias")
 # the model-level ones (embedding, head), which the loader refuses.
 _LAYER_LINEARS = DEFAULT_MODULES.hf_layer_linears()
 _TOP_LEVEL = DEFAULT_MODULES.hf_model_linears()
-# Init methods that change the base weights: such an adapter is only valid with those weights.
-_BASE_CHANGING_INIT = ("olora", "pissa", "corda", "loftq")
 
 
 class PeftToMegatronError(ConfigError):
@@ -184,10 +183,9 @@ def _read_config(adapter_dir: str) -> LoraConfig:
         raise PeftToMegatronError(
             f"{adapter_dir}: DoRA adapters (use_dora=True) are not supported by the megatron loader."
         )
-    init = config.init_lora_weights
-    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INIT):
+    if config.init_kind.rewrites_base:
         raise PeftToMegatronError(
-            f"{adapter_dir}: init_lora_weights={init!r} changes the base weights; this adapter is only valid "
+            f"{adapter_dir}: init_lora_weights={config.init_lora_weights!r} changes the base weights; this adapter is only valid "
             "with those changed weights (convert it to a plain LoRA with PEFT's "
             "path_initial_model_for_weight_conversion first)."
         )
@@ -293,29 +291,17 @@ def _check_targets(config: LoraConfig, arch: HFLlamaArch, present: set[str], ada
     """The modules PEFT would give an adapter (its matching rules on the HF model's names) must
     be exactly the modules with tensors in the file: PEFT leaves a targeted module without
     tensors at its init, and silently ignores tensors of modules it does not target."""
-    from ..targeting import ALL_LINEAR, HF_DEFAULT_TARGETS, _name_matches, layer_index
-
     spec = config.target_modules
     if spec is None:
         spec = HF_DEFAULT_TARGETS.get(arch.model_type)
     if spec is None:  # pragma: no cover - every supported architecture has PEFT defaults
         raise PeftToMegatronError(f"{adapter_dir}: target_modules is not set.")
-    all_linear = isinstance(spec, str) and spec.lower() == ALL_LINEAR
-    layers = config.layers_to_transform
-    layers = [layers] if isinstance(layers, int) else (layers or None)
-    candidates = [f"model.layers.{i}.{sub}" for i in range(arch.num_layers) for sub in _LAYER_LINEARS]
-    targeted = set()
-    for name in candidates + list(_TOP_LEVEL):
-        if config.exclude_modules and _name_matches(config.exclude_modules, name):
-            continue
-        if all_linear:
-            if name in _TOP_LEVEL:
-                continue
-        elif not _name_matches(spec, name):
-            continue
-        if layers is not None and name not in _TOP_LEVEL and layer_index(name, config.layers_pattern) not in layers:
-            continue
-        targeted.add(name)
+    candidates = [layer_module_name(i, sub, HF_LAYERS) for i in range(arch.num_layers) for sub in _LAYER_LINEARS]
+    targeted = {  # "all-linear" takes neither the output head nor the embedding
+        name
+        for name in candidates + list(_TOP_LEVEL)
+        if is_targeted(config, name, spec, all_linear_takes=name not in _TOP_LEVEL, full_name_skips_layers=True)
+    }
     top = sorted(targeted & set(_TOP_LEVEL))
     if top:
         raise PeftToMegatronError(

@@ -34,15 +34,16 @@ Tensor parallelism (megatron activations are [seq, batch, hidden]; tokens are fl
       for block j are this rank's. Memory per rank: C and Ĉ⁻¹ in² fp64 each, G out² fp64,
       one out × in_j block in flight.
   Neither gathers the weight. The eigenvectors are broadcast from the TP group's first rank
-  (deterministic signs, :func:`dist_lora.init.weight_driven._eigen_range`), so replicated
+  (deterministic signs, :func:`dist_lora.factors.weight_driven.eigen_range`), so replicated
   factors are bit-identical; the Gram route squares the condition number of W Ĉ, which for
   fp32 weights in fp64 costs nothing visible in the kept values (ipm) and little in the
   smallest k (kpm) unless W Ĉ is nearly singular.
   Data parallelism: covariances and call counts are summed over the data-parallel group.
 
 Unsharded nn.Linear / Conv1D layers use PEFT's exact fp32 calls (torch.linalg.svd of W Ĉ).
-The decomposition and the factors are in :mod:`.corda_math`; this module has the data pass,
-the files and the entry point.
+The decomposition and the factors are in :mod:`dist_lora.factors.corda_math`; this module has
+the data pass, the files and the entry point (the check that every target holds its data
+before ``get_lora_model`` is :mod:`dist_lora.layers.init_checks`).
 
 Files: ``covariance_file`` holds {module name: C}, ``cache_file`` holds
 {"<module name>.eigens.S_WC" / "U_WC" / "V_WC": full (TP-gathered) tensors}, PEFT's keys, so a
@@ -54,9 +55,9 @@ Hugging Face model, the same as PEFT's).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -64,11 +65,16 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, CordaConfig, LoraConfig
+from ..factors.checks import check_rank_fits
+from ..factors.corda_math import CordaEigens, check_stored, dense_corda_eigens, sharded_corda_eigens
+from ..io import atomic_path
+from ..layers.kinds import LinearGeometry, base_module, linear_geometry
+from ..naming import global_module_name
 from ..parallel import tp, zero
-from .corda_math import CordaEigens, dense_corda_eigens, sharded_corda_eigens
 from ..parallel.collectives import all_gather, all_reduce, broadcast_from_first, data_parallel_group
 from ..parallel.setup import is_rank0, pipeline_group
 from ..parallel.zero_forward import check_forward_ready
+from ..targeting import find_targets
 
 logger = logging.getLogger(__name__)
 
@@ -78,54 +84,11 @@ CORDA_METHODS = ("ipm", "kpm")
 # --- layer geometry -------------------------------------------------------------------------
 
 
-@dataclass
-class _Geometry:
-    layout: Optional[str]  # "column", "row" or None (unsharded Linear / Conv1D)
-    group: object
-    rank: int
-    size: int
-    stride: int
-    in_features: int  # global
-    out_features: int
-    sequence_parallel: bool
-
-    def weight(self, module: nn.Module) -> torch.Tensor:
-        """The local weight as [out(_i), in(_i)] (under ZeRO-3: call inside ``zero.gathered``)."""
-        from ..layers.linear import is_conv1d
-
-        w = module.weight
-        return w.t() if is_conv1d(module) else w
-
-    def local_shape(self, module: nn.Module) -> tuple[int, int]:
-        """(out(_i), in(_i)) of the local weight, from ZeRO-3's full shape when partitioned."""
-        from ..layers.linear import is_conv1d
-
-        shape = tuple(zero.full_shape(module.weight))
-        return (shape[1], shape[0]) if is_conv1d(module) else (shape[0], shape[1])
-
-
-def _base(module: nn.Module) -> nn.Module:
-    from ..layers.base import LoraLayer
-
-    return module.base_layer if isinstance(module, LoraLayer) else module
-
-
-def _geometry(module: nn.Module) -> _Geometry:
-    from ..layers.linear import is_conv1d
-    from ..targeting import parallel_linear_kind
-
-    kind = parallel_linear_kind(module)
-    if kind is None:
-        shape = zero.full_shape(module.weight)  # ZeRO-3: .shape is the empty local piece
-        out_f, in_f = (shape[1], shape[0]) if is_conv1d(module) else (shape[0], shape[1])
-        return _Geometry(None, None, 0, 1, 1, in_f, out_f, False)
-    group = tp.tp_group_of(module)
-    rank, size = tp.group_rank_size(group)
-    stride = tp.partition_stride(module.weight)
-    if kind == "row" and stride != 1:
+def _geometry(module: nn.Module) -> LinearGeometry:
+    geometry = linear_geometry(module)
+    if geometry.layout == "row" and geometry.stride != 1:
         raise NotImplementedError("CorDA on a strided row-parallel weight is not supported.")
-    sp = bool(getattr(module, "sequence_parallel", False)) and size > 1
-    return _Geometry(kind, group, rank, size, stride, module.input_size, module.output_size, sp)
+    return geometry
 
 
 # --- the data pass ----------------------------------------------------------------------------
@@ -134,7 +97,7 @@ def _geometry(module: nn.Module) -> _Geometry:
 class _Accumulator:
     """Sums X̂ᵀX̂ (or this rank's row block of it) over forward calls of one layer."""
 
-    def __init__(self, geometry: _Geometry, half: bool) -> None:
+    def __init__(self, geometry: LinearGeometry, half: bool) -> None:
         self.g = geometry
         self.half = half
         self.cov: Optional[torch.Tensor] = None
@@ -193,9 +156,6 @@ class _Accumulator:
 def _collect_covariances(
     model: nn.Module, names: list[str], config: LoraConfig, run_model: Callable[[], None], hooked_model: Optional[nn.Module]
 ) -> dict[str, torch.Tensor]:
-    from ..naming import global_module_name
-    from ..targeting import find_targets
-
     corda = config.corda_config
     hooked = model if hooked_model is None else hooked_model
     hooked_names = {global_module_name(hooked, n): n for n in find_targets(hooked, config, allow_empty=True)}
@@ -204,7 +164,7 @@ def _collect_covariances(
         key = global_module_name(model, name)
         if key not in hooked_names:
             raise ValueError(f"CorDA: hooked_model has no target module {key!r}; it must have the same target modules as model.")
-        module = _base(hooked.get_submodule(hooked_names[key]))
+        module = base_module(hooked.get_submodule(hooked_names[key]))
         acc = _Accumulator(_geometry(module), corda.use_float16_for_covariance)
         accumulators[key] = acc
         handles.append(module.register_forward_hook(acc))
@@ -245,8 +205,6 @@ def load_tensor_file(path: str, what: str) -> dict[str, torch.Tensor]:
 
 def _save_tensor_file(path: str, data: dict[str, torch.Tensor]) -> None:
     """Gather every rank's entries on global rank 0 and write them there (atomically)."""
-    from ..io import atomic_path
-
     if dist.is_initialized() and dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(data, parts, dst=0)
@@ -265,7 +223,7 @@ def _save_tensor_file(path: str, data: dict[str, torch.Tensor]) -> None:
         dist.barrier()
 
 
-def _writes_shared_entries(g: _Geometry) -> bool:
+def _writes_shared_entries(g: LinearGeometry) -> bool:
     """Whether this rank contributes a layer's (replicated) entries to a file: TP rank 0 of
     data-parallel rank 0."""
     group = data_parallel_group()
@@ -296,21 +254,17 @@ def preprocess_corda(
     gets ``corda_eigens`` (this rank's shard; see the module docstring for the memory cost).
     Everything is validated before any module is touched.
     """
-    from ..naming import global_module_name
-    from ..targeting import find_targets
-
     corda = lora_config.corda_config or CordaConfig()
     if corda.corda_method not in CORDA_METHODS:
         raise ConfigError(f"CordaConfig.corda_method must be 'ipm' or 'kpm', got {corda.corda_method!r}.")
     lora_config = _with_corda(lora_config, corda)
     names = find_targets(model, lora_config, allow_empty=_pipelined())
     keys = [global_module_name(model, n) for n in names]
-    modules = [_base(model.get_submodule(n)) for n in names]
+    modules = [base_module(model.get_submodule(n)) for n in names]
     geometries = [_geometry(m) for m in modules]
     ranks = [lora_config.rank_for(k) for k in keys]
     for key, g, r in zip(keys, geometries, ranks):
-        if r > min(g.in_features, g.out_features):
-            raise ValueError(f"CorDA needs r <= min(in_features, out_features) = {min(g.in_features, g.out_features)} on {key!r}, got r={r}.")
+        check_rank_fits(r, g.in_features, g.out_features, "corda", key)
 
     if _existing(corda.cache_file):
         cache = load_tensor_file(corda.cache_file, "cache_file")
@@ -353,8 +307,6 @@ def preprocess_corda(
 def _with_corda(config: LoraConfig, corda: CordaConfig) -> LoraConfig:
     if config.corda_config is corda:
         return config
-    import copy
-
     config = copy.copy(config)
     config.corda_config = corda
     return config
@@ -364,24 +316,15 @@ def _pipelined() -> bool:
     return pipeline_group() is not None
 
 
-def _covariance_from_file(data: dict, key: str, g: _Geometry) -> torch.Tensor:
+def _covariance_from_file(data: dict, key: str, g: LinearGeometry) -> torch.Tensor:
     if key not in data:
         raise ValueError(f"CorDA covariance_file has no entry for {key!r} (it has {sorted(data)[:8]}...); was it built for another model?")
     cov = data[key]
-    _check_stored(cov, (g.in_features, g.in_features), f"CorDA covariance_file entry {key!r}", "was it built for another model?")
+    check_stored(cov, (g.in_features, g.in_features), f"CorDA covariance_file entry {key!r}", "was it built for another model?")
     return cov.float()
 
 
-def _check_stored(t: torch.Tensor, shape: tuple, what: str, fix: str) -> None:
-    """Refuse a stored CorDA tensor (covariance or factor) of the wrong shape, saying how to
-    fix it, or one holding NaN/Inf."""
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{what} has shape {tuple(t.shape)}, expected {shape}; {fix}")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{what} holds NaN or Inf.")
-
-
-def _eigens_from_cache(cache: dict, key: str, g: _Geometry, r: int) -> CordaEigens:
+def _eigens_from_cache(cache: dict, key: str, g: LinearGeometry, r: int) -> CordaEigens:
     want = {"U_WC": (g.out_features, r), "S_WC": (r,), "V_WC": (g.in_features, r)}
     full = {}
     for field, shape in want.items():
@@ -389,7 +332,7 @@ def _eigens_from_cache(cache: dict, key: str, g: _Geometry, r: int) -> CordaEige
         if name not in cache:
             raise ValueError(f"CorDA cache_file has no {name!r}; was it built for another model?")
         t = cache[name]
-        _check_stored(t, shape, f"CorDA cache_file {name!r}", "was it built for another model or another rank r?")
+        check_stored(t, shape, f"CorDA cache_file {name!r}", "was it built for another model or another rank r?")
         full[field] = t.float()
     u, v = full["U_WC"], full["V_WC"]
     if g.layout == "column":
@@ -399,7 +342,7 @@ def _eigens_from_cache(cache: dict, key: str, g: _Geometry, r: int) -> CordaEige
     return CordaEigens(u.contiguous(), full["S_WC"].contiguous(), v.contiguous())
 
 
-def _cache_entries(keys: list[str], geometries: list[_Geometry], eigens: list[CordaEigens]) -> dict[str, torch.Tensor]:
+def _cache_entries(keys: list[str], geometries: list[LinearGeometry], eigens: list[CordaEigens]) -> dict[str, torch.Tensor]:
     """Full (TP-gathered) U/S/V of this rank's layers, from the ranks that write them."""
     out = {}
     for key, g, e in zip(keys, geometries, eigens):
@@ -421,29 +364,3 @@ def _progress(items: list, enabled: bool, desc: str):
     except ImportError:
         return items
     return tqdm(items, desc=desc)
-
-
-# --- checks before get_lora_model changes anything ---------------------------------------------
-
-
-def check_corda_ready(model: nn.Module, targets: list[str], config: LoraConfig) -> None:
-    """Every target holds ``corda_eigens`` of the right shapes for its rank."""
-    from ..naming import global_module_name
-
-    for name in targets:
-        module = _base(model.get_submodule(name))
-        key = global_module_name(model, name)
-        e = getattr(module, "corda_eigens", None)
-        if e is None:
-            raise ValueError(
-                f"init_lora_weights='corda': {key!r} has no CorDA data; run "
-                "dist_lora.init.preprocess_corda(model, config, run_model) first."
-            )
-        r = config.rank_for(key)
-        out_local, in_local = _geometry(module).local_shape(module)
-        want = {"u": (out_local, r), "s": (r,), "v": (in_local, r)}
-        for field, shape in want.items():
-            _check_stored(getattr(e, field), shape, f"init_lora_weights='corda': {key!r} CorDA {field}",
-                         "run preprocess_corda with the same model and config (r, rank_pattern, target_modules).")
-        if module.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"init_lora_weights='corda' needs a float32/float16/bfloat16 base weight, {key!r} has {module.weight.dtype}.")

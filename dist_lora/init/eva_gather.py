@@ -37,6 +37,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..layers.parallel import LoraColumnParallelLinear, LoraRowParallelLinear
+
 LAYOUTS = ("replicated", "sequence", "feature")
 
 
@@ -111,8 +113,6 @@ def _rank_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
 
 def layer_layout(layer: torch.nn.Module) -> str:
     """The layout (see the module docstring) of a LoRA layer's input."""
-    from ..layers.parallel import LoraColumnParallelLinear, LoraRowParallelLinear
-
     if isinstance(layer, LoraColumnParallelLinear) and layer.sequence_parallel:
         return "sequence"
     if isinstance(layer, LoraRowParallelLinear) and layer.tp_size > 1 and layer.base_layer.input_is_parallel:

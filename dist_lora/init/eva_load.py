@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from ..config import EvaConfig, explicit_pattern
 from ..layers import math as lm
+from ..naming import global_module_name
 from ..parallel.setup import pipeline_group
 from ..parallel.zero import refuse_registered
 from .eva_ranks import scaled_alpha
@@ -47,7 +48,6 @@ def _pipeline_merge(entries: list) -> list:
 def load_eva_state_dict(model, eva_state_dict: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
     """Set adapter ``adapter_name`` of ``model`` (a LoraModel) from ``eva_state_dict``
     ({module name: A [rank, in_features]}, full, unsharded). Validates every entry first."""
-    from ..naming import global_module_name
 
     refuse_registered(model, "cannot load an EVA state dict")  # A would be re-created, B zeroed
     config = model.peft_config[adapter_name]

@@ -3,6 +3,7 @@ class per kind of base layer."""
 
 from .base import LoraLayer
 from .embedding import LoraEmbedding
-from .linear import LoraLinear, is_conv1d
+from .kinds import is_conv1d
+from .linear import LoraLinear
 
 __all__ = ["LoraEmbedding", "LoraLayer", "LoraLinear", "is_conv1d"]

@@ -13,7 +13,11 @@ from typing import Iterable, NamedTuple, Optional
 import torch
 from torch import nn
 
-from ..init import weight_driven as wd
+from ..config import InitKind, InitValue
+from ..factors.checks import check_base_dtype, check_rank_fits
+from ..factors.corda_math import corda_factors
+from ..factors.loftq import loftq_factors
+from ..factors.weight_driven import weight_driven_factors
 from . import math as lm
 
 
@@ -96,7 +100,7 @@ class LoraLayer(nn.Module):
         r: int,
         lora_alpha: float,
         lora_dropout: float = 0.0,
-        init_lora_weights: lm.InitKind = True,
+        init_lora_weights: InitValue = True,
         use_rslora: bool = False,
         lora_bias: bool = False,
         use_dora: bool = False,
@@ -112,6 +116,7 @@ class LoraLayer(nn.Module):
         """
         if r < 1:
             raise ValueError(f"r must be >= 1, got {r}.")
+        kind = InitKind.of(init_lora_weights)
         dtype = self._adapter_dtype()
         on_meta = device is not None and torch.device(device).type == "meta"
         if on_meta:
@@ -119,15 +124,15 @@ class LoraLayer(nn.Module):
             b = torch.empty(self.out_features, r, device="meta")
             bias = torch.empty(self.out_features, device="meta") if lora_bias else None
         else:
-            a, b, bias = self._init_factors(r, init_lora_weights, seed, lora_bias)
+            a, b, bias = self._init_factors(r, kind.value, seed, lora_bias)
         scaling = lm.lora_scaling(lora_alpha, r, use_rslora)
         residual = None
-        if wd.is_weight_driven(init_lora_weights) and not on_meta:
+        if kind.weight_driven and not on_meta:
             # this rank's parts of A and B, computed from (this rank's shard of) the base weight
-            a, b, residual = self._weight_driven_init(r, scaling, init_lora_weights, seed)
-        elif init_lora_weights in ("corda", "loftq") and not on_meta:
+            a, b, residual = self._weight_driven_init(r, scaling, kind.value, seed)
+        elif kind.rewrites_base and not on_meta:
             # CorDA / LoftQ: this rank's A and B parts and its new base weight shard
-            a, b, residual = self._data_driven_init(r, scaling, init_lora_weights, loftq_config)
+            a, b, residual = self._data_driven_init(r, scaling, kind.method, loftq_config)
         else:
             a, b = self.shard_a(a), self.shard_b(b)
         bias = None if bias is None else self.shard_b(bias)
@@ -148,7 +153,7 @@ class LoraLayer(nn.Module):
         if residual is not None:  # PiSSA/OLoRA/CorDA: W <- W - s·B·A (LoftQ: Q), before DoRA's norm (as PEFT)
             weight = self.base_weight
             weight.data.copy_((residual.t() if self.fan_in_fan_out else residual).to(weight.dtype))
-            if init_lora_weights == "corda":
+            if kind.method == "corda":
                 del self.base_layer.corda_eigens  # used up, as in PEFT
         if use_dora:
             if lora_bias:
@@ -168,7 +173,7 @@ class LoraLayer(nn.Module):
         self._set_requires_grad()
 
     def _init_factors(
-        self, r: int, init: lm.InitKind, seed: int, lora_bias: bool
+        self, r: int, init: InitValue, seed: int, lora_bias: bool
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Full (unsharded) A, B and B's bias from one seed (:func:`lm.init_lora_factors`;
         embedding layers draw them their own way)."""
@@ -178,25 +183,20 @@ class LoraLayer(nn.Module):
         self, r: int, scaling: float, init: str, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """PiSSA / OLoRA: this rank's parts of A and B and of the residual W - s·B·A (fp32;
-        see :mod:`dist_lora.init.weight_driven`). Validates everything before any change."""
-        if r > min(self.in_features, self.out_features):
-            raise ValueError(
-                f"init_lora_weights={init!r} needs r <= min(in_features, out_features) = "
-                f"{min(self.in_features, self.out_features)}, got r={r}."
-            )
+        see :mod:`dist_lora.factors.weight_driven`). Validates everything before any change."""
+        check_rank_fits(r, self.in_features, self.out_features, init)
         weight = self.base_weight
-        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"init_lora_weights={init!r} needs a float32/float16/bfloat16 base weight, got {weight.dtype}.")
+        check_base_dtype(weight.dtype, init)
         return self._weight_driven_factors(weight, r, scaling, init, seed)
 
     def _weight_driven_factors(
         self, weight: torch.Tensor, r: int, scaling: float, init: str, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         weight = weight.t() if self.fan_in_fan_out else weight
-        return wd.weight_driven_factors(weight, r, scaling, init, seed)
+        return weight_driven_factors(weight, r, scaling, init, seed)
 
     def _shard_info(self) -> dict:
-        """How the base weight is split over TP (see :mod:`dist_lora.init.loftq`); none here."""
+        """How the base weight is split over TP (see :mod:`dist_lora.factors.loftq`); none here."""
         return {}
 
     def _data_driven_init(
@@ -205,20 +205,15 @@ class LoraLayer(nn.Module):
         """CorDA (from ``base_layer.corda_eigens``, left by ``preprocess_corda``) or LoftQ:
         this rank's A and B parts and its new base weight shard (fp32)."""
         weight = self.base_weight
-        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"init_lora_weights={init!r} needs a float32/float16/bfloat16 base weight, got {weight.dtype}.")
+        check_base_dtype(weight.dtype, init)
         weight = weight.t() if self.fan_in_fan_out else weight
         if init == "corda":
-            from ..init.corda_math import corda_factors
-
             eigens = getattr(self.base_layer, "corda_eigens", None)
             if eigens is None:
                 raise ValueError("init_lora_weights='corda' needs dist_lora.init.preprocess_corda(model, config, run_model) first.")
             if tuple(eigens.s.shape) != (r,):
                 raise ValueError(f"the CorDA data has rank {eigens.s.shape[0]}, the adapter r={r}; rerun preprocess_corda.")
             return corda_factors(eigens, weight, scaling)
-        from ..init.loftq import loftq_factors
-
         if loftq_config is None:
             raise ValueError("init_lora_weights='loftq' needs loftq_config (a LoftQConfig).")
         return loftq_factors(

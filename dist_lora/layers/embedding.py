@@ -33,29 +33,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, LoraConfig
+from ..config import ConfigError, InitKind, InitValue, LoraConfig
 from ..parallel import zero
 from . import math as lm
 from .base import LoraLayer
+from .kinds import base_module, embedding_kind
 
 # PEFT's saved names of an embedding adapter's (A, B); linear layers save "lora_A.weight" / "lora_B.weight".
 FACTOR_KEYS = ("lora_embedding_A", "lora_embedding_B")
 # What PEFT's save_pretrained adds for a targeted embedding (save_embedding_layers): its base weight.
 SAVED_BASE_WEIGHT = "base_layer.weight"
-SUPPORTED_INITS = (True, False, "gaussian")
-
-
-def embedding_kind(module: nn.Module) -> Optional[str]:
-    """'vocab_parallel' for megatron's VocabParallelEmbedding (and subclasses), 'embedding' for
-    ``nn.Embedding`` (and subclasses, e.g. scaled word embeddings), else None."""
-    for cls in type(module).__mro__:
-        if cls.__name__ == "VocabParallelEmbedding" and cls.__module__.startswith("megatron.core"):
-            return "vocab_parallel"
-    return "embedding" if isinstance(module, nn.Embedding) else None
 
 
 def init_embedding_factors(
-    r: int, num_embeddings: int, embedding_dim: int, init: lm.InitKind, seed: int
+    r: int, num_embeddings: int, embedding_dim: int, init: InitValue, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full fp32 A [r, V] and B [d, r] from one seed (PEFT's embedding init: the update
     starts at zero with A = 0 and a random B; ``init=False`` draws both)."""
@@ -70,19 +61,19 @@ def check_embedding_targets(model: nn.Module, targets: list[str], config: LoraCo
     cannot take (the error names the module and the field)."""
     for name in targets:
         module = model.get_submodule(name)
-        module = module.base_layer if isinstance(module, LoraLayer) else module
+        module = base_module(module)
         if embedding_kind(module) is not None:
             _check_embedding_config(name, module, config.lora_bias, config.init_lora_weights)
 
 
-def _check_embedding_config(where: str, module: nn.Module, lora_bias: bool, init: lm.InitKind) -> None:
+def _check_embedding_config(where: str, module: nn.Module, lora_bias: bool, init: InitValue) -> None:
     what = f"{where}: {type(module).__name__}"
     if lora_bias:
         raise ConfigError(
             f"lora_bias=True is not supported for embedding layers ({what}), as in PEFT; "
             "set lora_bias=False or leave the embedding out of target_modules."
         )
-    if init not in SUPPORTED_INITS:
+    if not InitKind.of(init).seeded:  # True, False, "gaussian": A and B drawn from the seed
         raise ConfigError(
             f"init_lora_weights={init!r} is not supported for embedding layers ({what}): use "
             "True, False or 'gaussian', or leave the embedding out of target_modules (exclude_modules)."
@@ -145,7 +136,7 @@ class LoraEmbedding(LoraLayer):
         _check_embedding_config(f"adapter {adapter_name!r}", self.base_layer, lora_bias, init)
         super().update_layer(adapter_name, *args, **kwargs)
 
-    def _init_factors(self, r: int, init: lm.InitKind, seed: int, lora_bias: bool):
+    def _init_factors(self, r: int, init: InitValue, seed: int, lora_bias: bool):
         a, b = init_embedding_factors(r, self.in_features, self.out_features, init, seed)
         return a, b, None
 

@@ -8,20 +8,12 @@ import warnings
 import torch
 from torch import nn
 
+from ..config import InitKind
 from ..parallel import zero
 from . import math as lm
 from .base import LoraLayer, MergedValues
 from .fused import ColumnParallelLoRA, FusedSpec
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (a linear layer whose weight is stored [in, out])."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
-def is_linear4bit(module: nn.Module) -> bool:
-    """bitsandbytes' Linear4bit (checked by class name: bitsandbytes is optional)."""
-    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+from .kinds import is_conv1d, is_linear4bit
 
 
 class LoraLinear(LoraLayer):
@@ -46,20 +38,21 @@ class LoraLinear(LoraLayer):
 
     def update_layer(self, adapter_name: str, *args, **kwargs) -> None:
         """:meth:`LoraLayer.update_layer`, with the base weight gathered under ZeRO-3 when the
-        init may read it (PiSSA/OLoRA and any other named init but "gaussian", DoRA's norm);
+        init reads it (one that rewrites it, :attr:`InitKind.rewrites_base`, or DoRA's norm);
         rank 0's rewrite of it (e.g. PiSSA/OLoRA's residual) is the one re-partitioned (see
         :mod:`dist_lora.parallel.zero`). Without ZeRO-3 this is the plain call."""
         zero.refuse_registered(self, f"cannot add adapter {adapter_name!r}")
         bound = inspect.signature(LoraLayer.update_layer).bind(self, adapter_name, *args, **kwargs)
         bound.apply_defaults()
         init = bound.arguments["init_lora_weights"]
-        if self.quantized and (bound.arguments["use_dora"] or init not in (True, False, "gaussian")):
+        kind = InitKind.of(init)
+        if self.quantized and (bound.arguments["use_dora"] or not kind.seeded):
             raise NotImplementedError(
                 f"on a bitsandbytes 4-bit base layer only init_lora_weights=True/False/'gaussian' without DoRA is "
                 f"supported, got init_lora_weights={init!r}, use_dora={bound.arguments['use_dora']} (for LoftQ on a "
                 "4-bit model use dist_lora.init.replace_lora_weights_loftq after adding the adapter)."
             )
-        rewrites = isinstance(init, str) and init not in ("gaussian", "eva")  # weight-driven inits may rewrite W
+        rewrites = kind.rewrites_base
         reads = rewrites or bound.arguments["use_dora"]
         device = bound.arguments["device"]
         on_meta = device is not None and torch.device(device).type == "meta"

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-InitKind = Union[bool, str]
+from ..config import InitValue
+
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -44,7 +45,7 @@ def init_lora_factors(
     r: int,
     in_features: int,
     out_features: int,
-    init: InitKind,
+    init: InitValue,
     seed: int,
     lora_bias: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:

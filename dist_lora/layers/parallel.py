@@ -30,8 +30,8 @@ from typing import Optional
 
 import torch
 
+from ..factors import weight_driven as wd
 from ..parallel import grads, tp
-from ..init import weight_driven as wd
 from . import math as lm
 from .base import LoraLayer
 from .fused import ColumnParallelLoRA, FusedSpec, RowParallelLoRA
@@ -65,7 +65,7 @@ class ParallelLoraLayer(LoraLayer):
         self, weight: torch.Tensor, r: int, scaling: float, init: str, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """PiSSA / OLoRA from the shards: Gram-eigh / TSQR over TP (never the full weight on a
-        rank), the same algorithm at every TP size; see :mod:`dist_lora.init.weight_driven`."""
+        rank), the same algorithm at every TP size; see :mod:`dist_lora.factors.weight_driven`."""
         return wd.sharded_weight_driven_factors(
             weight, r, scaling, init, self._layout, self.tp_group, self.tp_rank, self.stride
         )

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from ..parallel.collectives import all_gather, all_reduce
-from .weight_driven import _eigen_range
+from .weight_driven import eigen_range
 
 
 @dataclass
@@ -86,7 +86,7 @@ def sharded_corda_eigens(
         k = min(n_in, out)
         lo, hi = _crop(k, r, method)
         m = w @ fixed
-        v_m, sing = _eigen_range(all_reduce(m.t() @ m, group), lo, hi, group)
+        v_m, sing = eigen_range(all_reduce(m.t() @ m, group), lo, hi, group)
         _check_positive(sing, name)
         u = (m @ v_m) / sing[None, :]
         v = inv @ v_m
@@ -101,7 +101,7 @@ def sharded_corda_eigens(
                 dist.reduce(part, dst=dist.get_global_rank(group, j), group=group)
             if j == rank:
                 m = part
-        u, sing = _eigen_range(all_reduce(m @ m.t(), group), lo, hi, group)
+        u, sing = eigen_range(all_reduce(m @ m.t(), group), lo, hi, group)
         _check_positive(sing, name)
         vh_loc = (u.t() @ m) / sing[:, None]
         vh = torch.cat(all_gather(vh_loc.contiguous(), group), dim=1)
@@ -126,3 +126,12 @@ def corda_factors(eigens: CordaEigens, weight: torch.Tensor, scaling: float) -> 
     a = (eigens.v.float().t() * root[:, None]).contiguous()
     b = (eigens.u.float() * root[None, :]).contiguous()
     return a, b, weight.detach().float() - scaling * (b @ a)
+
+
+def check_stored(t: torch.Tensor, shape: tuple, what: str, fix: str) -> None:
+    """Refuse a stored CorDA tensor (covariance or factor) of the wrong shape, saying how to
+    fix it, or one holding NaN/Inf."""
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{what} has shape {tuple(t.shape)}, expected {shape}; {fix}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what} holds NaN or Inf.")

@@ -16,18 +16,18 @@ megatron parallel layers use :func:`sharded_weight_driven_factors` below.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
+from ..config import InitKind
 from ..parallel.collectives import all_gather, all_reduce, broadcast_from_first
 
-_NITER = re.compile(r"pissa_niter_(\d+)$")
 
-
-def is_weight_driven(init) -> bool:
-    """Whether ``init_lora_weights`` derives the factors from the base weight."""
-    return isinstance(init, str) and (init in ("pissa", "olora") or _NITER.match(init) is not None)
+def _weight_driven_kind(init: str) -> InitKind:
+    """``init`` read as a PiSSA / OLoRA method, or ValueError."""
+    kind = InitKind.of(init)
+    if not kind.weight_driven:
+        raise ValueError(f"init_lora_weights must be 'pissa', 'pissa_niter_<N>' or 'olora', got {init!r}.")
+    return kind
 
 
 @torch.no_grad()
@@ -35,21 +35,19 @@ def weight_driven_factors(
     weight: torch.Tensor, r: int, scaling: float, init: str, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A [r, in], B [out, r], residual W - s·B·A), all fp32, for an [out, in] ``weight``."""
+    kind = _weight_driven_kind(init)
     w = weight.detach().to(torch.float32)
-    if init == "olora":
+    if kind.method == "olora":
         q, rr = torch.linalg.qr(w)
         a, b = rr[:r].contiguous(), q[:, :r].contiguous()
     else:
-        if init == "pissa":
+        if kind.niter is None:
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
             u_r, s_r, vh_r = u[:, :r], s[:r], vh[:r]
         else:
-            match = _NITER.match(init)
-            if match is None:
-                raise ValueError(f"init_lora_weights must be 'pissa', 'pissa_niter_<N>' or 'olora', got {init!r}.")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                u_r, s_r, v_r = torch.svd_lowrank(w, q=r, niter=int(match.group(1)))
+                u_r, s_r, v_r = torch.svd_lowrank(w, q=r, niter=kind.niter)
             vh_r = v_r.t()
         root = torch.sqrt(s_r / scaling)
         a = (root[:, None] * vh_r).contiguous()
@@ -100,10 +98,10 @@ def _fix_signs(vectors: torch.Tensor) -> torch.Tensor:
 
 def _top_eigen(gram: torch.Tensor, r: int, group) -> tuple[torch.Tensor, torch.Tensor]:
     """(vectors [n, r], singular values [r]) of the r largest eigenvalues of a Gram matrix."""
-    return _eigen_range(gram, 0, r, group)
+    return eigen_range(gram, 0, r, group)
 
 
-def _eigen_range(gram: torch.Tensor, start: int, stop: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+def eigen_range(gram: torch.Tensor, start: int, stop: int, group) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenpairs ``start:stop`` of a Gram matrix in descending order of eigenvalue:
     (vectors [n, stop - start], singular values sqrt(eigenvalue) [stop - start]), with
     deterministic signs, broadcast from the group's first rank (bit-identical everywhere)."""
@@ -119,10 +117,11 @@ def sharded_weight_driven_factors(
     shard: torch.Tensor, r: int, scaling: float, init: str, layout: str, group=None, rank: int = 0, stride: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's (A part, B part, residual W_i - s·(B·A)_i), fp32, for a TP weight shard."""
+    kind = _weight_driven_kind(init)
     if layout not in ("column", "row"):
         raise ValueError(f"layout must be 'column' or 'row', got {layout!r}.")
     w = shard.detach().to(torch.float64)
-    if init == "olora":
+    if kind.method == "olora":
         if layout == "column":
             q_loc, r_loc = torch.linalg.qr(w)
             k = r_loc.shape[0]
@@ -141,7 +140,7 @@ def sharded_weight_driven_factors(
             signs[signs == 0] = 1
             q = broadcast_from_first((q * signs[None, :]).contiguous(), group)
             a, b = q.t() @ w, q
-    elif init == "pissa" or _NITER.match(init):
+    else:  # PiSSA, exact whatever pissa_niter_<N> says (see above)
         if layout == "column":
             v, s = _top_eigen(all_reduce(w.t() @ w, group), r, group)
             inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
@@ -154,8 +153,6 @@ def sharded_weight_driven_factors(
             vh_i = inv[:, None] * (u.t() @ w)
             root = torch.sqrt(s / scaling)
             a, b = root[:, None] * vh_i, u * root[None, :]
-    else:
-        raise ValueError(f"init_lora_weights must be 'pissa', 'pissa_niter_<N>' or 'olora', got {init!r}.")
     a, b = a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()
     residual = shard.detach().to(torch.float32) - scaling * (b @ a)
     return a, b, residual
