@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import config as cfg
-from .config import ConfigError, LoraConfig
+from .config import ConfigError, LoraConfig, refuse_unsupported_features
+from .config_rules import import_megatron_core
 from .parallel.zero import gathered
 from .layers import LoraEmbedding, LoraLayer, LoraLinear
 from .layers.embedding import check_embedding_targets
@@ -52,7 +52,7 @@ def make_lora_layer(module: nn.Module, config: LoraConfig) -> LoraLayer:
     kind = parallel_linear_kind(module)
     if kind is None:
         return LoraLinear(module, fan_in_fan_out=config.fan_in_fan_out)
-    core = cfg.import_megatron_core(config.megatron_core or "megatron.core")
+    core = import_megatron_core(config.megatron_core or "megatron.core")
     from .layers.parallel import LoraColumnParallelLinear, LoraRowParallelLinear
 
     runtime = config.runtime_config
@@ -67,7 +67,7 @@ def make_lora_layer(module: nn.Module, config: LoraConfig) -> LoraLayer:
 def _refuse_unsupported(config: LoraConfig) -> None:
     """A config changed after it was built may still ask for a feature dist_lora lacks; an init
     method PEFT knows but dist_lora cannot run yet is refused for a new adapter."""
-    cfg.refuse_unsupported_features(config)
+    refuse_unsupported_features(config)
     if not config.init_kind.supported:
         raise NotImplementedError(
             f"init_lora_weights={config.init_lora_weights!r} is not yet supported by dist_lora; use True, False, "

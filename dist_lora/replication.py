@@ -33,7 +33,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .config import ConfigError, check_layer_replication
+from .config import ConfigError
+from .config_rules import check_layer_replication
 
 # Where the decoder layers live: megatron GPTModel, HF *ForCausalLM (Llama/Qwen2, GPT-2), bare HF models.
 LAYER_STACKS = ("decoder.layers", "model.layers", "transformer.h", "layers", "h")

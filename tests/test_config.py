@@ -24,8 +24,8 @@ from dist_lora.config import (
     LoftQConfig,
     LoraConfig,
     LoraRuntimeConfig,
-    import_megatron_core,
 )
+from dist_lora.config_rules import import_megatron_core
 
 peft = pytest.importorskip("peft")
 
@@ -120,7 +120,7 @@ INIT_KINDS = {
 
 @pytest.mark.parametrize("value", list(INIT_KINDS), ids=str)
 def test_init_kind_classifies_every_peft_init(value):
-    from dist_lora.config import INIT_METHODS, InitKind
+    from dist_lora.init_kind import INIT_METHODS, InitKind
 
     kind = InitKind.of(value)
     flags = (kind.seeded, kind.weight_driven, kind.data_driven, kind.rewrites_base, kind.convertible, kind.supported)

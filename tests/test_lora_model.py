@@ -301,9 +301,9 @@ def test_default_targets_for_known_architecture():
 )
 def test_unsupported_features_raise_not_implemented(kwargs, feature, monkeypatch):
     # every init method is supported now; the refusal mechanism is checked with a pretend-unsupported one
-    from dist_lora import config as cfg
+    from dist_lora import init_kind
 
-    monkeypatch.setattr(cfg, "NOT_YET_SUPPORTED_INIT", (feature,))
+    monkeypatch.setattr(init_kind, "NOT_YET_SUPPORTED_INIT", (feature,))
     base = hf_models.tiny_llama()
     with pytest.raises(NotImplementedError, match=f"(?i){feature}.*not yet supported"):
         get_lora_model(base, _cfg(**kwargs), seed=0)
