@@ -3,7 +3,7 @@
 The public surface follows PEFT's LoraModel/PeftModel name for name (add_adapter, set_adapter,
 delete_adapter, enable/disable_adapter_layers, merge_and_unload, unload, from_pretrained, ...;
 the other PeftModel-level names, e.g. save_pretrained, load_adapter, disable_adapter and the
-status reports, come from :class:`dist_lora.peft_api.PeftModelApi`). It works the same on a
+status reports, come from :class:`dist_lora.peft_methods.PeftModelApi`). It works the same on a
 plain Hugging Face model and on a megatron-core model with tensor/sequence parallelism.
 
 A call that fails hands the model back exactly as it was (:meth:`LoraModel.rollback_on_error`).
@@ -13,106 +13,35 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import os
 from typing import Iterable, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
+from tqdm.auto import tqdm
 
-from .config import ConfigError, LoraConfig, refuse_unsupported_features
-from .config_rules import import_megatron_core
-from .parallel.zero import gathered
-from .layers import LoraEmbedding, LoraLayer, LoraLinear
+from .checkpoint.peft_format import load_adapter
+from .config import LoraConfig
+from .injection import (
+    check_new_adapter,
+    extend_unique,
+    inject,
+    modules_to_save_names,
+    plan_targets,
+    shared_seed,
+    trainable_biases,
+    wrap_modules_to_save,
+)
+from .layers import LoraLayer
 from .layers.embedding import check_embedding_targets
 from .layers.init_checks import check_init_targets
-from .layers.kinds import embedding_kind, parallel_linear_kind
-from .layers import math as lm
-from .merge import MergeError, merge_layers, refuse_replicated_layers
+from .merge import merge_layers, refuse_replicated_layers
 from .modules_to_save import ModulesToSaveWrapper
-from .naming import global_module_name
-from .parallel.setup import pipeline_group
-from .peft_api import PeftModelApi
-from .replication import Replication, replicate_layers
+from .parallel.zero import gathered
+from .peft_methods import PeftModelApi
+from .replication import Replication, materialize, replicate_for_adapter
 from .rollback import ModelSnapshot
-from .targeting import find_targets, is_saved_module
 from .weighting import add_weighted_adapter
-
-
-def make_lora_layer(module: nn.Module, config: LoraConfig) -> LoraLayer:
-    """Wrap ``module`` in the LoRA layer class for its kind."""
-    embedding = embedding_kind(module)
-    if embedding == "embedding":
-        return LoraEmbedding(module)
-    if embedding == "vocab_parallel":
-        from .layers.parallel_embedding import LoraVocabParallelEmbedding
-
-        return LoraVocabParallelEmbedding(module)
-    kind = parallel_linear_kind(module)
-    if kind is None:
-        return LoraLinear(module, fan_in_fan_out=config.fan_in_fan_out)
-    core = import_megatron_core(config.megatron_core or "megatron.core")
-    from .layers.parallel import LoraColumnParallelLinear, LoraRowParallelLinear
-
-    runtime = config.runtime_config
-    comm = dict(tp_comm=runtime.tp_comm, keep_gathered_input=runtime.keep_gathered_input)
-    if kind == "column" and isinstance(module, core.tensor_parallel.ColumnParallelLinear):
-        return LoraColumnParallelLinear(module, **comm)
-    if kind == "row" and isinstance(module, core.tensor_parallel.RowParallelLinear):
-        return LoraRowParallelLinear(module, **comm)
-    raise ConfigError(f"{type(module).__name__} is not a layer of {config.megatron_core}.")
-
-
-def _refuse_unsupported(config: LoraConfig) -> None:
-    """A config changed after it was built may still ask for a feature dist_lora lacks; an init
-    method PEFT knows but dist_lora cannot run yet is refused for a new adapter."""
-    refuse_unsupported_features(config)
-    if not config.init_kind.supported:
-        raise NotImplementedError(
-            f"init_lora_weights={config.init_lora_weights!r} is not yet supported by dist_lora; use True, False, "
-            "'gaussian', 'pissa', 'pissa_niter_<N>', 'olora', 'eva', 'corda' or 'loftq'."
-        )
-
-
-def _find_targets_on_all_stages(model: nn.Module, config: LoraConfig) -> list[str]:
-    """This pipeline stage's targets. A stage may hold none of the targeted layers; only a
-    config that matches nothing on every stage is an error (raised on every stage)."""
-    stages = pipeline_group()
-    if stages is None:
-        return find_targets(model, config)
-    targets = find_targets(model, config, allow_empty=True)
-    count = torch.tensor([len(targets)])
-    dist.all_reduce(count, group=stages)
-    if count.item() == 0:
-        find_targets(model, config)  # raises the no-match error naming the candidates
-    return targets
-
-
-def _shared_seed(seed: Optional[int]) -> int:
-    """The adapter-init seed: given, else ``torch.initial_seed()``; broadcast from rank 0 so
-    that every rank (and so every replica of a replicated factor) initialises identically."""
-    value = torch.initial_seed() if seed is None else seed
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = torch.tensor([value % (1 << 62)], dtype=torch.int64)
-        dist.broadcast(box, src=0)
-        value = int(box.item())
-    return value
-
-
-@dataclasses.dataclass(frozen=True)
-class _Target:
-    """One module an adapter is added to, with everything derived from the config for it."""
-
-    name: str  # in this model (this pipeline stage)
-    global_name: str  # PP-independent: what patterns and seeds see
-    r: int
-    alpha: float
-    seed: int
-
-
-def _extend_unique(names: list[str], new: Iterable[str]) -> None:
-    names.extend(n for n in new if n not in names)
 
 
 class LoraModel(PeftModelApi, nn.Module):
@@ -142,7 +71,7 @@ class LoraModel(PeftModelApi, nn.Module):
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self._active_adapters: list[str] = [adapter_name]
-        self._seed = _shared_seed(seed)  # read through adapter_seed
+        self._seed = shared_seed(seed)  # read through adapter_seed
         self._replication: Optional[Replication] = None  # set by the first adapter with layer_replication
         self.targeted_module_names: list[str] = []  # as PEFT: every adapter's targets, first seen first
         self._snapshots: list[ModelSnapshot] = []  # one per open rollback_on_error block
@@ -183,8 +112,9 @@ class LoraModel(PeftModelApi, nn.Module):
         finally:
             self._snapshots.pop()
 
-    def _keep_weight(self, param: torch.Tensor) -> None:
-        """``param`` is about to be rewritten: every open snapshot records it (one host copy)."""
+    def keep_weight(self, param: torch.Tensor) -> None:
+        """``param`` is about to be rewritten: every open :meth:`rollback_on_error` block records
+        it (one host copy), so a failure puts it back exactly."""
         copy = None
         for snapshot in self._snapshots:
             kept = snapshot.keep_weight(param, copy)
@@ -244,100 +174,22 @@ class LoraModel(PeftModelApi, nn.Module):
         ``autocast_adapter_dtype`` (PEFT's): adapters of a float16/bfloat16 base are kept in
         float32; False keeps them in the base weight's dtype.
         """
-        self._check_new_adapter(adapter_name, config)
+        check_new_adapter(self.peft_config, adapter_name, config)
         config = copy.deepcopy(config)  # never mutate the caller's config
-        with self.rollback_on_error():
-            self._replicate(config)  # layer_replication: expand the stack before targeting
-            targets = self._plan(adapter_name, config)
+        with self.rollback_on_error():  # layer_replication: expand the stack before targeting
+            self._replication = replicate_for_adapter(
+                self.model, self._replication, config.layer_replication, list(self.peft_config)
+            )
+            targets = plan_targets(self.model, adapter_name, config, self._seed)
             check_embedding_targets(self.model, [t.name for t in targets], config)  # lora_bias / inits embeddings cannot take
-            save_names = self._modules_to_save_names(config)
+            save_names = modules_to_save_names(self.model, config)
             if not low_cpu_mem_usage:  # PiSSA/OLoRA/CorDA/LoftQ rewrite base weights: refuse before the first
                 check_init_targets(self.model, [t.name for t in targets], config)
-            self._inject(adapter_name, config, targets, low_cpu_mem_usage, autocast_adapter_dtype)
-            for name in save_names:
-                module = self.model.get_submodule(name)
-                if not isinstance(module, ModulesToSaveWrapper):
-                    module = ModulesToSaveWrapper(module)
-                    self.replace_module(name, module)
-                module.add(adapter_name)
+            inject(self, adapter_name, config, targets, low_cpu_mem_usage, autocast_adapter_dtype)
+            wrap_modules_to_save(self, save_names, adapter_name)
             self.peft_config[adapter_name] = config
-            _extend_unique(self.targeted_module_names, (t.name for t in targets))
+            extend_unique(self.targeted_module_names, (t.name for t in targets))
             self.mark_trainable()
-
-    def _check_new_adapter(self, adapter_name: str, config: LoraConfig) -> None:
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name.")
-        if not isinstance(config, LoraConfig):
-            raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}.")
-        _refuse_unsupported(config)
-        with_bias = [name for name, c in self.peft_config.items() if c.bias != "none"]
-        if config.bias != "none" and with_bias:
-            raise ConfigError(  # PEFT's rule and words: both adapters would train the same base biases
-                f"LoraModel supports only 1 adapter with bias. When using multiple adapters, set bias to 'none' for "
-                f"all adapters (adapter {with_bias[0]!r} has bias={self.peft_config[with_bias[0]].bias!r}, "
-                f"{adapter_name!r} asks for bias={config.bias!r})."
-            )
-
-    def _plan(self, adapter_name: str, config: LoraConfig) -> list[_Target]:
-        """This stage's targets with their rank, alpha and init seed (patterns are applied
-        here, so a bad one fails before any module is touched)."""
-        targets = []
-        for name in _find_targets_on_all_stages(self.model, config):
-            global_name = global_module_name(self.model, name)  # patterns and seeds see global layer indices
-            targets.append(
-                _Target(
-                    name, global_name, config.rank_for(global_name), config.alpha_for(global_name),
-                    lm.init_seed(self._seed, global_name, adapter_name),
-                )
-            )
-        return targets
-
-    def _inject(
-        self, adapter_name: str, config: LoraConfig, targets: list[_Target], low_cpu_mem_usage: bool, autocast: bool
-    ) -> None:
-        device = "meta" if low_cpu_mem_usage else None
-        rewrites = config.init_kind.rewrites_base and not low_cpu_mem_usage
-        for target in targets:
-            layer = self.model.get_submodule(target.name)
-            if not isinstance(layer, LoraLayer):
-                layer = make_lora_layer(layer, config)
-                self.replace_module(target.name, layer)
-            if rewrites:
-                self._keep_weight(layer.base_weight)  # undone exactly if a later layer fails
-            layer.update_layer(
-                adapter_name,
-                r=target.r,
-                lora_alpha=target.alpha,
-                lora_dropout=config.lora_dropout,
-                init_lora_weights=config.init_lora_weights,
-                use_rslora=config.use_rslora,
-                lora_bias=config.lora_bias,
-                use_dora=config.use_dora,
-                seed=target.seed,
-                loftq_config=config.loftq_config or None,
-                device=device,
-            )
-            if not autocast:
-                _cast_to_base_dtype(layer, adapter_name)
-
-    def _replicate(self, config: LoraConfig) -> None:
-        """Apply ``config.layer_replication`` (see :mod:`dist_lora.replication`). Every adapter
-        of a replicated model must give the same ranges."""
-        ranges = config.layer_replication
-        done = None if self._replication is None else self._replication.ranges
-        if ranges == done:
-            return
-        if done is not None:
-            raise ConfigError(
-                f"the model's layers were replicated with layer_replication={done}; an adapter with "
-                f"layer_replication={ranges} cannot be added (every adapter must give the same ranges)."
-            )
-        if self.peft_config:
-            raise ConfigError(
-                f"layer_replication={ranges} must be given by the first adapter: adapters "
-                f"{sorted(self.peft_config)} already sit on the original layers."
-            )
-        self._replication = replicate_layers(self.model, ranges)
 
     def _unreplicate(self) -> None:
         if self._replication is not None:
@@ -348,28 +200,7 @@ class LoraModel(PeftModelApi, nn.Module):
         """Give every replicated layer its own copy of the base weights it shares (copied on
         purpose: the model becomes a dense expanded model whose adapters can be merged).
         Returns the bytes copied (0 without layer_replication)."""
-        from .replication import materialize
-
         return materialize(self.model, self._replication)
-
-    def _modules_to_save_names(self, config: LoraConfig) -> list[str]:
-        if not config.modules_to_save:
-            return []
-        names = []
-        for name, module in self.model.named_modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                module_name = name
-            elif is_saved_module(name, config.modules_to_save):
-                if ".modules_to_save." in name or name.endswith(".original_module") or ".original_module." in name:
-                    continue
-                module_name = name
-            else:
-                continue
-            if is_saved_module(module_name, config.modules_to_save):
-                names.append(module_name)
-        if not names:
-            raise ConfigError(f"modules_to_save={config.modules_to_save!r} matched no module.")
-        return names
 
     def replace_module(self, name: str, new: nn.Module) -> None:
         """Put ``new`` at the dotted module path ``name`` of the wrapped model (a LoRA layer for its
@@ -406,17 +237,7 @@ class LoraModel(PeftModelApi, nn.Module):
             wrapper.set_adapter(active)
         for name in active:
             config = self.peft_config[name]
-            if config.inference_mode or config.bias == "none":
-                continue
-            if config.bias == "all":
-                biases = [p for n, p in self.model.named_parameters() if n.endswith("bias") and "lora_" not in n]
-            else:
-                biases = [
-                    layer.base_layer.bias
-                    for _, layer in self.lora_layers()
-                    if getattr(layer.base_layer, "bias", None) is not None
-                ]
-            for bias in biases:
+            for bias in [] if config.inference_mode else trainable_biases(self.model, config.bias):
                 bias.requires_grad_(True)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -468,18 +289,6 @@ class LoraModel(PeftModelApi, nn.Module):
         for wrapper in self._wrappers():
             wrapper.disabled = not enabled
 
-    # --- parameters ----------------------------------------------------------------------
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts of this rank's part of the model."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
-
     # --- merging -------------------------------------------------------------------------
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
@@ -515,16 +324,10 @@ class LoraModel(PeftModelApi, nn.Module):
 
     def _check_merge_allowed(self) -> None:
         """Replicated layers share base weights: merging is refused until they are materialized."""
-        if self._replication is not None and self._replication.materialized:
-            return
         if self._replication is not None:
-            raise MergeError(
-                f"this model's layers are replicated (layer_replication={self._replication.ranges}): replicas "
-                "share their base weights, so merging would add every replica's adapter to the one shared "
-                "weight. Use merge_and_unload(materialize=True) (or materialize_replicated_layers() first) "
-                "to copy the shared weights into a dense expanded model and merge into that."
-            )
-        refuse_replicated_layers(self.peft_config.values())
+            self._replication.refuse_merge_unless_materialized()
+        else:
+            refuse_replicated_layers(self.peft_config.values())
 
     def unload(self) -> nn.Module:
         """The base model with every LoRA layer replaced by its base layer (no merge)."""
@@ -536,7 +339,7 @@ class LoraModel(PeftModelApi, nn.Module):
                 self.replace_module(name, module.modules_to_save[active] if active else module.original_module)
         return self.model
 
-    # --- loading (saving and the other PeftModel-level names: :mod:`dist_lora.peft_api`) -----
+    # --- loading (saving and the other PeftModel-level names: :mod:`dist_lora.peft_methods`) -----
 
     @classmethod
     def from_pretrained(
@@ -555,8 +358,6 @@ class LoraModel(PeftModelApi, nn.Module):
         directory's adapter_config.json (it is copied, not changed). ``seed`` matters only for
         ``pissa_niter_<N>`` adapters, whose randomised init is redone with it. If anything
         fails, ``model`` is handed back exactly as it was."""
-        from .checkpoint.peft_format import load_adapter
-
         lora_model = cls._without_adapter(model, adapter_name, seed)
         with lora_model.rollback_on_error():
             lora_model._freeze_base()
@@ -565,17 +366,6 @@ class LoraModel(PeftModelApi, nn.Module):
                 autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage,
             )
         return lora_model
-
-
-def _cast_to_base_dtype(layer: LoraLayer, adapter_name: str) -> None:
-    """``autocast_adapter_dtype=False``: the adapter's parameters in the base weight's dtype
-    (PEFT's behaviour; a non-float, e.g. quantised, base keeps float32 adapters)."""
-    dtype = layer.base_weight.dtype
-    if not dtype.is_floating_point:
-        return
-    for store in (getattr(layer, name) for name in layer.adapter_layer_names):
-        if adapter_name in store:
-            store[adapter_name].to(dtype)  # in place: same Parameter objects, markers kept
 
 
 def get_lora_model(
@@ -599,6 +389,4 @@ def get_lora_model(
 def _progress(items: list, enabled: bool, desc: str) -> Iterable:
     if not enabled:
         return items
-    from tqdm.auto import tqdm
-
     return tqdm(items, desc=desc)

@@ -35,6 +35,7 @@ from torch import nn
 
 from .config import ConfigError
 from .config_rules import check_layer_replication
+from .merge import MergeError
 
 # Where the decoder layers live: megatron GPTModel, HF *ForCausalLM (Llama/Qwen2, GPT-2), bare HF models.
 LAYER_STACKS = ("decoder.layers", "model.layers", "transformer.h", "layers", "h")
@@ -132,6 +133,16 @@ class Replication:
         if hasattr(parent, "num_layers_per_pipeline_rank"):
             parent.num_layers_per_pipeline_rank = len(self.original_layers)
 
+    def refuse_merge_unless_materialized(self) -> None:
+        """Replicas share their base weights: a merge is refused until :func:`materialize` ran."""
+        if not self.materialized:
+            raise MergeError(
+                f"this model's layers are replicated (layer_replication={self.ranges}): replicas "
+                "share their base weights, so merging would add every replica's adapter to the one shared "
+                "weight. Use merge_and_unload(materialize=True) (or materialize_replicated_layers() first) "
+                "to copy the shared weights into a dense expanded model and merge into that."
+            )
+
 
 def _stack_config(parent: nn.Module) -> Any:
     """The config that counts the layers: megatron's TransformerBlock.config, HF's model.config."""
@@ -182,6 +193,28 @@ def replicate_layers(model: nn.Module, ranges: Any) -> Replication:
     if hasattr(parent, "num_layers_per_pipeline_rank"):
         parent.num_layers_per_pipeline_rank = len(layers)
     return Replication([list(r) for r in ranges], source, stack_name, original, changed)
+
+
+def replicate_for_adapter(
+    model: nn.Module, done: Optional[Replication], ranges: Any, adapters: list[str]
+) -> Optional[Replication]:
+    """The model's replication once an adapter with ``layer_replication=ranges`` is added next to
+    ``adapters``: ``done`` when the ranges are the same (every adapter of a replicated model must
+    give them), else the stack replicated now (only the first adapter may ask for it)."""
+    done_ranges = None if done is None else done.ranges
+    if ranges == done_ranges:
+        return done
+    if done_ranges is not None:
+        raise ConfigError(
+            f"the model's layers were replicated with layer_replication={done_ranges}; an adapter with "
+            f"layer_replication={ranges} cannot be added (every adapter must give the same ranges)."
+        )
+    if adapters:
+        raise ConfigError(
+            f"layer_replication={ranges} must be given by the first adapter: adapters "
+            f"{sorted(adapters)} already sit on the original layers."
+        )
+    return replicate_layers(model, ranges)
 
 
 @torch.no_grad()

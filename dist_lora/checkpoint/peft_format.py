@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# save_adapter's ``convert``: (config, full tensors) -> (config, tensors) to write
+Convert = Callable[[LoraConfig, dict[str, torch.Tensor]], tuple[LoraConfig, dict[str, torch.Tensor]]]
 
 
 class IncompatibleKeys(NamedTuple):
@@ -39,13 +41,19 @@ class IncompatibleKeys(NamedTuple):
     unexpected_keys: list[str]
 
 
+class PeftWrapper:
+    """A model in PEFT's ``PeftModel`` role (:class:`dist_lora.model.LoraModel` derives from it):
+    its adapter layers are in the model it wraps, ``self.model``, and saved under PEFT's
+    ``base_model.model.`` prefix."""
+
+    model: torch.nn.Module
+
+
 def adapter_root(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     """(module holding the adapter layers, prefix of saved keys): a LoraModel's wrapped model
     under PEFT's ``base_model.model.``; a model with adapters injected into it
     (:func:`dist_lora.inject_adapter_in_model`) itself, with no prefix (as PEFT)."""
-    from ..model import LoraModel  # a real cycle: model -> peft_api -> this module
-
-    return (model.model, PREFIX) if isinstance(model, LoraModel) else (model, "")
+    return (model.model, PREFIX) if isinstance(model, PeftWrapper) else (model, "")
 
 
 def _layer_tensors(layer: LoraLayer, adapter: str) -> dict[str, torch.Tensor]:
@@ -81,12 +89,12 @@ def _tensor_parallel(model: "LoraModel") -> bool:
 
 
 def save_adapter(
-    model: "LoraModel", directory: str | os.PathLike, adapter: str, initial_dir: Optional[str | os.PathLike] = None
+    model: "LoraModel", directory: str | os.PathLike, adapter: str, convert: Optional[Convert] = None
 ) -> None:
     """Write one adapter in PEFT's format. Refuses a tensor-parallel model: its tensors are
-    shards; save a sharded checkpoint and consolidate it instead. With ``initial_dir`` (the
-    adapter as saved before training) a PiSSA/OLoRA/CorDA adapter is written converted to
-    plain LoRA (:mod:`.conversion`)."""
+    shards; save a sharded checkpoint and consolidate it instead. ``convert`` maps (config, full
+    tensors) to what is written (a PiSSA/OLoRA/CorDA adapter released as plain LoRA:
+    ``save_pretrained(path_initial_model_for_weight_conversion=...)``); it runs on every rank."""
     if _tensor_parallel(model):
         raise ValueError(
             "save_pretrained writes one unsharded PEFT file, but this model is tensor parallel. "
@@ -97,12 +105,8 @@ def save_adapter(
     if any(t.is_meta for t in tensors.values()):
         raise ValueError(f"adapter {adapter!r} has uninitialised (meta) tensors; load weights before saving.")
     config = model.peft_config[adapter]
-    if initial_dir is not None:
-        from .conversion import converted_config, mutated_to_plain  # conversion imports this module
-
-        config = converted_config(config)
-        initial = read_adapter_file(os.path.join(initial_dir, WEIGHTS_NAME))
-        tensors = {k: v.contiguous() for k, v in mutated_to_plain(tensors, initial).items()}
+    if convert is not None:
+        config, tensors = convert(config, tensors)
     with zero.single_writer(model) as writes:  # ZeRO-3: rank 0 writes, every rank waits for it
         if writes:
             os.makedirs(directory, exist_ok=True)
