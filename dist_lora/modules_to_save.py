@@ -5,14 +5,13 @@ from __future__ import annotations
 import copy
 from typing import Iterable
 
+import torch.distributed as dist
 from torch import nn
 
 
 def _shared_objects(module: nn.Module) -> dict:
     """A deepcopy memo that keeps process groups (and megatron configs) shared, not copied:
     a megatron parallel layer holds its TP group, which cannot be copied."""
-    import torch.distributed as dist
-
     memo = {}
     for sub in module.modules():
         for value in vars(sub).values():

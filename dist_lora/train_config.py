@@ -41,6 +41,8 @@ from typing import Any, Callable, Optional
 import yaml
 
 from .config import ConfigError, LoraConfig
+from .data import SftSettings
+from .data.records import Fields
 
 LATER_CHECKPOINT_POLICIES = ("move_aside", "refuse")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -73,11 +75,8 @@ class DataSection:
     overlong: str = "drop"
     skip_invalid: bool = False
 
-    def sft_settings(self):
+    def sft_settings(self) -> SftSettings:
         """The instruction-data settings (dist_lora.data.SftSettings) of this section."""
-        from .data import SftSettings
-        from .data.records import Fields
-
         fields = Fields(self.text_field, self.prompt_field, self.completion_field, self.messages_field)
         return SftSettings(self.format, fields, self.seq_len, self.packing, self.train_on_prompt, self.overlong,
                            self.eval_fraction, self.skip_invalid)

@@ -17,6 +17,8 @@ from __future__ import annotations
 from importlib import resources
 from typing import Callable
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from ..config import ConfigError
 
 Render = Callable[[list, bool], str]
@@ -29,8 +31,6 @@ def builtin_chat_template() -> str:
 
 def render_jinja(template: str, messages: list, add_generation_prompt: bool) -> str:
     """Render ``template`` in a sandbox, as transformers renders chat templates."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from ..config import ConfigError
+from ..quiet import quiet_datasets
 
 FORMATS = ("text", "prompt_completion", "messages")
 ROLES = ("system", "user", "assistant", "tool")
@@ -56,9 +57,7 @@ def _files(path: str) -> tuple[str, list[str]]:
 
 def load_records(path: str):
     """The records of ``path`` as a ``datasets.Dataset`` (memory-mapped Arrow)."""
-    import datasets
-
-    from ..quiet import quiet_datasets
+    import datasets  # deferred on purpose: a heavy import (~1 s), needed only for instruction data
 
     builder, files = _files(path)
     quiet_datasets()

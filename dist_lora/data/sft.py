@@ -19,9 +19,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from ..config import ConfigError
+from ..io import atomic_path, atomic_write_text
 from .packing import FIELDS, attention_mask, pack
+from .pipeline import epoch_row
 from .records import Fields, detect_format, load_records, valid_records
 from .samples import IGNORE, Sample, make_sample
 from .tokenizer import Tokenizer, padding_id
@@ -99,8 +104,6 @@ def _fit(samples: list[Sample], settings: SftSettings, path: str) -> tuple[list[
 
 def build_sequences(path: str, tokenizer: Tokenizer, settings: SftSettings, show_progress: bool = True) -> tuple[dict, dict]:
     """({"train.tokens": ..., "eval.labels": ...}, statistics)."""
-    from tqdm.auto import tqdm
-
     data = load_records(path)
     if len(data) == 0:
         raise ConfigError(f"data file {path} holds no records.")
@@ -138,10 +141,6 @@ def cache_key(path: str, tokenizer: Tokenizer, settings: SftSettings) -> str:
 
 
 def _build_into(target: str, path: str, tokenizer: Tokenizer, settings: SftSettings) -> None:
-    from safetensors.torch import save_file
-
-    from ..io import atomic_path, atomic_write_text
-
     error = target + ".error"
     if os.path.exists(error):
         os.remove(error)
@@ -167,8 +166,6 @@ class SftDataset:
     """Packed sequences from the cache file; ``batch`` reads only the rows it returns."""
 
     def __init__(self, file: str) -> None:
-        from safetensors import safe_open
-
         self.file = file
         self._handle = safe_open(file, "pt")
         self.stats = json.loads(self._handle.metadata()["stats"])
@@ -181,8 +178,6 @@ class SftDataset:
         return self.sizes["train"]
 
     def batch(self, split: str, index: int, batch_size: int) -> Batch:
-        from .pipeline import epoch_row
-
         rows = [epoch_row(i, self.sizes[split]) for i in range(index * batch_size, (index + 1) * batch_size)]
         parts = {name: torch.cat([self._handle.get_slice(f"{split}.{name}")[r : r + 1] for r in rows]) for name in FIELDS}
         return Batch(parts["tokens"], parts["labels"], parts["position_ids"], parts["document_ids"])

@@ -12,6 +12,7 @@ dataset with ``sizes`` and ``batch(split, index, batch_size)``.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from importlib import resources
 from typing import Optional
 
@@ -59,8 +60,6 @@ def open_dataset(section, tokenizer: Tokenizer, cache_dir: str) -> PackedDataset
     settings = section.sft_settings()
     path, fmt = resolve(section.path, section.format, settings.fields)
     if fmt != "text":
-        from dataclasses import replace
-
         return load_sft_dataset(path, tokenizer, replace(settings, format=fmt), cache_dir)
     if path.endswith((".txt", ".jsonl")):
         docs = read_documents(path, section.text_field)

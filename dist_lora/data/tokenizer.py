@@ -3,6 +3,7 @@ byte tokenizer (UTF-8 bytes are the tokens, vocabulary 256) with a built-in chat
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Optional, Protocol
 
@@ -91,8 +92,6 @@ class HFTokenizer:
 
     def fingerprint(self) -> str:
         """The tokenizer's files, for the data cache key."""
-        import hashlib
-
         digest = hashlib.sha256()
         for name in sorted(os.listdir(self.directory)):
             if name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
@@ -104,7 +103,7 @@ class HFTokenizer:
 def load_tokenizer(model_dir: Optional[str]) -> Tokenizer:
     """The model directory's tokenizer when it has one, else the built-in byte tokenizer."""
     if model_dir and any(os.path.isfile(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer.model")):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # deferred on purpose: optional and heavy (the "hf" extra)
 
         return HFTokenizer(AutoTokenizer.from_pretrained(model_dir, local_files_only=True), model_dir)
     return ByteTokenizer()
