@@ -1,6 +1,6 @@
-"""PEFT's module-level functions: ``inject_adapter_in_model``, ``get_peft_model_state_dict``,
-``set_peft_model_state_dict`` (and, from :mod:`dist_lora.peft_status`, ``get_layer_status`` and
-``get_model_status``).
+"""PEFT's module-level functions ``inject_adapter_in_model``, ``get_peft_model_state_dict`` and
+``set_peft_model_state_dict`` (``get_layer_status`` / ``get_model_status`` are in
+:mod:`dist_lora.peft_status`; ``dist_lora`` exports all five).
 
 They take a LoraModel or a model with adapters injected into it. Under tensor/pipeline
 parallelism each rank handles its own part of the model (its shards, its stage's layers).

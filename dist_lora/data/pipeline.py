@@ -15,7 +15,7 @@ import torch
 
 from ..config import ConfigError
 from .records import json_lines
-from .tokenizer import ByteTokenizer, Tokenizer, end_of_document, load_tokenizer  # noqa: F401 (re-exported)
+from .tokenizer import Tokenizer, end_of_document
 
 
 def builtin_corpus_path() -> str:

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import LoraConfig
-from ..data.pipeline import PackedDataset, builtin_corpus_path, load_tokenizer, read_documents
+from ..data.pipeline import PackedDataset, builtin_corpus_path, read_documents
+from ..data.tokenizer import load_tokenizer
 from ..model import get_lora_model
 from ..tiny_model import builtin_model_dir
 from .config import check_ds_config, load_ds_config
