@@ -156,7 +156,8 @@ def inject(
     autocast: bool,
 ) -> None:
     """Add adapter ``adapter_name`` to every target of ``host``'s model, wrapping a module in its
-    LoRA layer first; a base weight the init rewrites is kept for rollback (:meth:`keep_weight`)."""
+    LoRA layer first; a base weight the init rewrites is kept for rollback
+    (:meth:`LoraModel.keep_weight <dist_lora.model.LoraModel.keep_weight>`)."""
     device = "meta" if low_cpu_mem_usage else None
     rewrites = config.init_kind.rewrites_base and not low_cpu_mem_usage
     for target in targets:

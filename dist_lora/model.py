@@ -145,7 +145,7 @@ class LoraModel(PeftModelApi, nn.Module):
 
     @property
     def adapter_seed(self) -> int:
-        """The seed every adapter init derives from (per module and adapter: :func:`lm.init_seed`),
+        """The seed every adapter init derives from (per module and adapter: :func:`dist_lora.layers.math.init_seed`),
         the same on every rank."""
         return self._seed
 
