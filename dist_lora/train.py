@@ -33,7 +33,7 @@ from .data import Batch, load_tokenizer
 from .data.source import open_dataset
 from .io import atomic_path
 from .model import get_lora_model
-from .parallel.device import backend_for, build_overrides, resolve_device
+from .parallel.device import backend_for, build_overrides, dtype_overrides, resolve_device, resolve_dtype
 from .parallel.grads import allreduce_data_parallel_grads, clip_grad_norm_, finalize_lora_grads
 from .parallel.recompute import inputs_require_grad, recompute_settings
 from .parallel.setup import init_distributed, is_rank0, shutdown_distributed
@@ -163,6 +163,7 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
     config.validate()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(config.train.device)
+    dtype = resolve_dtype(config.model.dtype, device)
     hf_dir, arch, dataset = prepare(config, world)
     p, t = config.parallel, config.train
     ckpt_root, identity = os.path.join(t.out_dir, "checkpoints"), model_identity(arch)
@@ -178,7 +179,7 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
             log(moved)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     base = build_megatron_gpt(hf_dir, tp=p.tp, pp=p.pp, sequence_parallel=p.sp, attention=config.model.attention,
-                              **build_overrides(device), **recompute_settings(t.recompute))
+                              **build_overrides(device), **dtype_overrides(dtype), **recompute_settings(t.recompute))
     model = get_lora_model(base, config.lora_config(), seed=t.seed)
     if t.recompute == "full":
         inputs_require_grad(model)  # megatron's recompute needs an input that requires grad
@@ -195,7 +196,7 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
     speed = Throughput(tokens_per_step, model_flops_per_token(arch, config.data.seq_len, trainable), t.peak_tflops, world)
     log(
         f"dist_lora: {arch.model_type} {arch.num_layers} layers, hidden {arch.hidden_size} | layout TP={p.tp} "
-        f"PP={p.pp} DP={dp} SP={p.sp} on {device.type}, {config.model.attention} attention, recompute {t.recompute} | trainable {trainable:,} of {trainable + frozen:,} parameters "
+        f"PP={p.pp} DP={dp} SP={p.sp} on {device.type} in {config.model.dtype}, {config.model.attention} attention, recompute {t.recompute} | trainable {trainable:,} of {trainable + frozen:,} parameters "
         f"({100 * trainable / (trainable + frozen):.3f}%), adapter {trainable * 4 / 2**20:.2f} MB (fp32) | "
         f"{dataset.sizes['train']} training sequences of {config.data.seq_len} tokens"
     )

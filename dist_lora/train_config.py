@@ -1,7 +1,8 @@
 """The training job's YAML configuration: sections, defaults, validation, overrides.
 
     model:    {hf_dir: null,            # a local HF Llama-family checkpoint; null = built-in tiny model
-               attention: sdpa}         # sdpa (torch SDPA: flash / memory-efficient kernels on GPU) | megatron
+               attention: sdpa,         # sdpa (torch SDPA: flash / memory-efficient kernels on GPU) | megatron
+               dtype: fp32}             # the frozen base: fp32 | bf16 (adapters keep fp32 masters)
     parallel: {tp: 2, pp: 1, sp: false}
     lora:     {...}                     # any LoraConfig field
     data:     {path: null, format: null, seq_len: 64, eval_fraction: 0.1, packing: true,
@@ -52,6 +53,7 @@ NONFINITE_POLICIES = ("stop", "skip")
 class ModelSection:
     hf_dir: Optional[str] = None
     attention: str = "sdpa"  # sdpa: torch's scaled_dot_product_attention; megatron: its local attention
+    dtype: str = "fp32"  # the frozen base's dtype: fp32 | bf16 (adapters keep fp32 masters)
 
 
 @dataclass
@@ -204,6 +206,7 @@ _BETAS = Rule(
 RULES: dict[str, Rule] = {
     "model.hf_dir": _optional(_TEXT, "the built-in tiny model"),
     "model.attention": _choice("sdpa", "megatron"),
+    "model.dtype": _choice("fp32", "bf16"),
     "parallel.tp": _integer(1),
     "parallel.pp": _integer(1),
     "parallel.sp": _BOOL,

@@ -30,11 +30,18 @@ def _tag_sequence_parallel(norm: torch.nn.Module, config: TransformerConfig) -> 
         param.sequence_parallel = config.sequence_parallel
 
 
+def _factory(config: TransformerConfig) -> dict:
+    """Where and in which dtype megatron creates this rank's parameters (its params_dtype, on the
+    CPU or the current GPU), for the norms' parameters too."""
+    device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
+    return {"dtype": config.params_dtype, "device": device}
+
+
 class RMSNorm(torch.nn.RMSNorm):
     """``torch.nn.RMSNorm`` built like a megatron norm; params tagged for sequence parallel."""
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
-        super().__init__(hidden_size, eps=eps)
+        super().__init__(hidden_size, eps=eps, **_factory(config))
         _tag_sequence_parallel(self, config)
 
 
@@ -42,7 +49,7 @@ class LayerNorm(torch.nn.LayerNorm):
     """``torch.nn.LayerNorm`` built like a megatron norm; params tagged for sequence parallel."""
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
-        super().__init__(hidden_size, eps=eps)
+        super().__init__(hidden_size, eps=eps, **_factory(config))
         _tag_sequence_parallel(self, config)
 
 

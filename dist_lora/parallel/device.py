@@ -1,4 +1,5 @@
-"""Where a job runs: ``train.device`` resolved once, before any process group.
+"""Where a job runs and in which precision: ``train.device`` and ``model.dtype``, resolved once,
+before any process group.
 
     auto  CUDA when available (each rank on its LOCAL_RANK's GPU), else CPU
     cuda  CUDA; refused with a clear error where there is none
@@ -36,3 +37,23 @@ def build_overrides(device: torch.device) -> dict:
     """megatron TransformerConfig fields that place the model on ``device``: on CUDA megatron
     allocates each rank's parameters on its current GPU (no host copy of the model)."""
     return {"use_cpu_initialization": device.type == "cpu"}
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The frozen base's dtype for ``model.dtype`` ``name`` on ``device`` (adapters stay fp32
+    masters with fp32 optimizer state and compute in this dtype; gradients are summed and
+    clipped in fp32)."""
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype must be fp32 or bf16, got {name!r} (fp16 needs loss scaling, not implemented yet).")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("model.dtype is bf16 but this GPU does not support bf16; use model.dtype: fp32.")
+    return DTYPES[name]
+
+
+def dtype_overrides(dtype: torch.dtype) -> dict:
+    """megatron TransformerConfig fields for a base in ``dtype`` (bf16: megatron's bf16 mode,
+    softmax in fp32)."""
+    return {"params_dtype": dtype, "pipeline_dtype": dtype, "bf16": dtype == torch.bfloat16}
