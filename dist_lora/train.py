@@ -35,6 +35,7 @@ from .io import atomic_path
 from .model import get_lora_model
 from .parallel.device import backend_for, build_overrides, dtype_overrides, resolve_device, resolve_dtype
 from .parallel.grads import allreduce_data_parallel_grads, clip_grad_norm_, finalize_lora_grads
+from .parallel.loss_scale import DynamicLossScale
 from .parallel.recompute import inputs_require_grad, recompute_settings
 from .parallel.setup import init_distributed, is_rank0, shutdown_distributed
 from .tiny_model import builtin_model_dir
@@ -204,6 +205,9 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
         log(data_summary(dataset.stats))
     from tqdm.auto import tqdm
 
+    scaler = DynamicLossScale(t.initial_loss_scale, t.min_loss_scale) if dtype == torch.float16 else None
+    if scaler is not None:
+        model.config.grad_scale_func = scaler.scale_loss  # megatron's schedule scales what backward starts from
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=not is_rank0(), desc="training")
     losses, last_eval, started = {}, None, time.perf_counter()
     for step in bar:
@@ -217,18 +221,25 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
         local_loss = run_microbatches(model, batches, config)
         finalize_lora_grads(model)
         allreduce_data_parallel_grads(model)
+        if scaler is not None:
+            scaler.unscale_(params)
         grad_norm = clip_grad_norm_(model, config.optim.grad_clip)
         loss, finite = agree_on_step(local_loss, grad_norm, device)
         if finite:
             optimizer.step()
             losses[step] = loss
+        elif scaler is not None and math.isfinite(loss):  # an fp16 overflow: skip, and back off the scale
+            log(f"step {step + 1}: fp16 gradients overflowed at loss scale {scaler.scale:g}; step skipped")
         else:
             skipped.append(step)
             handle_nonfinite(step, loss, grad_norm, skipped, t, ckpt_root)
+        if scaler is not None:
+            scaler.update(finite)
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", **speed.postfix(step + 1 - start, elapsed),
-                        **({"skipped": len(skipped)} if skipped else {}))
+                        **({"skipped": len(skipped)} if skipped else {}),
+                        **({"overflows": scaler.overflows} if scaler is not None and scaler.overflows else {}))
         done = step + 1
         if t.eval_interval and done % t.eval_interval == 0:
             last_eval = _evaluate(model, dataset, config, dp, dp_rank)
@@ -241,6 +252,7 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
     summary = {
         "losses": losses,
         "skipped_steps": skipped,
+        "fp16_overflow_steps": scaler.overflows if scaler is not None else None,
         "eval_loss": last_eval,
         "checkpoint": latest_checkpoint(ckpt_root),
         **speed.figures(max(1, t.steps - start), elapsed),

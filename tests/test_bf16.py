@@ -88,3 +88,22 @@ def test_bf16_keeps_the_fused_path() -> None:
     its collective count are the fp32 run's: no per-layer collective is added."""
     counts = {str(d): run_distributed(_collectives, 2, tp=2, args=(d,))[0] for d in (torch.float32, torch.bfloat16)}
     assert counts["torch.bfloat16"] == counts["torch.float32"], counts
+
+
+def test_fp16_with_dynamic_loss_scaling(tmp_path) -> None:
+    """fp16 tracks fp32; too large a scale overflows, the step is skipped and the scale backs off
+    until steps are taken; a scale that collapses below its minimum stops the run on every rank
+    with nothing released."""
+    fp16 = run_distributed(_run, 2, tp=2, args=(str(tmp_path / "fp16"), "train.steps=8", "model.dtype=fp16"))[0]
+    fp32 = run_distributed(_run, 2, tp=2, args=(str(tmp_path / "fp32"), "train.steps=8"))[0]
+    assert fp16["fp16_overflow_steps"] == 0
+    for step, loss in fp16["losses"].items():
+        assert loss == pytest.approx(fp32["losses"][step], rel=1e-2)
+    high = run_distributed(_run, 2, tp=2, args=(str(tmp_path / "high"), "train.steps=12", "model.dtype=fp16",
+                                                "train.initial_loss_scale=1.0e+7"))[0]
+    assert high["fp16_overflow_steps"] > 0 and len(high["losses"]) == 12 - high["fp16_overflow_steps"] > 0
+    out = str(tmp_path / "collapse")
+    with pytest.raises(Exception, match="the fp16 loss scale fell below its minimum"):
+        run_distributed(_run, 2, tp=2, args=(out, "train.steps=8", "model.dtype=fp16", "train.initial_loss_scale=1.0e+30",
+                                             "train.min_loss_scale=1.0e+28", "train.consolidate=true"))
+    assert not os.path.exists(os.path.join(out, "adapter"))

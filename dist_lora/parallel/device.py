@@ -39,7 +39,7 @@ def build_overrides(device: torch.device) -> dict:
     return {"use_cpu_initialization": device.type == "cpu"}
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -47,13 +47,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     masters with fp32 optimizer state and compute in this dtype; gradients are summed and
     clipped in fp32)."""
     if name not in DTYPES:
-        raise ConfigError(f"model.dtype must be fp32 or bf16, got {name!r} (fp16 needs loss scaling, not implemented yet).")
+        raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {name!r}.")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("model.dtype is bf16 but this GPU does not support bf16; use model.dtype: fp32.")
+        raise ConfigError("model.dtype is bf16 but this GPU does not support bf16; use model.dtype: fp16 (loss-scaled).")
     return DTYPES[name]
 
 
 def dtype_overrides(dtype: torch.dtype) -> dict:
-    """megatron TransformerConfig fields for a base in ``dtype`` (bf16: megatron's bf16 mode,
-    softmax in fp32)."""
-    return {"params_dtype": dtype, "pipeline_dtype": dtype, "bf16": dtype == torch.bfloat16}
+    """megatron TransformerConfig fields for a base in ``dtype`` (bf16 / fp16: megatron's
+    half-precision mode, softmax in fp32)."""
+    return {"params_dtype": dtype, "pipeline_dtype": dtype, "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
