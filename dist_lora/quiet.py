@@ -6,6 +6,7 @@ Filtered by exact message, so every other warning stays visible:
   optimizers, multi-tensor ops) at import, once per module and per rank;
 - megatron-core 0.16's TransformerConfig warns about a cuda-graph scope default it sets itself,
   and about TransformerEngine's fused attention when selective recompute is asked for;
+- megatron-core 0.16 calls torch.distributed collectives that torch 2.13 marks deprecated;
 - PEFT imports bitsandbytes, which logs that its optional CPU kernel package is missing;
 - PEFT reads a transformers attribute that transformers 5 marks deprecated;
 - ``datasets`` shows a progress bar per file it converts (dist_lora shows its own).
@@ -22,6 +23,7 @@ _MESSAGES = (
     r"full scope is deprecated\. Use empty cuda_graph_scope",
     r".*is_gradient_checkpointing",
     r"If you are using transformer_engine as the transformer implementation, the core_attn",
+    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
 )
 
 

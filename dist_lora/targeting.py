@@ -27,7 +27,7 @@ from typing import Iterator, Optional, Union
 from torch import nn
 
 from .config import ConfigError, LoraConfig
-from .layers.kinds import base_module, is_linear_layer, is_supported_layer
+from .layers.kinds import base_module, is_linear_layer, is_supported_layer, transformer_engine_linear
 from .naming import global_module_name
 
 # PEFT's defaults for Hugging Face architectures (model.config.model_type).
@@ -149,6 +149,13 @@ def find_targets(model: nn.Module, config: LoraConfig, allow_empty: bool = False
     for name, module in _candidate_modules(model):
         # Match on the layout-independent name: a pipeline stage numbers its layers locally.
         key = global_module_name(model, name)
+        te = transformer_engine_linear(module)
+        if te and is_targeted(config, key, spec, all_linear_takes=name not in heads):
+            raise ConfigError(
+                f"target module {name!r} is TransformerEngine's {te}, which dist_lora does not support yet: build the "
+                "model with dist_lora's local spec (dist_lora.bridges.build_megatron_gpt, or GPTModel with "
+                "dist_lora.bridges.block_spec.gpt_local_block_spec)."
+            )
         if not is_targeted(config, key, spec, all_linear_takes=name not in heads and is_linear_layer(module)):
             continue
         if not is_supported_layer(module):

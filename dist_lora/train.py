@@ -22,19 +22,28 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .bridges import build_megatron_gpt, check_parallel_layout, parse_hf_config, read_hf_config
+from .checkpoint.sharded import read_manifest, save_sharded
+from .checkpoint.training import (
+    check_later_checkpoints, checkpoint_step, latest_checkpoint, load_checkpoint, move_aside_together, resolve_checkpoint,
+    save_checkpoint,
+)
 from .config import ConfigError
 from .data import Batch, load_tokenizer
 from .data.source import open_dataset
-from .train_config import TrainConfig, TrainSection
+from .io import atomic_path
+from .model import get_lora_model
+from .parallel.device import backend_for, build_overrides, dtype_overrides, resolve_device, resolve_dtype
+from .parallel.grads import allreduce_data_parallel_grads, clip_grad_norm_, finalize_lora_grads
+from .parallel.loss_scale import DynamicLossScale
+from .parallel.recompute import inputs_require_grad, recompute_settings
+from .parallel.setup import init_distributed, is_rank0, shutdown_distributed
+from .tiny_model import builtin_model_dir
+from .train_config import TrainConfig
+from .train_health import agree_on_step, handle_nonfinite
+from .train_report import Throughput, data_summary, log, model_flops_per_token, peak_memory_gib, write_summary
 
 PROBE_BATCH = 2  # sequences of the held-out probe whose logits are saved for verification
-
-
-def _log(message: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        from tqdm.auto import tqdm
-
-        tqdm.write(message)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -58,9 +67,6 @@ def model_identity(arch) -> dict:
 
 def prepare(config: TrainConfig, world_size: int):
     """Everything that can be checked before process groups exist: (hf_dir, arch, dataset)."""
-    from .bridges import check_parallel_layout, parse_hf_config, read_hf_config
-    from .tiny_model import builtin_model_dir
-
     tp, pp = config.parallel.tp, config.parallel.pp
     if world_size % (tp * pp):
         raise ConfigError(f"parallel.tp ({tp}) x parallel.pp ({pp}) does not divide the world size ({world_size}).")
@@ -87,7 +93,8 @@ def run_microbatches(model, batches: list, config: TrainConfig, forward_only: bo
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    batches = [Batch.of(b) for b in batches]
+    device = next(model.parameters()).device
+    batches = [Batch.of(b).to(device) for b in batches]
     group = parallel_state.get_data_parallel_group()
     trained = torch.stack([b.trained_tokens() for b in batches]).sum()  # int64: exact at any batch size
     dist.all_reduce(trained, group=group)
@@ -110,7 +117,7 @@ def run_microbatches(model, batches: list, config: TrainConfig, forward_only: bo
         num_microbatches=len(batches), seq_length=config.data.seq_len,
         micro_batch_size=config.train.micro_batch_size, forward_only=forward_only,
     )
-    loss = torch.zeros(())
+    loss = torch.zeros((), device=device)
     if parallel_state.is_pipeline_last_stage():
         loss += torch.stack([o["loss"] for o in outputs]).mean()
     dist.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())  # from the last stage
@@ -123,12 +130,16 @@ def _evaluate(model, dataset, config: TrainConfig, dp: int, dp_rank: int) -> flo
     model.eval()
     batches = [dataset.batch("eval", i * dp + dp_rank, config.train.micro_batch_size) for i in range(config.train.eval_batches)]
     with torch.no_grad():
-        loss = torch.tensor(run_microbatches(model, batches, config, forward_only=True))
+        loss = torch.tensor(run_microbatches(model, batches, config, forward_only=True), device=_device(model))
     model.train()
     from megatron.core import parallel_state
 
     dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
     return loss.item() / dp
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _global_numel(model, trainable: bool) -> int:
@@ -140,30 +151,20 @@ def _global_numel(model, trainable: bool) -> int:
         p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
         for p in model.parameters()
         if p.requires_grad == trainable
-    ))
+    ), device=_device(model))
     dist.all_reduce(count, group=parallel_state.get_pipeline_model_parallel_group())
     return int(count.item())
 
 
-class NonFiniteTrainingError(ValueError):
-    """The loss or the gradient norm of a step was not finite (``train.on_nonfinite``). A
-    ValueError so that the CLI reports it as one line on every rank."""
-
-
 def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
     """Run the job in this process (one rank of a torchrun launch); returns a summary."""
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # megatron (heavy) is imported on use
 
-    from .bridges import build_megatron_gpt
-    from .checkpoint.training import (
-        check_later_checkpoints, checkpoint_step, latest_checkpoint, load_checkpoint, move_aside_together, save_checkpoint,
-    )
-    from .model import get_lora_model
-    from .parallel.grads import allreduce_data_parallel_grads, clip_grad_norm_, finalize_lora_grads
-    from .parallel.setup import init_distributed, is_rank0
 
     config.validate()
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(config.train.device)
+    dtype = resolve_dtype(config.model.dtype, device)
     hf_dir, arch, dataset = prepare(config, world)
     p, t = config.parallel, config.train
     ckpt_root, identity = os.path.join(t.out_dir, "checkpoints"), model_identity(arch)
@@ -172,13 +173,17 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
     # a run owns the steps after its start: later checkpoints are refused here (every rank, no
     # process group yet) or moved aside by rank 0 once the group exists
     check_later_checkpoints(ckpt_root, start, refuse=t.on_later_checkpoints == "refuse")
-    init_distributed(tp=p.tp, pp=p.pp, seed=t.seed)
+    init_distributed(tp=p.tp, pp=p.pp, seed=t.seed, backend=backend_for(device))
     if t.on_later_checkpoints == "move_aside":  # rank 0 looks and moves, every rank learns the outcome
         moved = move_aside_together(ckpt_root, start)
         if moved:
-            _log(moved)
+            log(moved)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    model = get_lora_model(build_megatron_gpt(hf_dir, tp=p.tp, pp=p.pp, sequence_parallel=p.sp), config.lora_config(), seed=t.seed)
+    base = build_megatron_gpt(hf_dir, tp=p.tp, pp=p.pp, sequence_parallel=p.sp, attention=config.model.attention,
+                              **build_overrides(device), **dtype_overrides(dtype), **recompute_settings(t.recompute))
+    model = get_lora_model(base, config.lora_config(), seed=t.seed)
+    if t.recompute == "full":
+        inputs_require_grad(model)  # megatron's recompute needs an input that requires grad
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=tuple(config.optim.betas), weight_decay=config.optim.weight_decay)
     initial = _save_initial_adapter(model, t.out_dir) if resume_path is None else _initial_adapter_dir(model, t.out_dir)
@@ -186,19 +191,23 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
     if resume_path is not None:
         state = load_checkpoint(resume_path, model, optimizer)
         start, skipped = state["step"], list(state.get("skipped_steps", []))
-        _log(f"resumed from {resume_path} at step {start}")
+        log(f"resumed from {resume_path} at step {start}")
     trainable, frozen = _global_numel(model, True), _global_numel(model, False)
     tokens_per_step = t.micro_batch_size * config.data.seq_len * t.grad_accum * dp
-    _log(
+    speed = Throughput(tokens_per_step, model_flops_per_token(arch, config.data.seq_len, trainable), t.peak_tflops, world)
+    log(
         f"dist_lora: {arch.model_type} {arch.num_layers} layers, hidden {arch.hidden_size} | layout TP={p.tp} "
-        f"PP={p.pp} DP={dp} SP={p.sp} | trainable {trainable:,} of {trainable + frozen:,} parameters "
+        f"PP={p.pp} DP={dp} SP={p.sp} on {device.type} in {config.model.dtype}, {config.model.attention} attention, recompute {t.recompute} | trainable {trainable:,} of {trainable + frozen:,} parameters "
         f"({100 * trainable / (trainable + frozen):.3f}%), adapter {trainable * 4 / 2**20:.2f} MB (fp32) | "
         f"{dataset.sizes['train']} training sequences of {config.data.seq_len} tokens"
     )
     if getattr(dataset, "stats", None):
-        _log(_data_summary(dataset.stats))
+        log(data_summary(dataset.stats))
     from tqdm.auto import tqdm
 
+    scaler = DynamicLossScale(t.initial_loss_scale, t.min_loss_scale) if dtype == torch.float16 else None
+    if scaler is not None:
+        model.config.grad_scale_func = scaler.scale_loss  # megatron's schedule scales what backward starts from
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=not is_rank0(), desc="training")
     losses, last_eval, started = {}, None, time.perf_counter()
     for step in bar:
@@ -212,22 +221,29 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
         local_loss = run_microbatches(model, batches, config)
         finalize_lora_grads(model)
         allreduce_data_parallel_grads(model)
+        if scaler is not None:
+            scaler.unscale_(params)
         grad_norm = clip_grad_norm_(model, config.optim.grad_clip)
-        loss, finite = agree_on_step(local_loss, grad_norm)
+        loss, finite = agree_on_step(local_loss, grad_norm, device)
         if finite:
             optimizer.step()
             losses[step] = loss
+        elif scaler is not None and math.isfinite(loss):  # an fp16 overflow: skip, and back off the scale
+            log(f"step {step + 1}: fp16 gradients overflowed at loss scale {scaler.scale:g}; step skipped")
         else:
             skipped.append(step)
-            _handle_nonfinite(step, loss, grad_norm, skipped, t, ckpt_root)
+            handle_nonfinite(step, loss, grad_norm, skipped, t, ckpt_root)
+        if scaler is not None:
+            scaler.update(finite)
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step * (step + 1 - start) / elapsed:.0f}",
-                        **({"skipped": len(skipped)} if skipped else {}))
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", **speed.postfix(step + 1 - start, elapsed),
+                        **({"skipped": len(skipped)} if skipped else {}),
+                        **({"overflows": scaler.overflows} if scaler is not None and scaler.overflows else {}))
         done = step + 1
         if t.eval_interval and done % t.eval_interval == 0:
             last_eval = _evaluate(model, dataset, config, dp, dp_rank)
-            _log(f"step {done}: train loss {loss:.4f}, eval loss {last_eval:.4f}")
+            log(f"step {done}: train loss {loss:.4f}, eval loss {last_eval:.4f}")
         if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == t.steps:
             trainer_state = {"model": identity, "config": config.to_dict(), "skipped_steps": skipped}
             save_checkpoint(ckpt_root, done, model, optimizer, trainer_state, t.keep_last)
@@ -236,18 +252,19 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
     summary = {
         "losses": losses,
         "skipped_steps": skipped,
+        "fp16_overflow_steps": scaler.overflows if scaler is not None else None,
         "eval_loss": last_eval,
         "checkpoint": latest_checkpoint(ckpt_root),
-        "tokens_per_s": tokens_per_step * max(1, t.steps - start) / max(elapsed, 1e-9),
+        **speed.figures(max(1, t.steps - start), elapsed),
+        "peak_memory_gib": peak_memory_gib(device),
         "hf_dir": hf_dir,
     }
     if skipped:
-        _log(f"{len(skipped)} step(s) skipped for a non-finite loss or gradient norm: {[s + 1 for s in skipped]}")
+        log(f"{len(skipped)} step(s) skipped for a non-finite loss or gradient norm: {[s + 1 for s in skipped]}")
     summary["probe"] = _save_probe_logits(model, dataset, config, t.out_dir)
     if t.consolidate and summary["checkpoint"]:
         summary["adapter"] = _consolidate(summary["checkpoint"], os.path.join(t.out_dir, "adapter"), hf_dir, initial)
-    from .parallel.setup import shutdown_distributed
-
+    summary["summary"] = write_summary(t.out_dir, summary)
     shutdown_distributed()
     return summary
 
@@ -257,8 +274,6 @@ def _resume_checkpoint(resume: Optional[str], ckpt_root: str, identity: dict) ->
     run's checkpoint root), checked against the model; None for a fresh run."""
     if resume is None:
         return None
-    from .checkpoint.training import resolve_checkpoint
-
     try:
         path = resolve_checkpoint(resume or ckpt_root)
     except ConfigError as e:
@@ -267,61 +282,7 @@ def _resume_checkpoint(resume: Optional[str], ckpt_root: str, identity: dict) ->
     return path
 
 
-def agree_on_step(loss: float, grad_norm: float) -> tuple[float, bool]:
-    """The step's loss (mean over data-parallel replicas) and whether it and the gradient norm
-    are finite on every rank: one all-reduce over the world, so that every TP/PP/DP rank takes
-    the same decision. ``loss`` is this replica's loss (the same on its TP/PP ranks)."""
-    ok = math.isfinite(loss) and math.isfinite(grad_norm)
-    stats = torch.tensor([loss, 0.0 if ok else 1.0], dtype=torch.float64)
-    dist.all_reduce(stats)
-    return stats[0].item() / dist.get_world_size(), stats[1].item() == 0
-
-
-def _in_a_row(skipped: list[int], step: int) -> int:
-    """How many steps up to ``step`` were skipped without a good step between."""
-    marked, count = set(skipped), 0
-    while step - count in marked:
-        count += 1
-    return count
-
-
-def _handle_nonfinite(
-    step: int, loss: float, grad_norm: float, skipped: list[int], t: TrainSection, ckpt_root: str
-) -> None:
-    """Under ``train.on_nonfinite=skip`` log the skipped step; raise NonFiniteTrainingError
-    (on every rank, before any adapter is released) under ``stop`` or after
-    ``train.max_skipped_in_a_row`` skips in a row. The optimizer step was not taken."""
-    from .checkpoint.training import complete_checkpoints
-
-    in_a_row = _in_a_row(skipped, step)
-    what = f"step {step + 1}: the loss ({loss:.4g}) or the gradient norm ({grad_norm:.4g}) is not finite"
-    if t.on_nonfinite == "skip" and in_a_row < t.max_skipped_in_a_row:
-        _log(f"{what}; optimizer step skipped ({in_a_row} in a row, {len(skipped)} in all; "
-             f"train.max_skipped_in_a_row={t.max_skipped_in_a_row})")
-        return
-    if t.on_nonfinite == "stop":
-        why, advice = "train.on_nonfinite=stop", "or set train.on_nonfinite=skip"
-    else:
-        why = f"{in_a_row} steps in a row, train.max_skipped_in_a_row={t.max_skipped_in_a_row}"
-        advice = "or raise train.max_skipped_in_a_row"
-    kept = complete_checkpoints(ckpt_root)
-    raise NonFiniteTrainingError(
-        f"{what} ({why}): training stopped without taking that step and no adapter was released; the last good "
-        f"checkpoint is {kept[-1] if kept else 'none (none was written yet)'}. Lower optim.lr, set optim.grad_clip, "
-        f"check the data {advice}; then resume with --resume."
-    )
-
-
-def _data_summary(stats: dict) -> str:
-    dropped = f", {stats['overlong']} overlong dropped or truncated" if stats["overlong"] else ""
-    skipped = f", {stats['skipped_invalid']} invalid skipped" if stats["skipped_invalid"] else ""
-    return (f"data: {stats['samples']} {stats['format']} samples{dropped}{skipped}; "
-            f"{stats['train_sequences']} packed sequences, {100 * stats['pad_fraction']:.1f}% padding")
-
-
 def _check_resume_identity(path: str, identity: dict) -> None:
-    from .checkpoint.sharded import read_manifest
-
     saved = read_manifest(path, verify=False).get("trainer_state", {}).get("model")
     if saved is not None and saved != identity:
         diff = {k: (saved.get(k), identity.get(k)) for k in identity if saved.get(k) != identity.get(k)}
@@ -338,6 +299,7 @@ def _save_probe_logits(model, dataset, config: TrainConfig, out_dir: str) -> str
     from safetensors.torch import save_file
 
     tokens = Batch.of(dataset.batch("eval" if dataset.sizes["eval"] else "train", 0, PROBE_BATCH)).tokens
+    tokens = tokens.to(_device(model))
 
     def forward_step(data_iterator, model):
         logits = model(next(data_iterator), position_ids=None, attention_mask=None)  # [b, s, vocab / tp]
@@ -356,10 +318,8 @@ def _save_probe_logits(model, dataset, config: TrainConfig, out_dir: str) -> str
         parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, logits.contiguous(), group=group)
         if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
-            from .io import atomic_path
-
             with atomic_path(path) as tmp:
-                save_file({"tokens": tokens, "logits": torch.cat(parts, dim=-1)}, tmp)
+                save_file({"tokens": tokens.cpu(), "logits": torch.cat(parts, dim=-1).float().cpu()}, tmp)
     dist.barrier()
     return path
 
@@ -373,8 +333,6 @@ def _initial_adapter_dir(model, out_dir: str) -> Optional[str]:
 def _save_initial_adapter(model, out_dir: str) -> Optional[str]:
     """Save the adapter before training when its init rewrote the base weights, so that the
     consolidated release is a plain LoRA adapter for the original base model."""
-    from .checkpoint.sharded import save_sharded
-
     path = _initial_adapter_dir(model, out_dir)
     if path is not None:
         save_sharded(model, path)

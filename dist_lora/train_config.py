@@ -1,6 +1,8 @@
 """The training job's YAML configuration: sections, defaults, validation, overrides.
 
-    model:    {hf_dir: null}            # a local HF Llama-family checkpoint; null = built-in tiny model
+    model:    {hf_dir: null,            # a local HF Llama-family checkpoint; null = built-in tiny model
+               attention: sdpa,         # sdpa (torch SDPA: flash / memory-efficient kernels on GPU) | megatron
+               dtype: fp32}             # the frozen base: fp32 | bf16 | fp16 (loss-scaled); fp32 adapter masters
     parallel: {tp: 2, pp: 1, sp: false}
     lora:     {...}                     # any LoraConfig field
     data:     {path: null, format: null, seq_len: 64, eval_fraction: 0.1, packing: true,
@@ -11,7 +13,8 @@
     train:    {steps: 300, micro_batch_size: 8, grad_accum: 1, seed: 1234, log_interval: 10,
                eval_interval: 100, eval_batches: 4, checkpoint_interval: 100, keep_last: 2,
                out_dir: runs/train, consolidate: true, on_later_checkpoints: move_aside,
-               on_nonfinite: stop, max_skipped_in_a_row: 5}
+               on_nonfinite: stop, max_skipped_in_a_row: 5, device: auto, recompute: none,
+               peak_tflops: null, initial_loss_scale: 65536, min_loss_scale: 1}
 
 A key that does not exist is an error naming the nearest valid key. ``key=value`` overrides
 (``train.steps=50``, ``lora.r=16``) are parsed as YAML values. Every value is checked against
@@ -51,6 +54,8 @@ NONFINITE_POLICIES = ("stop", "skip")
 @dataclass
 class ModelSection:
     hf_dir: Optional[str] = None
+    attention: str = "sdpa"  # sdpa: torch's scaled_dot_product_attention; megatron: its local attention
+    dtype: str = "fp32"  # the frozen base's dtype: fp32 | bf16 | fp16 (loss-scaled); adapters keep fp32 masters
 
 
 @dataclass
@@ -109,6 +114,11 @@ class TrainSection:
     on_later_checkpoints: str = "move_aside"
     on_nonfinite: str = "stop"
     max_skipped_in_a_row: int = 5
+    device: str = "auto"  # auto (CUDA when available) | cuda | cpu
+    recompute: str = "none"  # activation recompute: none | selective | full
+    peak_tflops: Optional[float] = None  # per device, for MFU (unset: no MFU)
+    initial_loss_scale: float = 65536.0  # fp16 only: dynamic loss scaling (parallel/loss_scale.py)
+    min_loss_scale: float = 1.0
 
 
 @dataclass
@@ -196,6 +206,8 @@ _BETAS = Rule(
 # Every key of every section but lora (LoraConfig checks its own fields): what it must be.
 RULES: dict[str, Rule] = {
     "model.hf_dir": _optional(_TEXT, "the built-in tiny model"),
+    "model.attention": _choice("sdpa", "megatron"),
+    "model.dtype": _choice("fp32", "bf16", "fp16"),
     "parallel.tp": _integer(1),
     "parallel.pp": _integer(1),
     "parallel.sp": _BOOL,
@@ -232,6 +244,11 @@ RULES: dict[str, Rule] = {
     "train.on_later_checkpoints": _choice(*LATER_CHECKPOINT_POLICIES),
     "train.on_nonfinite": _choice(*NONFINITE_POLICIES),
     "train.max_skipped_in_a_row": _integer(1),
+    "train.device": _choice("auto", "cuda", "cpu"),
+    "train.recompute": _choice("none", "selective", "full"),
+    "train.peak_tflops": _optional(_number("> 0", lambda v: v > 0), "no MFU"),
+    "train.initial_loss_scale": _number("> 0", lambda v: v > 0),
+    "train.min_loss_scale": _number("> 0", lambda v: v > 0),
 }
 
 

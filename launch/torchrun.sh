@@ -8,7 +8,7 @@
 #   MASTER_PORT     a free TCP port on node 0                (default 29500)
 #   NPROC_PER_NODE  processes (GPUs) per node                (default: GPUs here, else 1)
 #
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash launch/torchrun.sh --config configs/llama7b_tp8_pp2.yaml
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash launch/torchrun.sh --config configs/llama8b_tp8_bf16.yaml
 #
 # Backends: NCCL on GPUs, gloo on CPU (chosen automatically). Settings users commonly change:
 #   NCCL_SOCKET_IFNAME=eth0 / GLOO_SOCKET_IFNAME=eth0   the network interface to use

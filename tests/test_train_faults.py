@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 from dist_lora.checkpoint.training import LATEST, latest_checkpoint, save_checkpoint
 from dist_lora.config import ConfigError
-from dist_lora.train import NonFiniteTrainingError, prepare, train
+from dist_lora.train import prepare, train
+from dist_lora.train_health import NonFiniteTrainingError
 from dist_lora.train_config import RULES, TrainConfig, load_train_config
 from tests.harness import DistributedError, run_distributed
 
@@ -171,9 +172,9 @@ def test_negative_keep_last_is_refused_before_anything_is_written(tmp_path) -> N
 
 def _with_nan_gradient(step: int, out: str, *overrides: str) -> dict | str:
     """Train with one rank's first trainable gradient set to NaN at ``step`` (0-based)."""
-    from dist_lora.parallel import grads
+    import dist_lora.train as job
 
-    real, calls = grads.finalize_lora_grads, []
+    real, calls = job.finalize_lora_grads, []
 
     def poisoned(model, *args, **kwargs):
         if len(calls) == step and dist.get_rank() == 1:
@@ -181,7 +182,7 @@ def _with_nan_gradient(step: int, out: str, *overrides: str) -> dict | str:
         calls.append(step)
         return real(model, *args, **kwargs)
 
-    grads.finalize_lora_grads = poisoned
+    job.finalize_lora_grads = poisoned  # the name the training loop calls
     return _train(out, *overrides)
 
 

@@ -20,6 +20,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from .attention import with_sdpa_attention
+
 
 def _tag_sequence_parallel(norm: torch.nn.Module, config: TransformerConfig) -> None:
     if config.layernorm_zero_centered_gamma:
@@ -28,11 +30,18 @@ def _tag_sequence_parallel(norm: torch.nn.Module, config: TransformerConfig) -> 
         param.sequence_parallel = config.sequence_parallel
 
 
+def _factory(config: TransformerConfig) -> dict:
+    """Where and in which dtype megatron creates this rank's parameters (its params_dtype, on the
+    CPU or the current GPU), for the norms' parameters too."""
+    device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
+    return {"dtype": config.params_dtype, "device": device}
+
+
 class RMSNorm(torch.nn.RMSNorm):
     """``torch.nn.RMSNorm`` built like a megatron norm; params tagged for sequence parallel."""
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
-        super().__init__(hidden_size, eps=eps)
+        super().__init__(hidden_size, eps=eps, **_factory(config))
         _tag_sequence_parallel(self, config)
 
 
@@ -40,7 +49,7 @@ class LayerNorm(torch.nn.LayerNorm):
     """``torch.nn.LayerNorm`` built like a megatron norm; params tagged for sequence parallel."""
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
-        super().__init__(hidden_size, eps=eps)
+        super().__init__(hidden_size, eps=eps, **_factory(config))
         _tag_sequence_parallel(self, config)
 
 
@@ -67,12 +76,17 @@ def _replace_norms(layer_spec: ModuleSpec, norm: type[torch.nn.Module]) -> Modul
     return dataclasses.replace(layer_spec, submodules=dataclasses.replace(submodules, **swapped))
 
 
+def _layer_spec(spec: ModuleSpec, norm: type[torch.nn.Module], attention: str) -> ModuleSpec:
+    spec = _replace_norms(spec, norm)
+    return with_sdpa_attention(spec) if attention == "sdpa" else spec
+
+
 def gpt_local_block_spec(
-    config: TransformerConfig, vp_stage: int | None = None, pp_rank: int | None = None
+    config: TransformerConfig, vp_stage: int | None = None, pp_rank: int | None = None, attention: str = "megatron"
 ) -> TransformerBlockSubmodules:
     """megatron's local GPT decoder block spec (this pipeline stage's layers) with the torch
-    norms above in every layer and as the final norm. Pass it to ``GPTModel`` as
-    ``transformer_layer_spec``."""
+    norms above in every layer and as the final norm, and with ``attention="sdpa"`` dist_lora's
+    SDPA core attention (:mod:`.attention`). Pass it to ``GPTModel`` as ``transformer_layer_spec``."""
     block = get_gpt_decoder_block_spec(
         config,
         use_transformer_engine=False,
@@ -83,6 +97,6 @@ def gpt_local_block_spec(
     norm = norm_class(config)
     return dataclasses.replace(
         block,
-        layer_specs=[_replace_norms(spec, norm) for spec in block.layer_specs],
+        layer_specs=[_layer_spec(spec, norm, attention) for spec in block.layer_specs],
         layer_norm=norm,
     )

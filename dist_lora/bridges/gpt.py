@@ -36,9 +36,13 @@ def build_megatron_gpt(
     tp: int = 1,
     pp: int = 1,
     sequence_parallel: bool = False,
+    attention: str = "megatron",
     **overrides: Any,
 ) -> "GPTModel":
     """This rank's megatron GPTModel (local spec, RoPE) with the HF checkpoint's weights.
+
+    ``attention``: ``"megatron"`` (megatron's local core attention) or ``"sdpa"``
+    (:class:`~dist_lora.bridges.attention.SDPAttention`: torch's scaled_dot_product_attention).
 
     megatron's parallel state must be initialised with TP=tp, PP=pp (no virtual pipeline).
     The config and parallel layout are validated, and the checkpoint files located, before
@@ -50,6 +54,9 @@ def build_megatron_gpt(
     from megatron.core.models.gpt import GPTModel
 
     from .block_spec import gpt_local_block_spec  # imports megatron
+
+    if attention not in ("megatron", "sdpa"):
+        raise ValueError(f"attention must be 'megatron' or 'sdpa', got {attention!r}.")
 
     hf_config = read_hf_config(hf_dir)
     config = transformer_config_from_hf(hf_config, tp, pp, sequence_parallel, **overrides)
@@ -71,7 +78,7 @@ def build_megatron_gpt(
         with _cpu_tensor_cuda_noop(enabled=pp > 1 and model_kwargs["share_embeddings_and_output_weights"]):
             model = GPTModel(
                 config=config,
-                transformer_layer_spec=gpt_local_block_spec(config, pp_rank=pp_rank),
+                transformer_layer_spec=gpt_local_block_spec(config, pp_rank=pp_rank, attention=attention),
                 pre_process=parallel_state.is_pipeline_first_stage(),
                 post_process=parallel_state.is_pipeline_last_stage(),
                 **model_kwargs,

@@ -39,6 +39,18 @@ def parallel_linear_kind(module: nn.Module) -> Optional[str]:
     return None
 
 
+TRANSFORMER_ENGINE_LINEARS = ("TELayerNormColumnParallelLinear", "TEColumnParallelLinear", "TERowParallelLinear",
+                              "TELinear", "TEColumnParallelGroupedLinear", "TERowParallelGroupedLinear")
+
+
+def transformer_engine_linear(module: nn.Module) -> Optional[str]:
+    """The class name of a megatron TransformerEngine linear layer (and subclasses), else None."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in TRANSFORMER_ENGINE_LINEARS and cls.__module__.startswith("megatron.core"):
+            return cls.__name__
+    return None
+
+
 def embedding_kind(module: nn.Module) -> Optional[str]:
     """'vocab_parallel' for megatron's VocabParallelEmbedding (and subclasses), 'embedding' for
     ``nn.Embedding`` (and subclasses, e.g. scaled word embeddings), else None."""

@@ -99,13 +99,14 @@ class LoraLinear(LoraLayer):
         return lm.dora_output(base_nobias, lora_out, self._dora_scale(name))
 
     def _can_fuse(self, x: torch.Tensor, adapters: list[str]) -> bool:
-        """The one-function path needs a frozen plain Linear/Conv1D and one dtype throughout."""
+        """The one-function path needs a frozen plain Linear/Conv1D and an input in the base's
+        dtype (the adapters compute in it: lm.in_compute_dtype)."""
         base = self.base_layer
         return (
             (type(base) is nn.Linear or self._fan_in_fan_out)
             and not base.weight.requires_grad
             and not any(self.is_dora(n) for n in adapters)
-            and all(self.lora_A[n].weight.dtype == x.dtype == base.weight.dtype for n in adapters)
+            and x.dtype == base.weight.dtype
         )
 
     def _forward_fused(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
@@ -116,7 +117,8 @@ class LoraLinear(LoraLayer):
         factors = []
         for name in adapters:
             lora_b = self.lora_B[name]
-            factors += [self.lora_A[name].weight, lora_b.weight, lora_b.bias, self._dropout_mask(name, x.shape, x)]
+            factors += [*(lm.in_compute_dtype(f, x) for f in (self.lora_A[name].weight, lora_b.weight, lora_b.bias)),
+                        self._dropout_mask(name, x.shape, x)]
         spec = FusedSpec(group=None, tp_size=1, sequence_parallel=False, scalings=tuple(self.scaling[n] for n in adapters))
         weight = base.weight.t() if self._fan_in_fan_out else base.weight
         return ColumnParallelLoRA.apply(x, weight, base.bias, spec, *factors)

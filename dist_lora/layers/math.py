@@ -72,9 +72,18 @@ def init_lora_factors(
     return a, b, bias
 
 
+def in_compute_dtype(factor: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A factor as the LoRA products use it: in the layer input's dtype.
+
+    Mixed precision: a bf16/fp16 base computes its LoRA products in bf16/fp16 too, while the
+    factors themselves stay fp32 masters (their gradients come back in fp32 through the cast)."""
+    return None if factor is None else factor.to(x.dtype)
+
+
 def lora_down(x: torch.Tensor, a: torch.Tensor, scaling: float, dropout: torch.nn.Module) -> torch.Tensor:
-    """h = s · A · dropout(x), the r-sized intermediate (scaled here, where it is cheapest)."""
-    return F.linear(dropout(x.to(a.dtype)), a) * scaling
+    """h = s · A · dropout(x), the r-sized intermediate (scaled here, where it is cheapest),
+    in x's dtype (:func:`in_compute_dtype`)."""
+    return F.linear(dropout(x), in_compute_dtype(a, x)) * scaling
 
 
 def scaled_bias(bias: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -83,8 +92,8 @@ def scaled_bias(bias: torch.Tensor, scaling: float) -> torch.Tensor:
 
 
 def lora_up(h: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], scaling: float) -> torch.Tensor:
-    """B h (+ s · b): completes s · (B A x + b) given h = s · A x."""
-    return F.linear(h, b, None if bias is None else scaled_bias(bias, scaling))
+    """B h (+ s · b): completes s · (B A x + b) given h = s · A x (in h's dtype, see :func:`lora_down`)."""
+    return F.linear(h, in_compute_dtype(b, h), None if bias is None else in_compute_dtype(scaled_bias(bias, scaling), h))
 
 
 def delta_weight(

@@ -113,7 +113,7 @@ class ParallelLoraLayer(LoraLayer):
             self.tp_comm == "fused"
             and not base.weight.requires_grad
             and not self.lora_magnitude_vector  # DoRA layers take the reference path
-            and all(self.lora_A[n].weight.dtype == x.dtype == base.weight.dtype for n in adapters)
+            and x.dtype == base.weight.dtype  # adapters compute in it (lm.in_compute_dtype)
             and not getattr(base, "explicit_expert_comm", False)
             and not getattr(base, "disable_grad_reduce", False)
         )
@@ -189,7 +189,8 @@ class LoraColumnParallelLinear(ParallelLoraLayer):
         factors = []
         for name in adapters:
             lora_b = self.lora_B[name]
-            factors += [self.lora_A[name].weight, lora_b.weight, lora_b.bias, self._dropout_mask(name, full_shape, x)]
+            factors += [*(lm.in_compute_dtype(f, x) for f in (self.lora_A[name].weight, lora_b.weight, lora_b.bias)),
+                        self._dropout_mask(name, full_shape, x)]
         bias = None if base.skip_bias_add else base.bias
         out = ColumnParallelLoRA.apply(x, weight, bias, self._spec(adapters), *factors)
         if gather:
@@ -287,7 +288,8 @@ class LoraRowParallelLinear(ParallelLoraLayer):
         factors = []
         with self._sharded_rng():
             for name in adapters:
-                factors += [self.lora_A[name].weight, self.lora_B[name].weight, None, self._dropout_mask(name, x.shape, x)]
+                factors += [lm.in_compute_dtype(self.lora_A[name].weight, x), lm.in_compute_dtype(self.lora_B[name].weight, x),
+                            None, self._dropout_mask(name, x.shape, x)]
         out = RowParallelLoRA.apply(x, base.weight, self._spec(adapters), *factors)
         for name in adapters:
             bias = self.lora_B[name].bias

@@ -112,8 +112,9 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: Optional[float]) -> float:
     from megatron.core import parallel_state
 
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-    sharded = sum((p.grad.float().norm() ** 2 for p in params if getattr(p, "tensor_model_parallel", False)), torch.zeros(()))
-    replicated = sum((p.grad.float().norm() ** 2 for p in params if not getattr(p, "tensor_model_parallel", False)), torch.zeros(()))
+    zero = torch.zeros((), device=params[0].grad.device if params else None)  # NCCL reduces device tensors only
+    sharded = sum((p.grad.float().norm() ** 2 for p in params if getattr(p, "tensor_model_parallel", False)), zero)
+    replicated = sum((p.grad.float().norm() ** 2 for p in params if not getattr(p, "tensor_model_parallel", False)), zero)
     if dist.is_initialized():
         dist.all_reduce(sharded, group=parallel_state.get_tensor_model_parallel_group())
         total = sharded + replicated

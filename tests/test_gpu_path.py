@@ -1,0 +1,73 @@
+"""The training job's device, attention, recompute and throughput options on CPU: SDPA and
+megatron attention give the same run, full recompute the same losses, ``summary.json`` has the
+throughput figures, ``train.device=cuda`` without CUDA is refused before any process group, and
+TransformerEngine layers are refused with what to do instead."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from dist_lora import ConfigError, LoraConfig, get_lora_model
+from dist_lora.train import train
+from dist_lora.train_config import load_train_config
+from tests.harness import run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = os.path.join(ROOT, "configs", "cpu_small.yaml")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory) -> None:
+    os.environ["DIST_LORA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def _run(out: str, *overrides: str) -> dict:
+    config = load_train_config(SMALL, (f"train.out_dir={out}", "train.steps=4", "train.eval_interval=0", *overrides))
+    return train(config)
+
+
+def test_attention_and_recompute_choices_train_alike(tmp_path) -> None:
+    runs = {
+        name: run_distributed(_run, 2, tp=2, args=(str(tmp_path / name), *overrides))[0]
+        for name, overrides in [
+            ("sdpa", ("model.attention=sdpa",)),
+            ("megatron", ("model.attention=megatron",)),
+            ("full", ("model.attention=sdpa", "train.recompute=full")),
+        ]
+    }
+    for step, loss in runs["sdpa"]["losses"].items():
+        assert loss == pytest.approx(runs["megatron"]["losses"][step], rel=1e-5)
+        assert loss == runs["full"]["losses"][step]  # recompute changes no number
+    with open(runs["sdpa"]["summary"]) as f:
+        summary = json.load(f)
+    assert summary["tokens_per_s"] > 0 and summary["model_flops_per_token"] > 0
+    assert summary["mfu"] is None and summary["peak_memory_gib"] is None  # CPU: no peak set, no device memory
+
+
+def test_mfu_with_a_peak(tmp_path) -> None:
+    summary = run_distributed(_run, 2, tp=2, args=(str(tmp_path / "run"), "train.peak_tflops=1.0"))[0]
+    expected = summary["model_flops_per_token"] * summary["tokens_per_s"] / (1e12 * 2)
+    assert summary["mfu"] == pytest.approx(expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_cuda_is_refused_before_any_process_group(tmp_path) -> None:
+    config = load_train_config(SMALL, (f"train.out_dir={tmp_path}", "train.device=cuda"))
+    with pytest.raises(ConfigError, match="train.device is cuda but this machine has no usable CUDA device"):
+        train(config)
+    assert not torch.distributed.is_initialized()
+
+
+def test_transformer_engine_layers_are_refused() -> None:
+    """A stand-in class with TransformerEngine's name and module (TE itself cannot be installed here):
+    the refusal is by class, before anything is wrapped."""
+    te_linear = type("TELayerNormColumnParallelLinear", (nn.Module,), {"__module__": "megatron.core.extensions.transformer_engine"})
+    model = nn.ModuleDict({"linear_qkv": te_linear(), "linear_proj": nn.Linear(4, 4)})
+    with pytest.raises(ConfigError, match="TransformerEngine's TELayerNormColumnParallelLinear.*local spec"):
+        get_lora_model(model, LoraConfig(r=2, target_modules=["linear_qkv", "linear_proj"]))
+    assert isinstance(model["linear_proj"], nn.Linear)
