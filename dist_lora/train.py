@@ -25,6 +25,7 @@ import torch.distributed as dist
 from .config import ConfigError
 from .data import Batch, load_tokenizer
 from .data.source import open_dataset
+from .release.consolidate import consolidate
 from .train_config import TrainConfig, TrainSection
 
 PROBE_BATCH = 2  # sequences of the held-out probe whose logits are saved for verification
@@ -383,8 +384,6 @@ def _save_initial_adapter(model, out_dir: str) -> Optional[str]:
 
 def _consolidate(checkpoint: str, out: str, hf_dir: str, initial: Optional[str] = None) -> str:
     if dist.get_rank() == 0:
-        from .checkpoint.consolidate import consolidate
-
         consolidate(checkpoint, out, hf_model_dir=hf_dir, overwrite=True, show_progress=False, initial_checkpoint_dir=initial)
     dist.barrier()
     return out

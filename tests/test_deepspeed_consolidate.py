@@ -24,8 +24,8 @@ import peft  # noqa: E402
 from peft import PeftModel  # noqa: E402
 
 from dist_lora import LoraConfig, get_lora_model  # noqa: E402
-from dist_lora.checkpoint.consolidate import ConsolidationError  # noqa: E402
-from dist_lora.checkpoint.deepspeed_adapter import consolidate_deepspeed  # noqa: E402
+from dist_lora.release.consolidate import consolidate_deepspeed  # noqa: E402
+from dist_lora.release.errors import ConsolidationError  # noqa: E402
 from dist_lora.cli import BAD_INPUT  # noqa: E402
 from dist_lora.cli import main as cli_main  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402

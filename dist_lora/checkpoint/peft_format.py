@@ -23,6 +23,7 @@ from ..io import atomic_path
 from ..layers.base import LoraLayer
 from ..layers.embedding import SAVED_BASE_WEIGHT, LoraEmbedding
 from ..modules_to_save import ModulesToSaveWrapper
+from .conversion import converted_config, mutated_to_plain
 
 if TYPE_CHECKING:
     from ..model import LoraModel
@@ -98,8 +99,6 @@ def save_adapter(
         raise ValueError(f"adapter {adapter!r} has uninitialised (meta) tensors; load weights before saving.")
     config = model.peft_config[adapter]
     if initial_dir is not None:
-        from .conversion import converted_config, mutated_to_plain  # conversion imports this module
-
         config = converted_config(config)
         initial = read_adapter_file(os.path.join(initial_dir, WEIGHTS_NAME))
         tensors = {k: v.contiguous() for k, v in mutated_to_plain(tensors, initial).items()}
