@@ -13,26 +13,24 @@ and a megatron model whose geometry differs from the HF model's.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
 from ..bridges import HFLlamaArch, layer_module_name, megatron_geometry_mismatch, split_layer_name
 from ..checkpoint.peft_format import resolve_parameter, set_tensor
+from ..model import LoraModel, get_lora_model
 from ..naming import global_module_name
 from .translate import MegatronAdapter, PeftToMegatronError, translate_peft_adapter
 
-if TYPE_CHECKING:
-    from ..model import LoraModel
-
 
 def load_peft_adapter_into_megatron(
-    model: "LoraModel | torch.nn.Module",
+    model: LoraModel | torch.nn.Module,
     adapter_dir: str | os.PathLike,
     hf_model_dir: str | os.PathLike,
     adapter_name: str = "default",
     is_trainable: bool = False,
-) -> "LoraModel":
+) -> LoraModel:
     """Load the PEFT adapter in ``adapter_dir`` (for the HF model in ``hf_model_dir``) into a
     megatron GPTModel built from that HF model, at any TP/PP layout; every rank calls it.
 
@@ -43,8 +41,6 @@ def load_peft_adapter_into_megatron(
     Returns the LoraModel. All checks run before the model is changed; if loading fails after
     the adapter was created, it is removed again (and a bare model unwrapped).
     """
-    from ..model import LoraModel, get_lora_model
-
     adapter = translate_peft_adapter(adapter_dir, hf_model_dir)
     config = adapter.config
     config.inference_mode = not is_trainable
@@ -94,7 +90,7 @@ def _check_model(gpt: torch.nn.Module, arch: HFLlamaArch, hf_model_dir: str) -> 
 
 
 @torch.no_grad()
-def _assign(lora_model: "LoraModel", adapter: MegatronAdapter, adapter_name: str, source: str) -> None:
+def _assign(lora_model: LoraModel, adapter: MegatronAdapter, adapter_name: str, source: str) -> None:
     """Slice each module's full factors to this rank's shard and set them; every check
     first, then the updates."""
     updates, seen = [], set()
