@@ -257,3 +257,14 @@ def test_nonfinite_adapter_is_not_released(zero2, tmp_path) -> None:
     with pytest.raises(ConsolidationError, match=r"lora_\S+ in .* has 1 NaN/Inf values.*--allow-nonfinite"):
         consolidate_deepspeed(ckpt, tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_base_rewriting_init_is_refused(zero2, tmp_path) -> None:
+    """The DeepSpeed source goes through the same release checks as a sharded checkpoint."""
+    ckpt = _copy(zero2[0], tmp_path)
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    config["init_lora_weights"] = "pissa"
+    (ckpt / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConsolidationError, match=r"init_lora_weights='pissa' changes the base weights"):
+        consolidate_deepspeed(ckpt, tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()

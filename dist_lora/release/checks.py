@@ -41,12 +41,18 @@ def check_factors(sources: dict[str, Source], config: LoraConfig) -> None:
         if source.suffix in LORA_SUFFIXES:
             present.setdefault(source.module, set()).add(source.suffix)
     dora = {"lora_magnitude_vector"} if config.use_dora else set()  # DoRA's m [out]: split like B's rows
-    linear = {*LoraLayer.factor_keys} | ({"lora_B.bias"} if config.lora_bias else set()) | dora
     for module, suffixes in sorted(present.items()):
-        want = {*EMBEDDING_FACTOR_KEYS} | dora if suffixes & {*EMBEDDING_FACTOR_KEYS} else linear
+        want = {*EMBEDDING_FACTOR_KEYS} | dora if suffixes & {*EMBEDDING_FACTOR_KEYS} else linear_adapter_keys(config)
         problem = incomplete_adapter(module, suffixes, want, note=f" (lora_bias={config.lora_bias})")
         if problem:
             raise ConsolidationError(problem)
+
+
+def linear_adapter_keys(config: LoraConfig) -> set[str]:
+    """The tensors of a linear layer's adapter under ``config``: A and B, B's bias with
+    lora_bias, DoRA's magnitude with use_dora."""
+    bias = {"lora_B.bias"} if config.lora_bias else set()
+    return {*LoraLayer.factor_keys} | bias | ({"lora_magnitude_vector"} if config.use_dora else set())
 
 
 def rank_mismatch(config: LoraConfig, module: str, rank: int) -> Optional[str]:

@@ -42,6 +42,7 @@ from ..bridges import (
     Mapped,
     hf_features,
     incomplete_adapter,
+    is_megatron_name,
     layer_module_name,
     parse_hf_config,
     read_hf_config,
@@ -51,10 +52,10 @@ from ..checkpoint.peft_format import PREFIX, WEIGHTS_NAME, read_adapter_file
 from ..config import ConfigError, LoraConfig
 from ..layers.math import lora_scaling
 from ..targeting import HF_DEFAULT_TARGETS, is_targeted
-from .checks import rank_mismatch
+from .checks import linear_adapter_keys, rank_mismatch
 from .fuse import FusedFactors, Part, fuse
 from .peft import explicit_targets, released_config
-from .sources import LINEAR_SUFFIXES
+from .sources import LINEAR_SUFFIXES, split_key
 
 # From the bridge's table: the HF linear modules of a decoder layer (megatron LoRA targets) and
 # the model-level ones (embedding, head), which the loader refuses.
@@ -143,7 +144,7 @@ def _read_config(adapter_dir: str) -> LoraConfig:
     return config
 
 
-def _split_key(key: str) -> tuple[str, str]:
+def _factor_key(key: str) -> tuple[str, str]:
     """``base_model.model.<module>.<suffix>`` -> (module, suffix), refusing what is not a
     LoRA factor."""
     if not key.startswith(PREFIX):
@@ -151,7 +152,8 @@ def _split_key(key: str) -> tuple[str, str]:
             f"{key!r} is not a PEFT adapter key (expected base_model.model.<module>.lora_A.weight / lora_B.weight)."
         )
     rest = key[len(PREFIX):]
-    if rest.startswith(("decoder.", "embedding.", "output_layer")):
+    module, suffix = split_key(rest)
+    if is_megatron_name(module):
         raise PeftToMegatronError(
             f"{key!r} uses a megatron module name: this is a megatron-format adapter (consolidate "
             "--format megatron); load it with LoraModel.from_pretrained / load_adapter instead."
@@ -163,9 +165,8 @@ def _split_key(key: str) -> tuple[str, str]:
                 f"q/k/v/o and gate/up/down projections only (not LoRA on {top}, modules_to_save copies of it, or "
                 "embedding weights PEFT saves with save_embedding_layers)."
             )
-    for suffix in LINEAR_SUFFIXES:
-        if rest.endswith("." + suffix):
-            return rest[: -len(suffix) - 1], suffix
+    if suffix in LINEAR_SUFFIXES:
+        return module, suffix
     if "lora_magnitude_vector" in rest:
         raise PeftToMegatronError(f"{key!r}: DoRA adapters are not supported by the megatron loader.")
     if "lora_embedding_" in rest:
@@ -183,7 +184,7 @@ def _parts(
     features = hf_features(arch.family, arch)  # HF layer submodule -> (in, out)
     by_module: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key in sorted(tensors):
-        module, suffix = _split_key(key)
+        module, suffix = _factor_key(key)
         parsed = split_layer_name(module, HF_LAYERS, anywhere=False)
         if parsed is None or parsed[1] not in features:
             raise PeftToMegatronError(
@@ -197,7 +198,7 @@ def _parts(
             )
         by_module.setdefault(module, {})[suffix] = (key, tensors[key])
 
-    want = {"lora_A.weight", "lora_B.weight"} | ({"lora_B.bias"} if config.lora_bias else set())
+    want = linear_adapter_keys(config)  # no DoRA: refused with the config
     parts = {}
     for module, found in sorted(by_module.items()):
         problem = incomplete_adapter(
