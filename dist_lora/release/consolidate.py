@@ -34,12 +34,9 @@ import os
 import tempfile
 from typing import Optional
 
-from safetensors.torch import save_file
-
 from ..checkpoint.conversion import ConversionError, check_convertible, doubled_rank, mutated_to_plain
-from ..checkpoint.peft_format import WEIGHTS_NAME, read_adapter_file
+from ..checkpoint.peft_format import WEIGHTS_NAME, read_adapter_file, write_adapter_dir
 from ..config import LoraConfig
-from ..io import atomic_path
 from .checks import CONVERSION_HINT, check_factors, check_releasable
 from .deepspeed_source import read_deepspeed
 from .errors import ConsolidationError
@@ -185,11 +182,5 @@ def convert_adapter_dir(
     trained = read_adapter_file(os.path.join(trained_dir, WEIGHTS_NAME))
     initial = read_adapter_file(os.path.join(initial_dir, WEIGHTS_NAME))
     tensors = {k: v.contiguous() for k, v in mutated_to_plain(trained, initial).items()}
-    config = doubled_rank(trained_config)
-    config.inference_mode = True
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    with atomic_path(os.path.join(out_dir, WEIGHTS_NAME)) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    config.save_pretrained(out_dir)
-    return out_dir
+    write_adapter_dir(out_dir, tensors, doubled_rank(trained_config))
+    return os.fspath(out_dir)
