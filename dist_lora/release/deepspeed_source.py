@@ -3,11 +3,12 @@
 :func:`read_deepspeed` turns it into the :class:`~.sources.AdapterSource` that
 :func:`.consolidate.consolidate_deepspeed` feeds through the same stages as a sharded
 checkpoint. One process, no process group, no DeepSpeed code run (see
-:mod:`dist_lora.checkpoint.deepspeed_reader` for the layout and the safe loading). Input: the directory given to ``engine.save_checkpoint(dir)``
-(or one of its tag directories) of a run where only adapter parameters were trainable, at
-ZeRO stage 1, 2 or 3, any data-parallel size, no model parallelism. Output, into ``out_dir``:
-``adapter_model.safetensors`` (fp32 master weights) + ``adapter_config.json``, which
-``peft.PeftModel.from_pretrained`` loads onto the Hugging Face model.
+:mod:`dist_lora.checkpoint.deepspeed_reader` for the layout and the safe loading). Input: the
+directory given to ``engine.save_checkpoint(dir)`` (or one of its tag directories) of a run
+where only adapter parameters were trainable, at ZeRO stage 1, 2 or 3, any data-parallel size,
+no model parallelism. Output, into ``out_dir``: ``adapter_model.safetensors`` (fp32 master
+weights) + ``adapter_config.json``, which ``peft.PeftModel.from_pretrained`` loads onto the
+Hugging Face model.
 
 Parameter names -> PEFT keys. The engine's module is a dist_lora ``LoraModel`` (names
 ``model.<hf module>...``) or a PEFT ``PeftModel`` (``base_model.model.<hf module>...``): a

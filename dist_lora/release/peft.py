@@ -31,7 +31,15 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Optional
 
-from ..bridges import DEFAULT_MODULES, HFLlamaArch, hf_module_names, is_megatron_name, parse_hf_config, read_hf_config, rows_to_hf
+from ..bridges import (
+    DEFAULT_MODULES,
+    HFLlamaArch,
+    hf_module_names,
+    is_megatron_name,
+    parse_hf_config,
+    read_hf_config,
+    rows_to_hf,
+)
 from ..checkpoint.peft_format import PREFIX
 from ..checkpoint.safetensors_stream import row_runs
 from ..config import LoraConfig, explicit_pattern

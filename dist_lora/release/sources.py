@@ -52,8 +52,9 @@ def split_key(key: str) -> tuple[str, str]:
 
 
 class Source(StoredTensor):
-    """One global (TP=1 layout) tensor of the checkpoint (:class:`~dist_lora.checkpoint.pieces.StoredTensor`:
-    its pieces; none for a source that is not a sharded checkpoint), seen as a module's tensor."""
+    """One global (TP=1 layout) tensor of the checkpoint, seen as a module's tensor
+    (:class:`~dist_lora.checkpoint.pieces.StoredTensor`: its pieces; none for a source that is
+    not a sharded checkpoint)."""
 
     @property
     def module(self) -> str:
@@ -102,10 +103,11 @@ class ShardedSource(AdapterSource):
 
 
 def read_sharded(directory: str, verify: bool = True) -> ShardedSource:
-    """The sharded checkpoint in ``directory``: its manifest checked (:func:`~dist_lora.checkpoint.manifest.read_manifest`:
-    schema, plain file names, every adapter shard and adapter_config.json present and, with
-    ``verify``, their sha256; optimizer and RNG files are neither read nor needed), every
-    tensor's pieces checked against the shard headers and to cover it exactly once."""
+    """The sharded checkpoint in ``directory``: its manifest checked
+    (:func:`~dist_lora.checkpoint.manifest.read_manifest`: schema, plain file names, every
+    adapter shard and adapter_config.json present and, with ``verify``, their sha256; optimizer
+    and RNG files are neither read nor needed), every tensor's pieces checked against the shard
+    headers and to cover it exactly once."""
     with as_consolidation_error():
         manifest = read_manifest(directory, verify=verify, parts=("adapter",))
         config = sharded_config(directory)
