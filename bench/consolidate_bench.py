@@ -43,13 +43,13 @@ def _child(mode: str, ckpt: str, out: str, hf: str) -> None:
     import torch  # noqa: F401  (imports before the baseline)
     from safetensors.torch import load_file, save_file
 
-    from dist_lora.checkpoint.consolidate import consolidate
+    from dist_lora.release.consolidate import consolidate
     import transformers  # noqa: F401
 
     if mode.startswith("warm-"):  # import transformers' model code and build the meta model once first
-        from dist_lora.checkpoint.consolidate import _hf_modules
+        from dist_lora.release.hf_model import hf_modules
 
-        _hf_modules(hf)
+        hf_modules(hf)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = _status("VmRSS")

@@ -8,7 +8,12 @@ import sys
 import warnings
 from typing import Callable
 
+from .checkpoint.deepspeed_reader import is_deepspeed_checkpoint
+from .checkpoint.sharded import MANIFEST
 from .config import DistLoraWarning
+from .release.consolidate import consolidate, consolidate_deepspeed
+from .release.merged import merge_export
+from .release.sources import is_training_root, resolve_checkpoint_dir
 
 
 BAD_INPUT = 2  # exit code for bad input: a bad argument (as argparse), a bad config or file
@@ -43,10 +48,6 @@ def _consolidate(args: argparse.Namespace, rest: list[str]) -> int:
     """Join a sharded (or DeepSpeed) adapter checkpoint into one PEFT (or megatron-named) adapter."""
     if rest:
         return _error("consolidate", f"unrecognized arguments: {' '.join(rest)}")
-    from .checkpoint.consolidate import consolidate, is_training_root
-    from .checkpoint.deepspeed_reader import is_deepspeed_checkpoint
-    from .checkpoint.sharded import MANIFEST
-
     deepspeed = args.deepspeed or (
         not os.path.isfile(os.path.join(args.checkpoint, MANIFEST))
         and not is_training_root(args.checkpoint)
@@ -60,8 +61,6 @@ def _consolidate(args: argparse.Namespace, rest: list[str]) -> int:
     options = dict(hf_model_dir=args.hf_model, overwrite=args.overwrite, show_progress=not args.no_progress,
                    allow_nonfinite=args.allow_nonfinite)
     if deepspeed:
-        from .checkpoint.deepspeed_adapter import consolidate_deepspeed
-
         return _release("consolidate", lambda: consolidate_deepspeed(
             args.checkpoint, args.out_dir, config=args.config, adapter=args.adapter, tag=args.tag, **options
         ))
@@ -72,8 +71,6 @@ def _consolidate(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _resolved(checkpoint: str) -> str:
     """The checkpoint to read; for a training run's root its latest one, said on stderr."""
-    from .checkpoint.consolidate import resolve_checkpoint_dir
-
     found = resolve_checkpoint_dir(checkpoint)
     if found != checkpoint:
         print(f"{checkpoint} is a training run's checkpoint root: using its latest checkpoint {found}", file=sys.stderr)
@@ -84,8 +81,6 @@ def _merge(args: argparse.Namespace, rest: list[str]) -> int:
     """Merge a sharded adapter checkpoint into its HF base model and write an HF checkpoint."""
     if rest:
         return _error("merge", f"unrecognized arguments: {' '.join(rest)}")
-    from .checkpoint.merged_export import merge_export
-
     return _release("merge", lambda: merge_export(
         _resolved(args.checkpoint), args.hf_model, args.out_dir, overwrite=args.overwrite,
         max_shard_size=args.max_shard_size, show_progress=not args.no_progress, allow_nonfinite=args.allow_nonfinite,

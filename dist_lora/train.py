@@ -38,6 +38,7 @@ from .parallel.grads import allreduce_data_parallel_grads, clip_grad_norm_, fina
 from .parallel.loss_scale import DynamicLossScale
 from .parallel.recompute import inputs_require_grad, recompute_settings
 from .parallel.setup import init_distributed, is_rank0, shutdown_distributed
+from .release.consolidate import consolidate
 from .tiny_model import builtin_model_dir
 from .train_config import TrainConfig
 from .train_health import agree_on_step, handle_nonfinite
@@ -341,8 +342,6 @@ def _save_initial_adapter(model, out_dir: str) -> Optional[str]:
 
 def _consolidate(checkpoint: str, out: str, hf_dir: str, initial: Optional[str] = None) -> str:
     if dist.get_rank() == 0:
-        from .checkpoint.consolidate import consolidate
-
         consolidate(checkpoint, out, hf_model_dir=hf_dir, overwrite=True, show_progress=False, initial_checkpoint_dir=initial)
     dist.barrier()
     return out

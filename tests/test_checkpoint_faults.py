@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from dist_lora import ConfigError, LoraConfig, get_lora_model
-from dist_lora.checkpoint.consolidate import ConsolidationError, consolidate
+from dist_lora.release.consolidate import consolidate
+from dist_lora.release.errors import ConsolidationError
 from dist_lora.checkpoint.manifest import LEGACY_FORMATS
 from dist_lora.checkpoint.sharded import load_sharded, read_manifest, restore_rng_states, save_sharded, sha256_file
 from dist_lora.checkpoint.training import load_checkpoint, save_checkpoint

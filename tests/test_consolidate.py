@@ -34,7 +34,8 @@ from transformers import (  # noqa: E402
 
 from dist_lora import LoraConfig, get_lora_model  # noqa: E402
 from dist_lora.bridges import build_megatron_gpt  # noqa: E402
-from dist_lora.checkpoint.consolidate import ConsolidationError, consolidate  # noqa: E402
+from dist_lora.release.consolidate import consolidate  # noqa: E402
+from dist_lora.release.errors import ConsolidationError  # noqa: E402
 from dist_lora.checkpoint.sharded import save_sharded, sha256_file  # noqa: E402
 from dist_lora.cli import main as cli_main  # noqa: E402
 from dist_lora.model import LoraModel  # noqa: E402

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from dist_lora import LoraConfig, get_lora_model
-from dist_lora.checkpoint.consolidate import ConsolidationError, consolidate
+from dist_lora.release.consolidate import consolidate
+from dist_lora.release.errors import ConsolidationError
 from dist_lora.checkpoint.conversion import ConversionError, converted_config
 from dist_lora.train import train
 from dist_lora.train_config import load_train_config

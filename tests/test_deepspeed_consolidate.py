@@ -24,8 +24,8 @@ import peft  # noqa: E402
 from peft import PeftModel  # noqa: E402
 
 from dist_lora import LoraConfig, get_lora_model  # noqa: E402
-from dist_lora.checkpoint.consolidate import ConsolidationError  # noqa: E402
-from dist_lora.checkpoint.deepspeed_adapter import consolidate_deepspeed  # noqa: E402
+from dist_lora.release.consolidate import consolidate_deepspeed  # noqa: E402
+from dist_lora.release.errors import ConsolidationError  # noqa: E402
 from dist_lora.cli import BAD_INPUT  # noqa: E402
 from dist_lora.cli import main as cli_main  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
@@ -255,5 +255,16 @@ def test_nonfinite_adapter_is_not_released(zero2, tmp_path) -> None:
     torch.save(optim, optim_path)
     torch.save(model, model_path)
     with pytest.raises(ConsolidationError, match=r"lora_\S+ in .* has 1 NaN/Inf values.*--allow-nonfinite"):
+        consolidate_deepspeed(ckpt, tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_base_rewriting_init_is_refused(zero2, tmp_path) -> None:
+    """The DeepSpeed source goes through the same release checks as a sharded checkpoint."""
+    ckpt = _copy(zero2[0], tmp_path)
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    config["init_lora_weights"] = "pissa"
+    (ckpt / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConsolidationError, match=r"init_lora_weights='pissa' changes the base weights"):
         consolidate_deepspeed(ckpt, tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out").exists()

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 
 from dist_lora import LoraConfig, LoraModel, get_lora_model  # noqa: E402
 from dist_lora.bridges import build_megatron_gpt  # noqa: E402
-from dist_lora.checkpoint.consolidate import consolidate  # noqa: E402
+from dist_lora.release.consolidate import consolidate  # noqa: E402
 from dist_lora.checkpoint.sharded import save_sharded  # noqa: E402
 from dist_lora.parallel.grads import finalize_lora_grads  # noqa: E402
 from tests import hf_models  # noqa: E402

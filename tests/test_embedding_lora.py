@@ -36,8 +36,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 
 from dist_lora import LoraConfig, get_lora_model  # noqa: E402
 from dist_lora.bridges import build_megatron_gpt  # noqa: E402
-from dist_lora.checkpoint.consolidate import consolidate  # noqa: E402
-from dist_lora.checkpoint.merged_export import merge_export  # noqa: E402
+from dist_lora.release.consolidate import consolidate  # noqa: E402
+from dist_lora.release.merged import merge_export  # noqa: E402
 from dist_lora.checkpoint.sharded import load_sharded, save_sharded  # noqa: E402
 from dist_lora.config import ConfigError  # noqa: E402
 from dist_lora.layers import LoraEmbedding  # noqa: E402

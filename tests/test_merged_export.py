@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 
 from dist_lora import LoraConfig, get_lora_model  # noqa: E402
 from dist_lora.bridges import build_megatron_gpt  # noqa: E402
-from dist_lora.checkpoint.merged_export import MergedExportError, merge_export, parse_size  # noqa: E402
+from dist_lora.release.merged import MergedExportError, merge_export, parse_size  # noqa: E402
 from dist_lora.checkpoint.sharded import save_sharded  # noqa: E402
 from dist_lora.cli import main as cli_main  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402

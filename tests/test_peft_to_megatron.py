@@ -1,4 +1,4 @@
-"""PEFT adapter -> sharded megatron model (:mod:`dist_lora.checkpoint.peft_to_megatron`).
+"""PEFT adapter -> sharded megatron model (:mod:`dist_lora.release.to_megatron`).
 
 Adapters are made with the real PEFT (``init_lora_weights=False``, so B != 0) on tiny HF Llama
 (GQA) and Qwen2 (q/k/v biases) models and saved with ``save_pretrained``: all-linear, PEFT's
@@ -33,12 +33,9 @@ from transformers import (  # noqa: E402
 )
 
 from dist_lora.bridges import merge_gate_up, merge_qkv_rows  # noqa: E402
-from dist_lora.checkpoint.consolidate import consolidate  # noqa: E402
-from dist_lora.checkpoint.peft_to_megatron import (  # noqa: E402
-    PeftToMegatronError,
-    load_peft_adapter_into_megatron,
-    translate_peft_adapter,
-)
+from dist_lora.release.consolidate import consolidate  # noqa: E402
+from dist_lora.release.to_megatron import load_peft_adapter_into_megatron  # noqa: E402
+from dist_lora.release.translate import PeftToMegatronError, translate_peft_adapter  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
 from tests.hf_models import MEGATRON_LLAMA  # noqa: E402
 

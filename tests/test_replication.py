@@ -370,7 +370,8 @@ def _megatron_run(hf_dir: str, tp: int, sp: bool, save_to: str | None, load_from
 
 
 def test_megatron_replication_tp_sp_checkpoint_and_peft(tmp_path) -> None:
-    from dist_lora.checkpoint.consolidate import ConsolidationError, consolidate
+    from dist_lora.release.consolidate import consolidate
+    from dist_lora.release.errors import ConsolidationError
     from tests.harness import run_distributed
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Release a PiSSA / OLoRA / CorDA adapter as a plain LoRA adapter for the ORIGINAL base model.
+"""Convert a PiSSA / OLoRA / CorDA adapter to a plain LoRA adapter for the ORIGINAL base model.
 
 These inits move the top of the base weight into the adapter: training runs on
 W_res = W - s·B0·A0 with the adapter starting at (A0, B0). After training the model computes
@@ -13,20 +13,18 @@ alpha x2, or x√2 with rsLoRA). PEFT calls this ``path_initial_model_for_weight
 A' and B' are computed per tensor, so the conversion works on a rank's shards as well as on
 whole tensors: A's rows and B's columns (the rank dimension) are never tensor-parallel sharded.
 modules_to_save tensors are kept as trained (they replace their module whatever the base);
-PEFT drops them here, which silently loses them.
+PEFT drops them here, which silently loses them. Releasing a sharded run converted is
+:func:`dist_lora.release.consolidate.consolidate` with ``initial_checkpoint_dir``.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-from typing import Optional
 
 import torch
 
 from ..config import ConfigError, LoraConfig
-from ..io import atomic_path
-from .peft_format import WEIGHTS_NAME, read_adapter_file
+
 
 class ConversionError(ConfigError):
     """The trained and initial adapters do not describe one PiSSA/OLoRA/CorDA run."""
@@ -56,10 +54,12 @@ def converted_config(config: LoraConfig) -> LoraConfig:
     """The config of the converted adapter: plain init, r (and rank_pattern) doubled,
     lora_alpha (and alpha_pattern) x2 (x√2 with rsLoRA), so that every scaling is kept."""
     check_convertible(config)
-    return _doubled_rank(config)
+    return doubled_rank(config)
 
 
-def _doubled_rank(config: LoraConfig) -> LoraConfig:
+def doubled_rank(config: LoraConfig) -> LoraConfig:
+    """A copy of ``config`` with plain init, r (and rank_pattern) doubled and lora_alpha (and
+    alpha_pattern) x2 (x√2 with rsLoRA), unchecked (:func:`converted_config` checks first)."""
     config = copy.deepcopy(config)
     config.init_lora_weights = True
     config.corda_config = None  # the released adapter needs no data pass
@@ -98,39 +98,3 @@ def mutated_to_plain(
         start = start.to(tensor.dtype)
         out[key] = torch.cat([tensor, start], dim=0) if is_a else torch.cat([tensor, -start], dim=1)
     return out
-
-
-def convert_adapter_dir(
-    trained_dir: str | os.PathLike,
-    initial_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    run_config: Optional[LoraConfig] = None,
-) -> str:
-    """Convert the PEFT adapter in ``trained_dir`` using the same adapter as saved before
-    training (``initial_dir``) and write the plain-LoRA adapter into ``out_dir``.
-
-    ``run_config`` is the config the run was trained with (default: ``initial_dir``'s); it
-    must be a convertible init. The written config is ``trained_dir``'s with r and alpha
-    doubled as in :func:`converted_config`."""
-    from safetensors.torch import save_file
-
-    trained_config = LoraConfig.from_pretrained(trained_dir)
-    initial_config = LoraConfig.from_pretrained(initial_dir)
-    check_convertible(run_config or initial_config)
-    if (trained_config.r, trained_config.lora_alpha, trained_config.rank_pattern) != (
-        initial_config.r, initial_config.lora_alpha, initial_config.rank_pattern
-    ):
-        raise ConversionError(
-            f"{trained_dir} and {initial_dir} have different r / lora_alpha / rank_pattern: not the same run."
-        )
-    trained = read_adapter_file(os.path.join(trained_dir, WEIGHTS_NAME))
-    initial = read_adapter_file(os.path.join(initial_dir, WEIGHTS_NAME))
-    tensors = {k: v.contiguous() for k, v in mutated_to_plain(trained, initial).items()}
-    config = _doubled_rank(trained_config)
-    config.inference_mode = True
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    with atomic_path(os.path.join(out_dir, WEIGHTS_NAME)) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    config.save_pretrained(out_dir)
-    return out_dir

@@ -109,11 +109,16 @@ def save_adapter(
         config, tensors = convert(config, tensors)
     with zero.single_writer(model) as writes:  # ZeRO-3: rank 0 writes, every rank waits for it
         if writes:
-            os.makedirs(directory, exist_ok=True)
-            with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
-                save_file(tensors, tmp, metadata={"format": "pt"})
-            config_to_save = LoraConfig.from_dict({**config.to_dict(), "inference_mode": True})
-            config_to_save.save_pretrained(directory)
+            write_adapter_dir(directory, tensors, config)
+
+
+def write_adapter_dir(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: LoraConfig) -> None:
+    """Write ``tensors`` (PEFT's saved names) and ``config`` (saved with inference_mode=True,
+    ``config`` itself unchanged) as a PEFT adapter directory; the weights file atomically."""
+    os.makedirs(directory, exist_ok=True)
+    with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    LoraConfig.from_dict({**config.to_dict(), "inference_mode": True}).save_pretrained(directory)
 
 
 def read_adapter_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ tokenizer files copied) that ``transformers.AutoModelForCausalLM.from_pretrained
 the merged model.
 
 How, with bounded memory:
-  1. :func:`dist_lora.checkpoint.consolidate.consolidate` writes the PEFT adapter (HF module
+  1. :func:`dist_lora.release.consolidate.consolidate` writes the PEFT adapter (HF module
      names, fused QKV / gated fc1 split with the bridge's layouts) into a temporary directory
      next to OUT_DIR (removed at the end). An adapter is small next to the base model.
   2. The base checkpoint is streamed one tensor at a time: for a targeted module
@@ -30,14 +30,19 @@ import tempfile
 from typing import Optional
 
 import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
-from ..bridges.checkpoint_reader import CheckpointReader
+from ..bridges import CheckpointReader
+from ..checkpoint.peft_format import PREFIX, WEIGHTS_NAME
+from ..checkpoint.safetensors_stream import DTYPES, SafetensorsFormatError, ShardReader, StreamWriter
 from ..config import LoraConfig
 from ..io import paths_overlap
 from ..layers import math as lm
-from .consolidate import ConsolidationError, check_out_dir, consolidate, staged_output
-from .peft_format import PREFIX, WEIGHTS_NAME
-from .safetensors_stream import DTYPES, SafetensorsFormatError, ShardReader, StreamWriter
+from .consolidate import consolidate
+from .errors import ConsolidationError
+from .sources import LORA_SUFFIXES, split_key
+from .write import check_out_dir, staged_output
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -121,15 +126,14 @@ class _AdapterFile:
     """The consolidated PEFT adapter, read one module at a time; tracks what was used."""
 
     def __init__(self, path: str, config: LoraConfig) -> None:
-        from safetensors import safe_open
-
         self.config = config
         self._file = safe_open(path, framework="pt").__enter__()
         self.keys = frozenset(self._file.keys())
         self.unused = set(self.keys)
-        self.modules = {k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in self.unused if ".lora_" in k}
-        if any(not k.startswith(PREFIX) for k in self.unused):
-            raise MergedExportError(f"unexpected adapter tensor names: {sorted(self.unused)[:5]}.")  # pragma: no cover
+        keys = (split_key(k.removeprefix(PREFIX)) for k in self.keys)
+        self.modules = {module for module, suffix in keys if suffix in LORA_SUFFIXES}
+        if any(not k.startswith(PREFIX) for k in self.keys):
+            raise MergedExportError(f"unexpected adapter tensor names: {sorted(self.keys)[:5]}.")  # pragma: no cover
 
     def _get(self, key: str) -> Optional[torch.Tensor]:
         if key not in self.keys:
@@ -191,8 +195,6 @@ def _plan(reader: CheckpointReader, limit: int) -> list[list[tuple[str, torch.dt
 
 
 def _write_merged(staging: str, reader: CheckpointReader, adapter: _AdapterFile, limit: int, show_progress: bool) -> None:
-    from tqdm.auto import tqdm
-
     shards = _plan(reader, limit)
     names = [SINGLE_NAME] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))

@@ -1,11 +1,14 @@
-"""A DeepSpeed ZeRO checkpoint of LoRA training -> one PEFT adapter (``dist-lora consolidate``).
+"""A DeepSpeed ZeRO checkpoint of LoRA training as a release source (``dist-lora consolidate``).
 
-One process, no process group, no DeepSpeed code run (see :mod:`.deepspeed_reader` for the
-layout and the safe loading). Input: the directory given to ``engine.save_checkpoint(dir)``
-(or one of its tag directories) of a run where only adapter parameters were trainable, at
-ZeRO stage 1, 2 or 3, any data-parallel size, no model parallelism. Output, into ``out_dir``:
-``adapter_model.safetensors`` (fp32 master weights) + ``adapter_config.json``, which
-``peft.PeftModel.from_pretrained`` loads onto the Hugging Face model.
+:func:`read_deepspeed` turns it into the :class:`~.sources.AdapterSource` that
+:func:`.consolidate.consolidate_deepspeed` feeds through the same stages as a sharded
+checkpoint. One process, no process group, no DeepSpeed code run (see
+:mod:`dist_lora.checkpoint.deepspeed_reader` for the layout and the safe loading). Input: the
+directory given to ``engine.save_checkpoint(dir)`` (or one of its tag directories) of a run
+where only adapter parameters were trainable, at ZeRO stage 1, 2 or 3, any data-parallel size,
+no model parallelism. Output, into ``out_dir``: ``adapter_model.safetensors`` (fp32 master
+weights) + ``adapter_config.json``, which ``peft.PeftModel.from_pretrained`` loads onto the
+Hugging Face model.
 
 Parameter names -> PEFT keys. The engine's module is a dist_lora ``LoraModel`` (names
 ``model.<hf module>...``) or a PEFT ``PeftModel`` (``base_model.model.<hf module>...``): a
@@ -29,23 +32,26 @@ Checks before anything is written: every rank's optimizer partition is present a
 ``adapter`` (else the error lists what was found), every adapted module has its factors, ranks
 agree with the config, at ZeRO-1/2 the fp32 masters equal the saved module weights, and with
 ``hf_model_dir`` every key names a module of the HF model with the right shape. The output is
-staged and renamed into place by :mod:`.consolidate`'s writer (with its progress bar), so a
-failure leaves ``out_dir`` as it was.
+staged and renamed into place by :mod:`.write` (with its progress bar), so a failure leaves
+``out_dir`` as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import re
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
-from ..config import CONFIG_NAME, ConfigError, LoraConfig
-from . import consolidate as cons
-from .deepspeed_reader import DeepSpeedCheckpoint, DeepSpeedCheckpointError
-from .manifest import read_adapter_config
-from .peft_format import WEIGHTS_NAME
+from ..checkpoint.deepspeed_reader import DeepSpeedCheckpoint
+from ..checkpoint.manifest import read_adapter_config
+from ..config import CONFIG_NAME, LoraConfig
+from .errors import ConsolidationError, as_consolidation_error
+from .hf_model import hf_modules
+from .sources import AdapterSource, Read, Source
 
 _WRAPPER_PREFIXES = ("base_model.model.", "model.")  # PeftModel, dist_lora LoraModel
 _ADAPTER_KEY = re.compile(
@@ -54,73 +60,54 @@ _ADAPTER_KEY = re.compile(
 )
 
 
-def consolidate_deepspeed(
-    checkpoint_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
+@dataclasses.dataclass
+class DeepSpeedSource(AdapterSource):
+    """A DeepSpeed checkpoint's adapter tensors (fp32 masters) under PEFT-style keys."""
+
+    checkpoint: DeepSpeedCheckpoint
+    names: dict[str, str]  # key -> the engine's parameter name
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Read]:
+        def read(source: Source) -> torch.Tensor:
+            with as_consolidation_error():
+                return self.checkpoint.tensor(self.names[source.key])
+
+        yield read
+
+
+def read_deepspeed(
+    checkpoint_dir: str,
     config: Optional[str | os.PathLike] = None,
     adapter: str = "default",
-    hf_model_dir: Optional[str | os.PathLike] = None,
+    hf_model_dir: Optional[str] = None,
     tag: Optional[str] = None,
-    overwrite: bool = False,
-    show_progress: bool = True,
-    allow_nonfinite: bool = False,
-) -> str:
-    """Write adapter ``adapter`` of the DeepSpeed checkpoint in ``checkpoint_dir`` (the
-    ``latest`` tag unless ``tag``) as one PEFT adapter into ``out_dir``; return ``out_dir``.
-    A tensor with NaN/Inf values is refused unless ``allow_nonfinite``.
-    Raises :class:`~dist_lora.checkpoint.consolidate.ConsolidationError` (a ``ValueError``)."""
-    checkpoint_dir, out_dir = os.fspath(checkpoint_dir), os.fspath(out_dir)
-    hf_model_dir = None if hf_model_dir is None else os.fspath(hf_model_dir)
-    cons.check_out_dir(out_dir, overwrite, checkpoint_dir)
-    try:
+) -> DeepSpeedSource:
+    """Adapter ``adapter`` of the DeepSpeed checkpoint in ``checkpoint_dir`` (the ``latest``
+    tag unless ``tag``) with its LoraConfig (see the module docstring); ``hf_model_dir`` decides
+    an ambiguous wrapper prefix. Checks every partition and, at ZeRO-1/2, the fp32 masters
+    against the saved module weights."""
+    with as_consolidation_error():
         checkpoint = DeepSpeedCheckpoint(checkpoint_dir, tag)
-    except DeepSpeedCheckpointError as e:
-        raise cons.ConsolidationError(str(e)) from None
     lora_config = _load_config(config, checkpoint_dir, checkpoint.dir)
-    if lora_config.init_kind.rewrites_base:
-        raise cons.ConsolidationError(
-            f"init_lora_weights={lora_config.init_lora_weights!r} changes the base weights during training; such an "
-            "adapter cannot be released as a plain LoRA file for the original model."
-        )
-    hf_modules = set(cons._hf_modules(hf_model_dir, lora_config.layer_replication)) if hf_model_dir else None
+    modules = set(hf_modules(hf_model_dir, lora_config.layer_replication)) if hf_model_dir else None
     trainable = list(checkpoint.shapes)
-    names = adapter_names(trainable, adapter, checkpoint.dir, trainable + checkpoint.frozen_names, hf_modules)
-    try:
+    names = adapter_names(trainable, adapter, checkpoint.dir, trainable + checkpoint.frozen_names, modules)
+    with as_consolidation_error():
         checkpoint.check_against_module_state(list(names))
-    except DeepSpeedCheckpointError as e:
-        raise cons.ConsolidationError(str(e)) from None
-
-    sources = {
-        key: cons.Source(key, tuple(checkpoint.shapes[name]), torch.float32, []) for name, key in names.items()
-    }
-    by_key = {key: name for name, key in names.items()}
-    cons._check_factors(sources, lora_config)
-    out_config = cons.identity_config(lora_config, sources, hf_model_dir, rename=True)
-    groups = cons.identity_groups(sources)
-    if hf_model_dir is not None:
-        cons._check_against_hf_model(groups, hf_model_dir, lora_config.layer_replication)
-
-    def fetch(source: cons.Source) -> torch.Tensor:
-        return checkpoint.tensor(by_key[source.key])
-
-    with cons.staged_output(out_dir, overwrite) as staging:
-        cons.write_adapter_file(
-            os.path.join(staging, WEIGHTS_NAME), groups, checkpoint.dir, show_progress, fetch=fetch,
-            allow_nonfinite=allow_nonfinite,
-        )
-        out_config.save_pretrained(staging)
-    return out_dir
+    tensors = {key: Source(key, tuple(checkpoint.shapes[name]), torch.float32, []) for name, key in names.items()}
+    return DeepSpeedSource(lora_config, tensors, checkpoint.dir, checkpoint, {key: name for name, key in names.items()})
 
 
 def adapter_names(
     trainable: list[str], adapter: str, where: str, all_names: Optional[list[str]] = None,
-    hf_modules: Optional[set[str]] = None,
+    hf_names: Optional[set[str]] = None,
 ) -> dict[str, str]:
     """Trainable parameter name -> adapter key (``<hf module>.lora_A.weight`` ..., no prefix).
 
     Every trainable tensor must belong to some adapter; those of ``adapter`` are returned.
-    ``all_names`` (trainable and frozen) and ``hf_modules`` decide the wrapper prefix."""
-    prefix = _wrapper_prefix(all_names or trainable, hf_modules)
+    ``all_names`` (trainable and frozen) and ``hf_names`` decide the wrapper prefix."""
+    prefix = _wrapper_prefix(all_names or trainable, hf_names)
     found_adapters, others, out = set(), [], {}
     for name in trainable:
         m = _ADAPTER_KEY.fullmatch(name)
@@ -138,13 +125,13 @@ def adapter_names(
         if name_adapter == adapter:
             out[name] = key
     if others:
-        raise cons.ConsolidationError(
+        raise ConsolidationError(
             f"checkpoint {where} has {len(others)} trainable tensors that are not LoRA adapter tensors, e.g. "
             f"{others[:3]}: this is not adapter-only training (for a full fine-tune use DeepSpeed's zero_to_fp32)."
         )
     if not out:
         what = f"adapters {sorted(found_adapters)}" if found_adapters else f"trainable tensors {trainable[:3] or 'none'}"
-        raise cons.ConsolidationError(
+        raise ConsolidationError(
             f"checkpoint {where} has no tensors of adapter {adapter!r}; it holds {what}"
             + (" (pass --adapter)" if found_adapters else "")
             + "."
@@ -152,17 +139,17 @@ def adapter_names(
     return out
 
 
-def _wrapper_prefix(names: list[str], hf_modules: Optional[set[str]] = None) -> str:
+def _wrapper_prefix(names: list[str], hf_names: Optional[set[str]] = None) -> str:
     """The wrapper prefix shared by every parameter name (trainable and frozen): PEFT's
     ``base_model.model.``, dist_lora's ``model.`` or none. ``model.`` is ambiguous (an HF
     CausalLM with tied embeddings has only ``model.*`` parameters too): with the HF model's
     module names the prefix under which the adapted modules exist wins; without them the
     LoraModel reading is taken."""
     candidates = [p for p in _WRAPPER_PREFIXES if names and all(n.startswith(p) for n in names)] + [""]
-    if hf_modules is not None:
+    if hf_names is not None:
         for prefix in candidates:
             modules = {m["module"].removeprefix(prefix) for n in names if (m := _ADAPTER_KEY.fullmatch(n))}
-            if modules and modules <= hf_modules:
+            if modules and modules <= hf_names:
                 return prefix
     return candidates[0]
 
@@ -172,21 +159,16 @@ def _load_config(config: Optional[str | os.PathLike], save_dir: str, tag_dir: st
         config = os.fspath(config)
         directory = os.path.dirname(config) if os.path.basename(config) == CONFIG_NAME else config
         if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
-            raise cons.ConsolidationError(f"--config {config}: no {CONFIG_NAME} there.")
+            raise ConsolidationError(f"--config {config}: no {CONFIG_NAME} there.")
         candidates = [directory]
     else:
         candidates = [save_dir, tag_dir]
     for directory in candidates:
         if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
-            try:
+            with as_consolidation_error():
                 return read_adapter_config(directory)
-            except ConfigError as e:
-                raise cons.ConsolidationError(str(e)) from None
-    raise cons.ConsolidationError(
+    raise ConsolidationError(
         f"a DeepSpeed checkpoint holds no LoRA config and there is no {CONFIG_NAME} in {save_dir} or {tag_dir}: "
         "pass --config DIR (a directory with the adapter_config.json of the run), or save it next to the "
         "checkpoint: model.peft_config['default'].save_pretrained(save_dir)."
     )
-
-
-__all__ = ["consolidate_deepspeed", "adapter_names"]
