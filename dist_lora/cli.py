@@ -8,6 +8,8 @@ import sys
 import warnings
 from typing import Callable
 
+import torch
+
 from .checkpoint.deepspeed_reader import is_deepspeed_checkpoint
 from .checkpoint.sharded import MANIFEST
 from .config import DistLoraWarning
@@ -44,6 +46,9 @@ def _release(command: str, write: Callable[[], str]) -> int:
     return 0
 
 
+RELEASE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _consolidate(args: argparse.Namespace, rest: list[str]) -> int:
     """Join a sharded (or DeepSpeed) adapter checkpoint into one PEFT (or megatron-named) adapter."""
     if rest:
@@ -59,7 +64,7 @@ def _consolidate(args: argparse.Namespace, rest: list[str]) -> int:
         message = "a DeepSpeed checkpoint is written as a PEFT adapter only (no --format megatron, no --initial)"
         return _error("consolidate", message)
     options = dict(hf_model_dir=args.hf_model, overwrite=args.overwrite, show_progress=not args.no_progress,
-                   allow_nonfinite=args.allow_nonfinite)
+                   allow_nonfinite=args.allow_nonfinite, dtype=RELEASE_DTYPES[args.dtype])
     if deepspeed:
         return _release("consolidate", lambda: consolidate_deepspeed(
             args.checkpoint, args.out_dir, config=args.config, adapter=args.adapter, tag=args.tag, **options
@@ -142,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     consolidate.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     consolidate.add_argument("--no-progress", action="store_true", help="no progress bar")
     consolidate.add_argument("--allow-nonfinite", action="store_true", help=_NONFINITE_HELP)
+    consolidate.add_argument("--dtype", choices=tuple(RELEASE_DTYPES), default="fp32",
+                             help="dtype of the released factors (default fp32, as trained; bf16/fp16 halve the file)")
     deepspeed = consolidate.add_argument_group(
         "DeepSpeed checkpoints",
         "CHECKPOINT may be the directory given to engine.save_checkpoint (with 'latest'), or a tag directory with "

@@ -238,6 +238,8 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
             scaler.update(finite)
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
+        if step == start:
+            warm = time.perf_counter()  # throughput in the summary leaves out the first (warm-up) step
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", **speed.postfix(step + 1 - start, elapsed),
                         **({"skipped": len(skipped)} if skipped else {}),
                         **({"overflows": scaler.overflows} if scaler is not None and scaler.overflows else {}))
@@ -256,7 +258,8 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
         "fp16_overflow_steps": scaler.overflows if scaler is not None else None,
         "eval_loss": last_eval,
         "checkpoint": latest_checkpoint(ckpt_root),
-        **speed.figures(max(1, t.steps - start), elapsed),
+        **(speed.figures(t.steps - start - 1, time.perf_counter() - warm) if t.steps - start > 1
+           else speed.figures(1, elapsed)),
         "peak_memory_gib": peak_memory_gib(device),
         "hf_dir": hf_dir,
     }

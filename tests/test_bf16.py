@@ -71,6 +71,17 @@ def test_released_bf16_adapter_gives_peft_the_run_logits(tmp_path) -> None:
     assert diff < 3e-2, diff
     assert effect > 5 * diff, (effect, diff)  # the check would notice a missing or wrong adapter
 
+    from dist_lora.cli import main as cli_main
+
+    half = str(tmp_path / "bf16_release")
+    assert cli_main(["consolidate", summary["checkpoint"], half, "--hf-model", summary["hf_dir"], "--dtype", "bf16",
+                     "--no-progress"]) == 0
+    assert {t.dtype for t in load_file(os.path.join(half, "adapter_model.safetensors")).values()} == {torch.bfloat16}
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(summary["hf_dir"], dtype=torch.float32)
+        half_logits = PeftModel.from_pretrained(base, half).eval()(input_ids=probe["tokens"]).logits
+    assert (half_logits - logits).abs().max().item() < 3e-2  # only the factors' rounding to bf16
+
 
 def _collectives(dtype: torch.dtype) -> dict:
     config = models.tiny_gpt_config(2, True, params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16)

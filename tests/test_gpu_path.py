@@ -71,3 +71,19 @@ def test_transformer_engine_layers_are_refused() -> None:
     with pytest.raises(ConfigError, match="TransformerEngine's TELayerNormColumnParallelLinear.*local spec"):
         get_lora_model(model, LoraConfig(r=2, target_modules=["linear_qkv", "linear_proj"]))
     assert isinstance(model["linear_proj"], nn.Linear)
+
+
+def test_gpu_check_script_runs_its_steps_on_cpu(tmp_path) -> None:
+    """launch/gpu_check.py's steps (model, dist-lora train with recompute none/full, PEFT
+    baseline, logits check, gpu_check.json) on a tiny model on CPU: all but the GPU itself."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "gpu_check.py"), str(tmp_path), "--tiny",
+                             "--device", "cpu", "--dtype", "fp32"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    with open(tmp_path / "gpu_check.json") as f:
+        report = json.load(f)
+    assert set(report["dist_lora"]) == {"none", "full"} and report["peft"]["tokens_per_s"] > 0
+    assert report["logits"]["ok"] and "dist_lora / PEFT tokens/s" in result.stdout

@@ -34,6 +34,8 @@ import os
 import tempfile
 from typing import Optional
 
+import torch
+
 from ..checkpoint.conversion import ConversionError, check_convertible, doubled_rank, mutated_to_plain
 from ..checkpoint.peft_format import WEIGHTS_NAME, read_adapter_file, write_adapter_dir
 from ..config import LoraConfig
@@ -43,7 +45,7 @@ from .errors import ConsolidationError
 from .hf_model import check_against_hf_model
 from .peft import check_format, identity_plan, peft_plan
 from .sources import read_sharded, resolve_checkpoint_dir, sharded_config
-from .write import check_out_dir, staged_output, write_release
+from .write import check_out_dir, released_dtype, staged_output, write_release
 
 
 def consolidate(
@@ -56,6 +58,7 @@ def consolidate(
     verify: bool = True,
     initial_checkpoint_dir: Optional[str | os.PathLike] = None,
     allow_nonfinite: bool = False,
+    dtype: Optional[torch.dtype] = None,
 ) -> str:
     """Write the sharded adapter checkpoint in ``checkpoint_dir`` as one adapter into
     ``out_dir``; return ``out_dir``. ``checkpoint_dir`` may also be a training run's checkpoint
@@ -70,14 +73,16 @@ def consolidate(
     checked against the checkpoint and becomes ``base_model_name_or_path``. A non-empty
     ``out_dir`` is refused unless ``overwrite``. ``verify`` checks the sha256 sums of the shards
     and adapter_config.json. A tensor with NaN/Inf values is refused unless ``allow_nonfinite``.
-    Raises :class:`~.errors.ConsolidationError` (a ``ConfigError``/``ValueError``) naming the problem.
+    ``dtype`` (e.g. ``torch.bfloat16``) is the released dtype of the factors (default: fp32, as
+    trained). Raises :class:`~.errors.ConsolidationError` (a ``ConfigError``/``ValueError``)
+    naming the problem.
     """
     checkpoint_dir, out_dir = resolve_checkpoint_dir(checkpoint_dir), os.fspath(out_dir)
     hf_model_dir = None if hf_model_dir is None else os.fspath(hf_model_dir)
     check_format(format)
     check_out_dir(out_dir, overwrite, checkpoint_dir)
     options = dict(hf_model_dir=hf_model_dir, format=format, show_progress=show_progress, verify=verify,
-                   allow_nonfinite=allow_nonfinite)
+                   allow_nonfinite=allow_nonfinite, dtype=dtype)
     if initial_checkpoint_dir is not None:
         initial_checkpoint_dir = os.fspath(initial_checkpoint_dir)
         check_out_dir(out_dir, overwrite, initial_checkpoint_dir)
@@ -95,6 +100,7 @@ def consolidate_deepspeed(
     overwrite: bool = False,
     show_progress: bool = True,
     allow_nonfinite: bool = False,
+    dtype: Optional[torch.dtype] = None,
 ) -> str:
     """Write adapter ``adapter`` of the DeepSpeed checkpoint in ``checkpoint_dir`` (the
     ``latest`` tag unless ``tag``; its LoraConfig from ``config``, see
@@ -111,7 +117,7 @@ def consolidate_deepspeed(
     plan = identity_plan(source.tensors, source.config, hf_model_dir, rename=True)
     if hf_model_dir is not None:
         check_against_hf_model(plan.groups, hf_model_dir, source.config.layer_replication)
-    return write_release(source, plan, out_dir, overwrite, show_progress, allow_nonfinite)
+    return write_release(source, plan, out_dir, overwrite, show_progress, allow_nonfinite, dtype)
 
 
 def _consolidate(
@@ -123,6 +129,7 @@ def _consolidate(
     show_progress: bool,
     verify: bool,
     allow_nonfinite: bool,
+    dtype: Optional[torch.dtype] = None,
     allow_base_changing: bool = False,
 ) -> str:
     source = read_sharded(checkpoint_dir, verify)
@@ -132,7 +139,7 @@ def _consolidate(
     plan = peft_plan(source.tensors, source.config, hf_model_dir, format)
     if format == "peft" and hf_model_dir is not None:
         check_against_hf_model(plan.groups, hf_model_dir, source.config.layer_replication)
-    return write_release(source, plan, out_dir, overwrite, show_progress, allow_nonfinite)
+    return write_release(source, plan, out_dir, overwrite, show_progress, allow_nonfinite, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,10 +156,11 @@ def _consolidate_converted(checkpoint_dir: str, initial_dir: str, out_dir: str, 
     with staged_output(out_dir, overwrite) as staging:
         with tempfile.TemporaryDirectory(dir=staging) as work:
             trained, initial = os.path.join(work, "trained"), os.path.join(work, "initial")
-            _consolidate(checkpoint_dir, trained, overwrite=False, allow_base_changing=True, **options)
-            _consolidate(initial_dir, initial, overwrite=False, allow_base_changing=True, **options)
+            exact = {**options, "dtype": None}  # converted in fp32, cast once at the end
+            _consolidate(checkpoint_dir, trained, overwrite=False, allow_base_changing=True, **exact)
+            _consolidate(initial_dir, initial, overwrite=False, allow_base_changing=True, **exact)
             try:
-                convert_adapter_dir(trained, initial, staging, run_config=run_config)
+                convert_adapter_dir(trained, initial, staging, run_config=run_config, dtype=options["dtype"])
             except ConversionError as e:
                 raise ConsolidationError(f"{checkpoint_dir} with initial checkpoint {initial_dir}: {e}") from None
     return out_dir
@@ -163,6 +171,7 @@ def convert_adapter_dir(
     initial_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     run_config: Optional[LoraConfig] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> str:
     """Convert the PEFT adapter in ``trained_dir`` using the same adapter as saved before
     training (``initial_dir``) and write the plain-LoRA adapter into ``out_dir``.
@@ -181,6 +190,6 @@ def convert_adapter_dir(
         )
     trained = read_adapter_file(os.path.join(trained_dir, WEIGHTS_NAME))
     initial = read_adapter_file(os.path.join(initial_dir, WEIGHTS_NAME))
-    tensors = {k: v.contiguous() for k, v in mutated_to_plain(trained, initial).items()}
+    tensors = {k: v.to(released_dtype(v.dtype, dtype)).contiguous() for k, v in mutated_to_plain(trained, initial).items()}
     write_adapter_dir(out_dir, tensors, doubled_rank(trained_config))
     return os.fspath(out_dir)

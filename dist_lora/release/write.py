@@ -84,28 +84,37 @@ def write_release(
     overwrite: bool,
     show_progress: bool = True,
     allow_nonfinite: bool = False,
+    dtype: Optional[torch.dtype] = None,
 ) -> str:
     """Write ``plan`` (tensors read from ``source``) as ``adapter_model.safetensors`` +
-    ``adapter_config.json`` into ``out_dir``, staged; return ``out_dir``."""
+    ``adapter_config.json`` into ``out_dir``, staged; return ``out_dir``. ``dtype``: the
+    released floating-point dtype (default: as stored, fp32)."""
     with staged_output(out_dir, overwrite) as staging:
-        write_adapter_file(os.path.join(staging, WEIGHTS_NAME), plan.groups, source, show_progress, allow_nonfinite)
+        write_adapter_file(os.path.join(staging, WEIGHTS_NAME), plan.groups, source, show_progress, allow_nonfinite, dtype)
         plan.config.save_pretrained(staging)
     return out_dir
 
 
+def released_dtype(stored: torch.dtype, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """A tensor's dtype in the release: ``dtype`` for floating-point tensors when given."""
+    return dtype if dtype is not None and stored.is_floating_point else stored
+
+
 def write_adapter_file(
-    path: str, groups: list[Group], source: AdapterSource, show_progress: bool, allow_nonfinite: bool = False
+    path: str, groups: list[Group], source: AdapterSource, show_progress: bool, allow_nonfinite: bool = False,
+    dtype: Optional[torch.dtype] = None,
 ) -> None:
     """Stream every group's outputs into one safetensors file, the widest dtypes first (which
-    keeps every tensor's data aligned). Each source tensor is read once from ``source``; one
-    with NaN/Inf values is refused unless ``allow_nonfinite``."""
-    groups = sorted(groups, key=lambda group: -group[0].dtype.itemsize)
-    specs = [(out.name, src.dtype, out.shape) for src, outs in groups for out in outs]
+    keeps every tensor's data aligned). Each source tensor is read once from ``source`` and cast
+    to the released dtype; one with NaN/Inf values (also after that cast: fp16 overflows above
+    65504) is refused unless ``allow_nonfinite``."""
+    groups = sorted(groups, key=lambda group: -released_dtype(group[0].dtype, dtype).itemsize)
+    specs = [(out.name, released_dtype(src.dtype, dtype), out.shape) for src, outs in groups for out in outs]
     bar = tqdm(total=len(specs), unit="tensor", desc="consolidating", disable=not show_progress)
     try:
         with source.reading() as read, StreamWriter(path, specs, metadata={"format": "pt"}) as writer:
             for src, outputs in groups:
-                tensor = read(src)
+                tensor = read(src).to(released_dtype(src.dtype, dtype))
                 if not allow_nonfinite:
                     _check_finite(src.key, tensor, source.where)
                 for out in outputs:
