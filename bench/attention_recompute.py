@@ -13,9 +13,6 @@ thread), recompute none. CPU figures only: on a GPU SDPA runs flash / memory-eff
 
 from __future__ import annotations
 
-import os
-import socket
-
 import torch
 
 import common
@@ -27,13 +24,6 @@ from dist_lora.parallel.recompute import RECOMPUTE, inputs_require_grad, recompu
 from dist_lora.parallel.setup import init_distributed, shutdown_distributed  # noqa: E402
 
 
-def _single_process() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
 def lora_gpt(args, recompute: str, sdpa: bool):
     base = models.megatron_gpt(args, 1, False, sdpa=sdpa, **recompute_settings(recompute))
     model = get_lora_model(base, LoraConfig(**{**models.LORA, "r": args.r, "lora_alpha": 2 * args.r}))
@@ -42,12 +32,7 @@ def lora_gpt(args, recompute: str, sdpa: bool):
 
 
 def saved_bytes(args, recompute: str, sdpa: bool) -> int:
-    model = lora_gpt(args, recompute, sdpa)
-    tokens, labels = models.batch(args)
-    with common.SavedTensorMeter(model) as meter:
-        loss = models.gpt_loss(model, tokens, labels)
-    loss.backward()
-    return meter.bytes
+    return models.gpt_saved_bytes(lora_gpt(args, recompute, sdpa), args)
 
 
 def main() -> None:
@@ -56,7 +41,7 @@ def main() -> None:
     common.add_timing_args(p, rounds=6)
     args = p.parse_args()
     torch.set_num_threads(1)
-    _single_process()
+    common.single_process_env()
     init_distributed(tp=1)
     common.say(f"{models.describe(args)}; LoRA r={args.r} on every linear, frozen base, one process.\n")
     out = {"model": models.describe(args), "saved_bytes": {}, "step_seconds": {}}

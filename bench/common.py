@@ -293,3 +293,16 @@ def run_child(args: list[str]) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"child {args} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def single_process_env() -> None:
+    """torchrun's environment for a one-process run started with plain ``python`` (a free port)."""
+    import os
+    import socket
+
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -129,3 +129,15 @@ def gpt_variant(args: argparse.Namespace, tp: int, sp: bool, mode: str):
 def gpt_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (megatron returns per-token losses)."""
     return model(tokens, position_ids=None, attention_mask=None, labels=labels).mean()
+
+
+def gpt_saved_bytes(model, args: argparse.Namespace) -> int:
+    """Bytes autograd keeps for backward during one forward of ``model`` on :func:`batch`
+    (bench/common.SavedTensorMeter); the backward then runs and frees them."""
+    import common
+
+    tokens, labels = batch(args)
+    with common.SavedTensorMeter(model) as meter:
+        loss = gpt_loss(model, tokens, labels)
+    loss.backward()
+    return meter.bytes

@@ -20,7 +20,6 @@ every mode so that the whole backward graph is recorded), total and per transfor
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 
@@ -32,15 +31,6 @@ from dist_lora.layers.parallel import LoraColumnParallelLinear, LoraRowParallelL
 from dist_lora.parallel.setup import init_distributed, shutdown_distributed  # noqa: E402
 
 MODES = ["base", "fused", "fused-keep", "reference"]
-
-
-def _single_process_env() -> None:
-    if "WORLD_SIZE" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def layer(kind: str, mode: str, args, tp: int, sp: bool):
@@ -81,11 +71,7 @@ def layer_bytes(kind: str, mode: str, args, tp: int, sp: bool) -> int:
 
 def model_bytes(mode: str, args, tp: int, sp: bool) -> int:
     model, _ = models.gpt_variant(args, tp, sp, mode)
-    tokens, labels = models.batch(args)
-    with common.SavedTensorMeter(model) as meter:
-        loss = models.gpt_loss(model, tokens, labels)
-    loss.backward()
-    return meter.bytes
+    return models.gpt_saved_bytes(model, args)
 
 
 def main() -> None:
@@ -93,7 +79,7 @@ def main() -> None:
     models.add_model_args(p, hidden=1024, layers=2, batch=2, seq=256, vocab=4096)
     p.add_argument("--no-model", action="store_true", help="only the single-layer table")
     args = p.parse_args()
-    _single_process_env()
+    common.single_process_env()
     tp = int(os.environ["WORLD_SIZE"])
     init_distributed(tp=tp)
     common.say(f"TP={tp}; {models.describe(args)}; LoRA r={args.r}. Bytes saved for backward during forward, "

@@ -20,23 +20,13 @@ from safetensors.torch import load_file
 from dist_lora import LoraConfig, get_lora_model
 from dist_lora.parallel.comm_counter import CollectiveCounter
 from dist_lora.parallel.grads import finalize_lora_grads
-from dist_lora.train import train
-from dist_lora.train_config import load_train_config
 from tests import models
 from tests.harness import run_distributed
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = os.path.join(ROOT, "configs", "cpu_small.yaml")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory) -> None:
-    os.environ["DIST_LORA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+from tests.small_runs import builtin_model_cache, run_small  # noqa: F401 (fixture)
 
 
 def _run(out: str, *overrides: str) -> dict:
-    config = load_train_config(SMALL, (f"train.out_dir={out}", "train.eval_interval=0", *overrides))
-    return train(config)
+    return run_small(out, *overrides)
 
 
 def test_bf16_layouts_agree_and_stay_close_to_fp32(tmp_path) -> None:

@@ -13,22 +13,14 @@ import torch
 from torch import nn
 
 from dist_lora import ConfigError, LoraConfig, get_lora_model
+from tests.harness import run_distributed
 from dist_lora.train import train
 from dist_lora.train_config import load_train_config
-from tests.harness import run_distributed
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = os.path.join(ROOT, "configs", "cpu_small.yaml")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory) -> None:
-    os.environ["DIST_LORA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+from tests.small_runs import ROOT, SMALL, builtin_model_cache, run_small  # noqa: F401 (fixture)
 
 
 def _run(out: str, *overrides: str) -> dict:
-    config = load_train_config(SMALL, (f"train.out_dir={out}", "train.steps=4", "train.eval_interval=0", *overrides))
-    return train(config)
+    return run_small(out, "train.steps=4", *overrides)
 
 
 def test_attention_and_recompute_choices_train_alike(tmp_path) -> None:
