@@ -10,12 +10,16 @@ from typing import Callable
 
 import torch
 
+from .bridges import UnsupportedCheckpointError
 from .checkpoint.deepspeed_reader import is_deepspeed_checkpoint
 from .checkpoint.sharded import MANIFEST
 from .config import DistLoraWarning
+from .demo import run_demo
 from .release.consolidate import consolidate, consolidate_deepspeed
 from .release.merged import merge_export
 from .release.sources import is_training_root, resolve_checkpoint_dir
+from .train import train
+from .train_config import load_train_config
 
 
 BAD_INPUT = 2  # exit code for bad input: a bad argument (as argparse), a bad config or file
@@ -94,10 +98,6 @@ def _merge(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
     """One rank of a training job (run it under torchrun)."""
-    from .bridges import UnsupportedCheckpointError
-    from .train import train
-    from .train_config import load_train_config
-
     bad = [r for r in rest if "=" not in r]
     if bad:
         return _error("train", f"unrecognized arguments: {' '.join(bad)}")
@@ -110,8 +110,6 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
-    from .demo import run_demo
-
     return run_demo(args.out, nproc=args.nproc, overrides=rest)
 
 

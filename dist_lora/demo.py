@@ -14,13 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .tiny_model import builtin_model_dir
+
 DEMO_CONFIG = str(Path(__file__).parent / "configs" / "demo.yaml")
 TOLERANCE = 1e-4
 
 
 def run_demo(out: str, nproc: int = 2, overrides: list[str] | None = None) -> int:
-    from .tiny_model import builtin_model_dir
-
     hf_dir = builtin_model_dir()
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
