@@ -5,11 +5,12 @@ Every check that can fail (config keys, layout against the model, data) runs on 
 before any process-group work, so bad input gives the same clear error everywhere instead of
 a hang. Rank 0 prints the summary, the progress bar and the evaluation lines.
 
-Each step's loss and gradient norm are agreed by all ranks in one all-reduce; a non-finite one
-stops the run (``train.on_nonfinite=stop``: NonFiniteTrainingError on every rank, the last good
-checkpoint kept, nothing released) or skips that optimizer step (``skip``: counted in the log,
-the summary and the checkpoints' trainer state). A run owns the checkpoints after its start
-step (see ``train.on_later_checkpoints`` in :mod:`dist_lora.train_config`).
+The model is built on ``train.device`` in ``model.dtype`` (:mod:`dist_lora.parallel.device`;
+fp16 with :mod:`~dist_lora.parallel.loss_scale`), with ``model.attention`` and
+``train.recompute``. Each step's loss and gradient norm are agreed by all ranks in one
+all-reduce (:mod:`dist_lora.train_health`: a non-finite one stops the run or skips the step).
+A run owns the checkpoints after its start step (``train.on_later_checkpoints`` in
+:mod:`dist_lora.train_config`). Throughput and ``summary.json``: :mod:`dist_lora.train_report`.
 """
 
 from __future__ import annotations
