@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import warnings
 from typing import Callable
 
@@ -19,7 +20,7 @@ from .release.consolidate import consolidate, consolidate_deepspeed
 from .release.merged import merge_export
 from .release.sources import is_training_root, resolve_checkpoint_dir
 from .train import train
-from .train_config import load_train_config
+from .train_config import describe_keys, load_train_config
 
 
 BAD_INPUT = 2  # exit code for bad input: a bad argument (as argparse), a bad config or file
@@ -178,10 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser(
         "train",
         help="one rank of a LoRA fine-tuning job (launch it with torchrun)",
-        description="Fine-tune LoRA on a megatron model built from a local HF checkpoint (or the built-in tiny "
-        "model) as the YAML config says; periodic sharded checkpoints; at the end a consolidated PEFT "
-        "adapter in <train.out_dir>/adapter. Overrides: section.key=value (e.g. train.steps=50 lora.r=16). "
-        "Example: torchrun --nproc-per-node 2 -m dist_lora.cli train --config configs/demo.yaml",
+        description=textwrap.fill(
+            "Fine-tune LoRA on a megatron model built from a local HF checkpoint (or the built-in tiny "
+            "model) as the YAML config says; periodic sharded checkpoints; at the end a consolidated PEFT "
+            "adapter in <train.out_dir>/adapter. Overrides: section.key=value (e.g. train.steps=50 lora.r=16). "
+            "Example: torchrun --nproc-per-node 2 -m dist_lora.cli train --config configs/demo.yaml", 100),
+        epilog=describe_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("--config", help="YAML config (see configs/); omitted: all defaults")
     train.add_argument(

@@ -345,3 +345,15 @@ def load_train_config(path: Optional[str], overrides: tuple[str, ...] = ()) -> T
     )
     config.validate()
     return config
+
+
+def describe_keys() -> str:
+    """Every config key with its default and what it must be (from :data:`RULES`), for ``--help``."""
+    defaults = TrainConfig()
+    lines = ["config keys (section.key=value overrides any of them; lora.* takes any LoraConfig field):"]
+    for key, rule in RULES.items():
+        section, name = key.split(".")
+        default = getattr(getattr(defaults, section), name)
+        shown = yaml.safe_dump(list(default) if isinstance(default, tuple) else default, default_flow_style=True)
+        lines.append(f"  {key}={shown.strip().removesuffix('...').strip()}: {rule.text}")
+    return "\n".join(lines)
