@@ -289,3 +289,13 @@ def test_yaml_exponent_text_is_a_number() -> None:
     """YAML 1.1 reads 3e-4 as a string; a float key takes it as the number it spells."""
     assert load_train_config(SMALL, ("optim.lr=3e-4",)).optim.lr == 3e-4
     assert load_train_config(SMALL, ("optim.betas=[0.9, 1e-3]",)).optim.betas == [0.9, 1e-3]
+
+
+def test_train_help_lists_every_config_key(capsys) -> None:
+    from dist_lora.cli import main as cli_main
+    from dist_lora.train_config import RULES
+
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert all(f"  {key}=" in out for key in RULES), [key for key in RULES if f"  {key}=" not in out]
