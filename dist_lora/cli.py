@@ -231,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument("--nproc", type=int, default=2, help="processes = tensor-parallel size (default 2)")
     args, rest = parser.parse_known_args(argv)
-    commands_by_name = {"consolidate": _consolidate, "inspect": _inspect, "merge": _merge, "train": _train, "demo": _demo}
+    commands_by_name = {
+        "consolidate": _consolidate, "inspect": _inspect, "merge": _merge, "train": _train, "demo": _demo,
+    }
     return commands_by_name[args.command](args, rest)
 
 

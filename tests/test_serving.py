@@ -147,3 +147,12 @@ def test_inspect_cli(hf_dir, tmp_path, capsys) -> None:
     assert "set max_lora_rank >= 8" in text
     assert cli_main(["inspect", str(tmp_path / "nothing")]) == 2
     assert "dist-lora inspect: error:" in capsys.readouterr().err
+
+
+def test_sglang_refuses_moe_expert_adapters() -> None:
+    from dist_lora.release.serving import ENGINES, check_servable
+
+    experts = ["model.layers.0.mlp.experts.0.down_proj"]
+    check_servable(LoraConfig(r=4), ENGINES["vllm"], experts)  # vLLM: no such rule
+    with pytest.raises(ConsolidationError, match="SGLang expects MoE expert adapters in its own layout"):
+        check_servable(LoraConfig(r=4), ENGINES["sglang"], experts)

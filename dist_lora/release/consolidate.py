@@ -47,7 +47,7 @@ from .deepspeed_source import read_deepspeed
 from .errors import ConsolidationError
 from .hf_model import check_against_hf_model
 from .peft import check_format, identity_plan, peft_plan
-from .serving import check_servable, engine_for, write_for_engine
+from .serving import Engine, check_servable, engine_for, write_for_engine
 from .sources import read_sharded, resolve_checkpoint_dir, sharded_config
 from .write import check_out_dir, released_dtype, staged_output, write_release
 
@@ -128,10 +128,22 @@ def consolidate_deepspeed(
     checkpoint_dir, out_dir = os.fspath(checkpoint_dir), os.fspath(out_dir)
     hf_model_dir = None if hf_model_dir is None else os.fspath(hf_model_dir)
     check_out_dir(out_dir, overwrite, checkpoint_dir)
-    if engine_for(target) is not None:
-        return _for_engine(target, out_dir, overwrite, dtype, lambda peft_dir: consolidate_deepspeed(
-            checkpoint_dir, peft_dir, config, adapter, hf_model_dir, tag, False, show_progress, allow_nonfinite))
+    engine = engine_for(target)
+    if engine is not None:
+        return _for_engine(target, out_dir, overwrite, dtype, lambda peft_dir: _consolidate_deepspeed(
+            checkpoint_dir, peft_dir, config, adapter, hf_model_dir, tag, False, show_progress, allow_nonfinite, None,
+            engine))
+    return _consolidate_deepspeed(checkpoint_dir, out_dir, config, adapter, hf_model_dir, tag, overwrite,
+                                  show_progress, allow_nonfinite, dtype, None)
+
+
+def _consolidate_deepspeed(checkpoint_dir: str, out_dir: str, config: Optional[str], adapter: str, hf_model_dir: Optional[str],
+                           tag: Optional[str], overwrite: bool, show_progress: bool, allow_nonfinite: bool,
+                           dtype: Optional[torch.dtype], engine: Optional[Engine]) -> str:
+    """The DeepSpeed release; with ``engine``, what it cannot serve is refused right after reading."""
     source = read_deepspeed(checkpoint_dir, config, adapter, hf_model_dir, tag)
+    if engine is not None:
+        check_servable(source.config, engine, where=checkpoint_dir)
     check_releasable(source.config)
     check_factors(source.tensors, source.config)
     plan = identity_plan(source.tensors, source.config, hf_model_dir, rename=True)

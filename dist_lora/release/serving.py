@@ -18,7 +18,8 @@ The engines read a PEFT adapter with rules of their own (one table per engine, :
 :func:`fold_scaling` makes the global scaling exact: ``B' = B · s_module / s_global`` with
 ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) per module and ``s_global = lora_alpha /
 R`` of the written config (``r = R``, the largest rank), which has no patterns and
-``use_rslora`` False (so both engines compute the same ``s_global``). Folding is done in fp32 and is exact up to one rounding of B.
+``use_rslora`` False (so both engines compute the same ``s_global``). The product is taken in
+fp64 and rounded once to B's dtype.
 """
 
 from __future__ import annotations
