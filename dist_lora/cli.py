@@ -17,7 +17,9 @@ from .checkpoint.sharded import MANIFEST
 from .config import DistLoraWarning
 from .demo import run_demo
 from .release.consolidate import consolidate, consolidate_deepspeed
+from .release.inspect import inspect_adapter
 from .release.merged import merge_export
+from .release.serving import TARGETS
 from .release.sources import is_training_root, resolve_checkpoint_dir
 from .train import train
 from .train_config import describe_keys, load_train_config
@@ -69,14 +71,31 @@ def _consolidate(args: argparse.Namespace, rest: list[str]) -> int:
         message = "a DeepSpeed checkpoint is written as a PEFT adapter only (no --format megatron, no --initial)"
         return _error("consolidate", message)
     options = dict(hf_model_dir=args.hf_model, overwrite=args.overwrite, show_progress=not args.no_progress,
-                   allow_nonfinite=args.allow_nonfinite, dtype=RELEASE_DTYPES[args.dtype])
+                   allow_nonfinite=args.allow_nonfinite, dtype=RELEASE_DTYPES[args.dtype], target=args.target)
     if deepspeed:
-        return _release("consolidate", lambda: consolidate_deepspeed(
+        code = _release("consolidate", lambda: consolidate_deepspeed(
             args.checkpoint, args.out_dir, config=args.config, adapter=args.adapter, tag=args.tag, **options
         ))
-    return _release("consolidate", lambda: consolidate(
-        _resolved(args.checkpoint), args.out_dir, format=args.format, initial_checkpoint_dir=args.initial, **options
-    ))
+    else:
+        code = _release("consolidate", lambda: consolidate(
+            _resolved(args.checkpoint), args.out_dir, format=args.format, initial_checkpoint_dir=args.initial, **options
+        ))
+    if code == 0 and args.target != "peft":
+        report = inspect_adapter(args.out_dir, args.target)
+        print(f"{report.engine}: set max_lora_rank >= {report.max_lora_rank}")
+    return code
+
+
+def _inspect(args: argparse.Namespace, rest: list[str]) -> int:
+    """Print what a PEFT adapter holds and whether the engine (--for) serves it as trained."""
+    if rest:
+        return _error("inspect", f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        report = inspect_adapter(args.adapter_dir, args.target)
+    except (ValueError, OSError) as e:
+        return _error("inspect", str(e))
+    print("\n".join(report.lines()))
+    return 0
 
 
 def _resolved(checkpoint: str) -> str:
@@ -143,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         help="PiSSA/OLoRA/CorDA runs: the sharded checkpoint saved before training (dist-lora train writes "
         "OUT/initial_adapter); the output is then a plain LoRA adapter of rank 2r for the original base model",
     )
+    consolidate.add_argument(
+        "--for", dest="target", choices=TARGETS, default="peft",
+        help="peft (default), or a serving engine: each module's scaling folded into B, no rank/alpha patterns, "
+        "what the engine cannot serve refused; prints the server's minimal max_lora_rank",
+    )
     consolidate.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     consolidate.add_argument("--no-progress", action="store_true", help="no progress bar")
     consolidate.add_argument("--allow-nonfinite", action="store_true", help=_NONFINITE_HELP)
@@ -176,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     merge.add_argument("--no-progress", action="store_true", help="no progress bar")
     merge.add_argument("--allow-nonfinite", action="store_true", help=_NONFINITE_HELP)
+    inspect = commands.add_parser(
+        "inspect",
+        help="what a PEFT adapter holds, and whether a serving engine serves it as trained",
+        description="Print the adapter's targets, ranks, scalings, dtypes and size; with --for ENGINE whether "
+        "that engine would serve it as trained (and why not) and the max_lora_rank to set.",
+    )
+    inspect.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="PEFT adapter directory")
+    inspect.add_argument("--for", dest="target", choices=TARGETS[1:], default=None, help="a serving engine")
     train = commands.add_parser(
         "train",
         help="one rank of a LoRA fine-tuning job (launch it with torchrun)",
@@ -203,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument("--nproc", type=int, default=2, help="processes = tensor-parallel size (default 2)")
     args, rest = parser.parse_known_args(argv)
-    commands_by_name = {"consolidate": _consolidate, "merge": _merge, "train": _train, "demo": _demo}
+    commands_by_name = {
+        "consolidate": _consolidate, "inspect": _inspect, "merge": _merge, "train": _train, "demo": _demo,
+    }
     return commands_by_name[args.command](args, rest)
 
 

@@ -104,6 +104,22 @@ def test_zero2_checkpoint_consolidates_to_a_peft_adapter(hf_dir, zero2, tmp_path
     _consolidated_matches(hf_dir, save_dir, trained, out)
 
 
+def test_zero2_checkpoint_released_for_vllm(hf_dir, zero2, tmp_path) -> None:
+    """``--for vllm`` on a DeepSpeed checkpoint: no patterns, the trained logits, max_lora_rank said."""
+    save_dir, trained = zero2
+    out = str(tmp_path / "vllm")
+    assert cli_main(["consolidate", save_dir, out, "--hf-model", hf_dir, "--for", "vllm", "--no-progress"]) == 0
+    config = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert config["rank_pattern"] == {} and config["alpha_pattern"] == {}
+    _consolidated_matches(hf_dir, save_dir, trained, out)
+    dora = _copy(save_dir, tmp_path)
+    path = dora / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "use_dora": True}))
+    with pytest.raises(ConsolidationError, match="vLLM does not serve DoRA"):
+        consolidate_deepspeed(dora, tmp_path / "dora", hf_model_dir=hf_dir, target="vllm", show_progress=False)
+    assert not (tmp_path / "dora").exists()
+
+
 @pytest.mark.parametrize("stage", [3, pytest.param(1, marks=pytest.mark.slow)])
 def test_zero_checkpoint_consolidates_to_a_peft_adapter(hf_dir, stage, tmp_path) -> None:
     save_dir = str(tmp_path / "ckpt")

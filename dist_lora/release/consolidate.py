@@ -15,7 +15,10 @@ One process, no process group. The output is ``adapter_model.safetensors`` +
    dist_lora loads into a megatron model at any TP size (PP=1);
 4. check against the HF model (:mod:`.hf_model`, with ``hf_model_dir``): every output key
    names a module of the HF model (built on the meta device) with the right shape;
-5. write (:mod:`.write`): streamed, NaN/Inf refused, staged and renamed into place.
+5. write (:mod:`.write`): streamed, NaN/Inf refused, staged and renamed into place;
+6. for a serving engine (``target="vllm"`` / ``"sglang"``, :mod:`.serving`): what the engine
+   cannot serve is refused first; the PEFT release is then written to a scratch directory inside
+   the staging one and folded (one global scaling, no patterns) into the output.
 
 Checks of a sharded checkpoint (all before anything is written): the manifest follows its
 schema with plain file names only and is complete (a missing shard names its PP stage, TP rank
@@ -44,6 +47,7 @@ from .deepspeed_source import read_deepspeed
 from .errors import ConsolidationError
 from .hf_model import check_against_hf_model
 from .peft import check_format, identity_plan, peft_plan
+from .serving import Engine, check_servable, engine_for, write_for_engine
 from .sources import read_sharded, resolve_checkpoint_dir, sharded_config
 from .write import check_out_dir, released_dtype, staged_output, write_release
 
@@ -59,6 +63,7 @@ def consolidate(
     initial_checkpoint_dir: Optional[str | os.PathLike] = None,
     allow_nonfinite: bool = False,
     dtype: Optional[torch.dtype] = None,
+    target: str = "peft",
 ) -> str:
     """Write the sharded adapter checkpoint in ``checkpoint_dir`` as one adapter into
     ``out_dir``; return ``out_dir``. ``checkpoint_dir`` may also be a training run's checkpoint
@@ -74,13 +79,23 @@ def consolidate(
     ``out_dir`` is refused unless ``overwrite``. ``verify`` checks the sha256 sums of the shards
     and adapter_config.json. A tensor with NaN/Inf values is refused unless ``allow_nonfinite``.
     ``dtype`` (e.g. ``torch.bfloat16``) is the released dtype of the factors (default: fp32, as
-    trained). Raises :class:`~.errors.ConsolidationError` (a ``ConfigError``/``ValueError``)
-    naming the problem.
+    trained). ``target``: ``"peft"`` (default), or ``"vllm"`` / ``"sglang"`` for an adapter that
+    engine serves as trained (:mod:`.serving`; requires ``format="peft"``; the server's minimal
+    ``max_lora_rank`` is ``inspect_adapter(out_dir, target).max_lora_rank``). Raises
+    :class:`~.errors.ConsolidationError` (a ``ConfigError``/``ValueError``) naming the problem.
     """
     checkpoint_dir, out_dir = resolve_checkpoint_dir(checkpoint_dir), os.fspath(out_dir)
     hf_model_dir = None if hf_model_dir is None else os.fspath(hf_model_dir)
     check_format(format)
     check_out_dir(out_dir, overwrite, checkpoint_dir)
+    engine = engine_for(target)
+    if engine is not None:
+        if format != "peft":
+            raise ConsolidationError(f"--for {target} writes a PEFT adapter: it needs format 'peft', not {format!r}.")
+        check_servable(sharded_config(checkpoint_dir), engine, where=checkpoint_dir)
+        return _for_engine(target, out_dir, overwrite, dtype, lambda peft_dir: consolidate(
+            checkpoint_dir, peft_dir, hf_model_dir, format, False, show_progress, verify, initial_checkpoint_dir,
+            allow_nonfinite, None))
     options = dict(hf_model_dir=hf_model_dir, format=format, show_progress=show_progress, verify=verify,
                    allow_nonfinite=allow_nonfinite, dtype=dtype)
     if initial_checkpoint_dir is not None:
@@ -101,17 +116,34 @@ def consolidate_deepspeed(
     show_progress: bool = True,
     allow_nonfinite: bool = False,
     dtype: Optional[torch.dtype] = None,
+    target: str = "peft",
 ) -> str:
     """Write adapter ``adapter`` of the DeepSpeed checkpoint in ``checkpoint_dir`` (the
     ``latest`` tag unless ``tag``; its LoraConfig from ``config``, see
     :mod:`.deepspeed_source`) as one PEFT adapter into ``out_dir``, its keys as they are (HF
     module names); return ``out_dir``. ``hf_model_dir`` is checked against the keys and becomes
     ``base_model_name_or_path``. A tensor with NaN/Inf values is refused unless
-    ``allow_nonfinite``. Raises :class:`~.errors.ConsolidationError` (a ``ValueError``)."""
+    ``allow_nonfinite``. ``target`` as for :func:`consolidate`. Raises
+    :class:`~.errors.ConsolidationError` (a ``ValueError``)."""
     checkpoint_dir, out_dir = os.fspath(checkpoint_dir), os.fspath(out_dir)
     hf_model_dir = None if hf_model_dir is None else os.fspath(hf_model_dir)
     check_out_dir(out_dir, overwrite, checkpoint_dir)
+    engine = engine_for(target)
+    if engine is not None:
+        return _for_engine(target, out_dir, overwrite, dtype, lambda peft_dir: _consolidate_deepspeed(
+            checkpoint_dir, peft_dir, config, adapter, hf_model_dir, tag, False, show_progress, allow_nonfinite, None,
+            engine))
+    return _consolidate_deepspeed(checkpoint_dir, out_dir, config, adapter, hf_model_dir, tag, overwrite,
+                                  show_progress, allow_nonfinite, dtype, None)
+
+
+def _consolidate_deepspeed(checkpoint_dir: str, out_dir: str, config: Optional[str], adapter: str, hf_model_dir: Optional[str],
+                           tag: Optional[str], overwrite: bool, show_progress: bool, allow_nonfinite: bool,
+                           dtype: Optional[torch.dtype], engine: Optional[Engine]) -> str:
+    """The DeepSpeed release; with ``engine``, what it cannot serve is refused right after reading."""
     source = read_deepspeed(checkpoint_dir, config, adapter, hf_model_dir, tag)
+    if engine is not None:
+        check_servable(source.config, engine, where=checkpoint_dir)
     check_releasable(source.config)
     check_factors(source.tensors, source.config)
     plan = identity_plan(source.tensors, source.config, hf_model_dir, rename=True)
@@ -140,6 +172,17 @@ def _consolidate(
     if format == "peft" and hf_model_dir is not None:
         check_against_hf_model(plan.groups, hf_model_dir, source.config.layer_replication)
     return write_release(source, plan, out_dir, overwrite, show_progress, allow_nonfinite, dtype)
+
+
+def _for_engine(target: str, out_dir: str, overwrite: bool, dtype: Optional[torch.dtype], write_peft) -> str:
+    """``write_peft(dir)`` (the fp32 PEFT release) into a scratch directory of the staging one,
+    then the engine's folded release into the staging one; ``out_dir`` changes only at the end."""
+    with staged_output(out_dir, overwrite) as staging:
+        with tempfile.TemporaryDirectory(dir=staging) as work:
+            peft_dir = os.path.join(work, "peft")
+            write_peft(peft_dir)
+            write_for_engine(peft_dir, staging, engine_for(target), dtype)
+    return out_dir
 
 
 # ---------------------------------------------------------------------------------------------
