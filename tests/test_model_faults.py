@@ -202,16 +202,19 @@ def test_layer_replication_is_undone(monkeypatch):
     assert len(base.model.layers) == 2
 
 
+def _corda_prepared(config: LoraConfig) -> torch.nn.Module:
+    """A tiny Llama after CorDA's data pass (two fixed batches)."""
+    batches = [torch.randint(hf_models.VOCAB, (1, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    model = hf_models.tiny_llama()
+    preprocess_corda(model, config, run_model=lambda: [model(b) for b in batches])
+    return model
+
+
 def test_corda_data_survives_a_failed_injection(monkeypatch):
     """CorDA's init consumes each layer's covariance data: a failed injection puts it back,
     so the retry gives the adapter a first attempt would have."""
-    batches = [torch.randint(hf_models.VOCAB, (1, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     config = _cfg(init_lora_weights="corda", corda_config=CordaConfig())
-
-    def prepared():
-        model = hf_models.tiny_llama()
-        preprocess_corda(model, config, run_model=lambda: [model(b) for b in batches])
-        return model
+    prepared = lambda: _corda_prepared(config)  # noqa: E731
 
     base = prepared()
     state = _State(base)
@@ -305,13 +308,8 @@ def test_unconverted_loftq_adapter_reloads_as_trained(tmp_path):
 
 
 def test_unconverted_corda_adapter_is_refused_like_peft_unless_prepared(tmp_path):
-    batches = [torch.randint(hf_models.VOCAB, (1, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     config = _cfg(init_lora_weights="corda", corda_config=CordaConfig())
-
-    def prepared():
-        model = hf_models.tiny_llama()
-        preprocess_corda(model, config, run_model=lambda: [model(b) for b in batches])
-        return model
+    prepared = lambda: _corda_prepared(config)  # noqa: E731
 
     expected = _trained(tmp_path, config, base=prepared())
     base = _trainable_base()
