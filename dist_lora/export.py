@@ -13,8 +13,10 @@ q/k/v and gate/up split) and the same engine fold (:func:`dist_lora.release.serv
 Collective: **every rank of the default process group must call it with the same
 arguments.** It runs two collectives: an ``all_gather_object`` of each rank's call signature and
 tensor shapes (a few hundred bytes per tensor: the calls are checked to agree, and every rank
-builds the same plan, so a refused adapter raises on every rank), then a ``gather_object`` of the
-adapter pieces to ``dst``: only adapter tensors move, never base weights. A call on only some
+builds the same plan, so a refused adapter raises on every rank), then one ``send`` / ``recv``
+per adapter piece to ``dst`` (into the preallocated global tensor, no pickling): only adapter
+tensors move, never base weights. Peak extra memory on ``dst``: about two copies of the
+released adapter (the gathered tensors, and the folded ones), one piece on the other ranks. A call on only some
 ranks cannot be detected without a timeout (the first collective waits for the others): it
 hangs until the process group's timeout. Bad arguments (naming, engine, adapter name, an
 adapter the engine cannot serve) are refused on every rank before any collective. Nothing is
@@ -38,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint.peft_format import PREFIX
-from .checkpoint.pieces import shard_pieces, tp_boxes
+from .checkpoint.pieces import tp_boxes
 from .checkpoint.sharded import owned_parameters, parallel_ranks
 from .config import ConfigError, LoraConfig
 from .release.checks import CONVERSION_HINT, check_factors, check_releasable
@@ -77,11 +79,12 @@ def adapter_tensors(
     ranks = parallel_ranks()
     owned = owned_parameters(model, adapter, ranks)
     signature = (naming, target, str(dtype), dst, adapter, hf_model_dir, allow_nonfinite)
-    plan = _plan(config, _gather_shapes(owned, ranks, signature), hf_model_dir)
-    pieces = _gather_pieces(owned, ranks, dst)
-    if pieces is None:
+    layouts = _gather_layout(owned, ranks, signature)
+    plan = _plan(config, _shapes(layouts), hf_model_dir)
+    gathered = _gather_tensors(owned, ranks, layouts, dst)
+    if gathered is None:
         return None
-    source = MemorySource(config, {src.key: src for src, _ in plan.groups}, WHERE, pieces)
+    source = MemorySource(config, {src.key: src for src, _ in plan.groups}, WHERE, gathered)
     engine = engine_for(target)
     tensors = _plan_tensors(plan, source, None if engine else dtype, allow_nonfinite)
     if engine is not None:
@@ -101,7 +104,7 @@ def adapter_config(
     target, config, adapter = _check_call(model, "peft", for_engine, adapter, 0)
     ranks = parallel_ranks()
     signature = ("config", target, adapter, hf_model_dir)
-    plan = _plan(config, _gather_shapes(owned_parameters(model, adapter, ranks), ranks, signature), hf_model_dir)
+    plan = _plan(config, _shapes(_gather_layout(owned_parameters(model, adapter, ranks), ranks, signature)), hf_model_dir)
     released = plan.config
     engine = engine_for(target)
     if engine is not None:
@@ -138,44 +141,64 @@ def _check_call(model: "LoraModel", naming: str, for_engine: Optional[str], adap
 # The collectives
 
 
-def _gather_shapes(owned: list, ranks: dict, signature: tuple) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Every rank's call signature checked to agree; the global shape and dtype of every
-    adapter tensor (from all PP stages)."""
-    shapes = {}
+Layout = list[tuple[str, tuple[int, ...], str, list[int], list[int]]]  # (key, global shape, dtype, offsets, shape)
+
+
+def _local_pieces(owned: list, ranks: dict) -> Iterator[tuple[tuple, torch.Tensor]]:
+    """This rank's pieces (:func:`~dist_lora.checkpoint.pieces.tp_boxes`, as ``save_sharded``
+    writes them): (layout entry, the piece as a view of the parameter)."""
     for key, param in owned:
-        global_shape = tp_boxes(param, ranks["tp"], ranks["tp_size"])[0]
-        shapes[key] = (tuple(global_shape), str(param.dtype).removeprefix("torch."))
-    records = [(signature, shapes)]
+        global_shape, boxes = tp_boxes(param, ranks["tp"], ranks["tp_size"])
+        dtype = str(param.dtype).removeprefix("torch.")
+        for index, offsets, shape in boxes:
+            yield (key, tuple(global_shape), dtype, list(offsets), list(shape)), param.detach()[index]
+
+
+def _gather_layout(owned: list, ranks: dict, signature: tuple) -> list[Layout]:
+    """Every rank's pieces (no data), after checking that every rank's call ``signature`` agrees
+    (a ConfigError on every rank naming the ranks that differ)."""
+    local = [entry for entry, _ in _local_pieces(owned, ranks)]
+    records = [(signature, local)]
     if dist.is_initialized():
         records = [None] * dist.get_world_size()
-        dist.all_gather_object(records, (signature, shapes))
+        dist.all_gather_object(records, (signature, local))
     differing = [rank for rank, (theirs, _) in enumerate(records) if theirs != signature]
     if differing:
         raise ConfigError(
             f"adapter export was called with different arguments on ranks {differing} than on this rank "
             f"({signature}): every rank must call it with the same arguments."
         )
-    merged = {}
-    for _, theirs in records:
-        merged.update({key: (shape, getattr(torch, dtype)) for key, (shape, dtype) in theirs.items()})
-    return merged
+    return [layout for _, layout in records]
 
 
-def _gather_pieces(owned: list, ranks: dict, dst: int) -> Optional[dict[str, list]]:
-    """On ``dst``: every global tensor's pieces as (offsets, CPU tensor); None elsewhere."""
-    local = [(entry["key"], entry["offsets"], tensor)
-             for key, param in owned for _, tensor, entry in shard_pieces(key, param, param, ranks["tp"], ranks["tp_size"])]
-    gathered = [local]
-    if dist.is_initialized():
-        gathered = [None] * dist.get_world_size() if dist.get_rank() == dst else None
-        dist.gather_object(local, gathered, dst=dst)
-        if dist.get_rank() != dst:
-            return None
-    pieces: dict[str, list] = {}
-    for rank_pieces in gathered:
-        for key, offsets, tensor in rank_pieces:
-            pieces.setdefault(key, []).append((offsets, tensor))
-    return pieces
+def _shapes(layouts: list[Layout]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {key: (shape, getattr(torch, dtype)) for layout in layouts for key, shape, dtype, _, _ in layout}
+
+
+def _gather_tensors(owned: list, ranks: dict, layouts: list[Layout], dst: int) -> Optional[dict[str, torch.Tensor]]:
+    """On ``dst``: every global adapter tensor (CPU), each piece received straight from the rank
+    that owns it (one send / recv per piece, no pickling); None elsewhere."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank != dst:
+        for _, piece in _local_pieces(owned, ranks):
+            dist.send(piece.contiguous(), dst=dst)
+        return None
+    tensors = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in _shapes(layouts).items()}
+    local = _local_pieces(owned, ranks)
+    device = torch.device("cuda", torch.cuda.current_device()) if _backend() == "nccl" else torch.device("cpu")
+    for src, layout in enumerate(layouts):
+        for key, _, _, offsets, shape in layout:
+            if src == rank:
+                piece = next(local)[1]
+            else:
+                piece = torch.empty(shape, dtype=tensors[key].dtype, device=device)
+                dist.recv(piece, src=src)
+            tensors[key][tuple(slice(o, o + n) for o, n in zip(offsets, shape))] = piece
+    return tensors
+
+
+def _backend() -> Optional[str]:
+    return dist.get_backend() if dist.is_initialized() else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,26 +206,16 @@ def _gather_pieces(owned: list, ranks: dict, dst: int) -> Optional[dict[str, lis
 
 
 class MemorySource(AdapterSource):
-    """An :class:`~dist_lora.release.sources.AdapterSource` whose tensors are assembled from
-    gathered pieces (offsets in the global tensor, the piece)."""
+    """An :class:`~dist_lora.release.sources.AdapterSource` of gathered global tensors (each
+    handed out once and then dropped, so the peak stays near one copy of the adapter)."""
 
-    def __init__(self, config: LoraConfig, tensors: dict[str, Source], where: str, pieces: dict[str, list]) -> None:
-        super().__init__(config, tensors, where)
-        self.pieces = pieces
+    def __init__(self, config: LoraConfig, sources: dict[str, Source], where: str, tensors: dict) -> None:
+        super().__init__(config, sources, where)
+        self._tensors = tensors
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Read]:
-        def read(source: Source) -> torch.Tensor:
-            out = torch.empty(source.global_shape, dtype=source.dtype)
-            covered = 0
-            for offsets, piece in self.pieces.get(source.key, []):
-                out[tuple(slice(o, o + n) for o, n in zip(offsets, piece.shape))] = piece
-                covered += piece.numel()
-            if covered != out.numel():  # pragma: no cover  (every rank's pieces were gathered)
-                raise ConfigError(f"{source.key}: the gathered pieces cover {covered} of {out.numel()} values.")
-            return out
-
-        yield read
+        yield lambda source: self._tensors.pop(source.key)
 
 
 def _plan(config: LoraConfig, shapes: dict, hf_model_dir: Optional[str]) -> Plan:
@@ -225,7 +238,8 @@ def _plan_tensors(plan: Plan, source: MemorySource, dtype: Optional[torch.dtype]
             if not allow_nonfinite:
                 check_finite(src.key, tensor, source.where)
             for output in outputs:
-                out[output.name] = torch.cat(output_chunks(tensor, output)).contiguous()
+                alone = output.runs is None and len(outputs) == 1  # the gathered tensor itself, no copy
+                out[output.name] = tensor if alone else torch.cat(output_chunks(tensor, output))
     return out
 
 
