@@ -136,3 +136,20 @@ def _disagreeing_calls(hf_dir: str):
 
 def test_ranks_with_different_arguments_all_fail(hf_dir) -> None:
     run_distributed(_disagreeing_calls, 2, tp=2, timeout=60, args=(hf_dir,))
+
+
+def _export_to_rank1(hf_dir: str):
+    model = _model(hf_dir, 2, 1, False)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+    out = adapter_tensors(model, naming="vllm", dst=1, hf_model_dir=hf_dir)
+    after_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+    assert after_hooks == hooks  # nothing left on the model to slow a step
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    return out
+
+
+def test_export_to_another_rank_leaves_the_model_as_it_was(hf_dir) -> None:
+    results = run_distributed(_export_to_rank1, 2, tp=2, timeout=60, args=(hf_dir,))
+    assert results[0] is None and results[1]
+    assert all(not key.startswith("base_model.model.") for key in results[1])
