@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 from dist_lora import LoraConfig, get_lora_model  # noqa: E402
 from dist_lora.bridges import build_megatron_gpt  # noqa: E402
 from dist_lora.release.merged import MergedExportError, merge_export, parse_size  # noqa: E402
+from dist_lora.release.merged_layers import layer_expansion  # noqa: E402
+from dist_lora.release.errors import ConsolidationError  # noqa: E402
 from dist_lora.checkpoint.sharded import save_sharded  # noqa: E402
 from dist_lora.cli import main as cli_main  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
@@ -144,3 +146,67 @@ def test_dora_checkpoint_merges_to_the_megatron_logits(tmp_path) -> None:
     merge_export(ckpt, hf_dir, out, show_progress=False)
     torch.testing.assert_close(_logits(out), megatron_logits, atol=1e-4, rtol=0)
     assert (_logits(hf_dir) - megatron_logits).abs().max() > 1e-3, "the adapter must change the logits"
+
+
+@pytest.mark.parametrize("ranges", [
+    [[0, 2], [1, 3]],  # 3 layers -> positions [0, 1, 1, 2]: more layers than the base
+    [[0, 2], [0, 1]],  # 3 layers -> positions [0, 1, 0]: as many layers as the base, layer 2 dropped
+])
+def test_layer_replication_merges_into_the_expanded_model(tmp_path, ranges) -> None:
+    """layer_replication: position j of the output is base layer source[j] with position j's
+    adapter merged; config.json counts the expanded stack; transformers gives the megatron logits."""
+    torch.manual_seed(0)
+    hf_dir = str(tmp_path / "llama")
+    LlamaForCausalLM(LlamaConfig(**dict(MEGATRON_LLAMA, num_hidden_layers=3), tie_word_embeddings=False)).save_pretrained(hf_dir)
+    lora = dict(LORA, layer_replication=ranges)
+    megatron_logits = run_distributed(_train_and_save, TP, tp=TP, args=(hf_dir, str(tmp_path / "ckpt")),
+                                      kwargs={"lora": lora})[0]
+    out = merge_export(tmp_path / "ckpt", hf_dir, tmp_path / "merged", max_shard_size="200KB", show_progress=False)
+    positions = sum(end - start for start, end in ranges)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["num_hidden_layers"] == positions
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert len(model.model.layers) == positions
+    torch.testing.assert_close(_logits(out), megatron_logits, atol=1e-4, rtol=0)
+
+
+def test_layer_replication_refusals_leave_nothing(tmp_path) -> None:
+    """A base whose config.json does not match its weights (or has too few layers) is refused before writing."""
+    torch.manual_seed(0)
+    hf_dir = str(tmp_path / "llama")
+    LlamaForCausalLM(LlamaConfig(**dict(MEGATRON_LLAMA, num_hidden_layers=3), tie_word_embeddings=False)).save_pretrained(hf_dir)
+    run_distributed(_train_and_save, TP, tp=TP, args=(hf_dir, str(tmp_path / "ckpt")),
+                    kwargs={"lora": dict(LORA, layer_replication=[[0, 2], [0, 1]])})
+    config_path = os.path.join(hf_dir, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:  # the weights still have 3 layers
+        json.dump(dict(config, num_hidden_layers=2), f)
+    with pytest.raises(ConsolidationError, match=r"model\.layers\.2\..* config\.json has only 2 layers"):
+        merge_export(tmp_path / "ckpt", hf_dir, tmp_path / "merged", show_progress=False)
+    with open(config_path, "w") as f:
+        json.dump(dict(config, num_hidden_layers=1), f)
+    with pytest.raises(ConsolidationError, match=r"range \[0, 2\] reaches beyond the model's 1 layers"):
+        merge_export(tmp_path / "ckpt", hf_dir, tmp_path / "merged", show_progress=False)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_layer_expansion_of_the_config(tmp_path) -> None:
+    """config.json: the layer count and Qwen2's per-layer layer_types follow the expanded stack."""
+    hf_dir = str(tmp_path / "qwen2")
+    Qwen2Config(**dict(MEGATRON_LLAMA, num_hidden_layers=3),
+                layer_types=["full_attention", "sliding_attention", "full_attention"]).save_pretrained(hf_dir)
+    expansion = layer_expansion(hf_dir, [[1, 3], [0, 2]])
+    assert expansion.source == [1, 2, 0, 1] and expansion.stack_prefix == "model.layers."
+    assert expansion.config_changes == {
+        "num_hidden_layers": 4,
+        "layer_types": ["sliding_attention", "full_attention", "full_attention", "sliding_attention"],
+    }
+    names = ["lm_head.weight", "model.layers.0.a.weight", "model.layers.1.a.weight", "model.layers.2.a.weight"]
+    assert expansion.tensor_sources(names) == [
+        ("lm_head.weight", "lm_head.weight"), ("model.layers.0.a.weight", "model.layers.1.a.weight"),
+        ("model.layers.1.a.weight", "model.layers.2.a.weight"), ("model.layers.2.a.weight", "model.layers.0.a.weight"),
+        ("model.layers.3.a.weight", "model.layers.1.a.weight"),
+    ]
+    expansion.write_config(os.path.join(hf_dir, "config.json"))
+    assert Qwen2Config.from_pretrained(hf_dir).num_hidden_layers == 4

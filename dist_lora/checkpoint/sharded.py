@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from ..model import LoraModel
 
 
-def _ranks() -> dict[str, int]:
+def parallel_ranks() -> dict[str, int]:
     """This process's TP / PP / DP coordinates and sizes (all 0/1 without megatron state)."""
     try:
         from megatron.core import parallel_state as ps
@@ -71,6 +71,22 @@ def _ranks() -> dict[str, int]:
 
 def _local_tensors(model: "LoraModel", adapter: str) -> dict[str, tuple[torch.nn.Module, str]]:
     return expected_keys(model, adapter, module_key=lambda name: global_module_name(model.model, name))
+
+
+def owned_parameters(model: "LoraModel", adapter: str, ranks: dict) -> list[tuple[str, torch.nn.Parameter]]:
+    """(global key, parameter) of every adapter tensor this rank writes (``ranks``:
+    :func:`parallel_ranks`): none on data-parallel ranks > 0, a replicated tensor only on TP
+    rank 0, a TP-sharded one on every TP rank (its pieces: :func:`~.pieces.shard_pieces`)."""
+    if ranks["dp"] != 0:
+        return []
+    owned = []
+    for key, (module, path) in _local_tensors(model, adapter).items():
+        sub, pname = resolve_parameter(module, path, adapter)
+        param = getattr(sub, pname)
+        sharded = getattr(param, "tensor_model_parallel", False) and ranks["tp_size"] > 1
+        if sharded or ranks["tp"] == 0:
+            owned.append((key, param))
+    return owned
 
 
 def _is_rank0() -> bool:
@@ -118,7 +134,7 @@ def save_sharded(
     """
     adapter = adapter or model.active_adapters[0]
     directory = os.fspath(directory)
-    ranks = _ranks()
+    ranks = parallel_ranks()
     target = AtomicDirectory(directory, staging_name=os.path.basename(directory) + ".partial")
     staging = target.staging  # known to every rank; rank 0 creates it, every rank writes into it
     if _is_rank0():
@@ -155,19 +171,13 @@ def _write_rank_files(
     """Write this rank's adapter / optimizer shards (and ``rng``: its RNG states); its manifest
     records: ``shard`` / ``optim`` / ``rng`` as (file name, record), ``scalars``."""
     adapter_pieces, optim_pieces, optim_scalars = [], [], {}
-    if ranks["dp"] == 0:
-        for key, (module, path) in _local_tensors(model, adapter).items():
-            sub, pname = resolve_parameter(module, path, adapter)
-            param = getattr(sub, pname)
-            sharded = getattr(param, "tensor_model_parallel", False) and ranks["tp_size"] > 1
-            if not sharded and ranks["tp"] != 0:
-                continue  # a replicated tensor is written once, by TP rank 0
-            adapter_pieces += shard_pieces(key, param, param, ranks["tp"], ranks["tp_size"])
-            for name, value in (optimizer.state.get(param, {}) if optimizer is not None else {}).items():
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    optim_pieces += shard_pieces(f"{key}::{name}", value, param, ranks["tp"], ranks["tp_size"])
-                else:
-                    optim_scalars[f"{key}::{name}"] = value.item() if torch.is_tensor(value) else value
+    for key, param in owned_parameters(model, adapter, ranks):
+        adapter_pieces += shard_pieces(key, param, param, ranks["tp"], ranks["tp_size"])
+        for name, value in (optimizer.state.get(param, {}) if optimizer is not None else {}).items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                optim_pieces += shard_pieces(f"{key}::{name}", value, param, ranks["tp"], ranks["tp_size"])
+            else:
+                optim_scalars[f"{key}::{name}"] = value.item() if torch.is_tensor(value) else value
     record = {"scalars": optim_scalars}
     for kind, pieces in (("shard", adapter_pieces), ("optim", optim_pieces)):
         name = shard_file_name(kind, ranks["pp"], ranks["tp"])
@@ -301,7 +311,7 @@ def load_sharded(
     created = adapter not in model.peft_config
     if created:
         model.add_adapter(adapter, read_adapter_config(directory), low_cpu_mem_usage=True)
-    ranks = {**_ranks(), "saved_tp": manifest["layout"]["tp"]}
+    ranks = {**parallel_ranks(), "saved_tp": manifest["layout"]["tp"]}
     try:
         with ShardFiles(directory) as files:
             tensors = index_tensors(directory, manifest["files"])

@@ -24,20 +24,25 @@ def hf_modules(hf_model_dir: str, layer_replication: Optional[list] = None) -> H
     """module name -> ((in, out) for linear and embedding layers, {param: shape}, whether it is
     an embedding) of the HF model, its layers replicated as PEFT will with
     ``layer_replication``."""
-    import transformers  # heavy optional dependency, needed only with an HF model directory
-
-    try:
-        hf_config = transformers.AutoConfig.from_pretrained(hf_model_dir, local_files_only=True)
-        with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(hf_config)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConsolidationError(f"cannot build the HF model from {hf_model_dir}/config.json: {e}") from None
+    model = meta_model(hf_model_dir)
     if layer_replication:
         try:
             replicate_layers(model, layer_replication)  # structural only: the meta model stays meta
         except ConfigError as e:
             raise ConsolidationError(f"the HF model at {hf_model_dir} does not fit the checkpoint's {e}") from None
     return {name: _describe(module) for name, module in model.named_modules()}
+
+
+def meta_model(hf_model_dir: str) -> torch.nn.Module:
+    """The HF causal LM of ``hf_model_dir/config.json`` on the meta device (no weights read)."""
+    import transformers  # heavy optional dependency, needed only with an HF model directory
+
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(hf_model_dir, local_files_only=True)
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(hf_config)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConsolidationError(f"cannot build the HF model from {hf_model_dir}/config.json: {e}") from None
 
 
 def _describe(module: torch.nn.Module) -> tuple[Optional[tuple[int, int]], dict[str, tuple], bool]:

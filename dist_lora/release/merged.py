@@ -16,7 +16,10 @@ How, with bounded memory:
      to W's dtype (:func:`dist_lora.layers.math.merged_weight`, the formula every merge uses);
      a modules_to_save tensor replaces the base tensor; anything else is copied unchanged.
      At most one base tensor (plus its fp32 copy) and one module's factors are in memory.
-  3. Files go into a staging directory that is renamed to OUT_DIR at the end (as consolidate).
+  3. With ``layer_replication`` the output is the dense expanded model
+     (:mod:`dist_lora.release.merged_layers`): layer j is base layer source[j] with layer j's
+     adapter merged, and ``config.json`` counts the expanded layers.
+  4. Files go into a staging directory that is renamed to OUT_DIR at the end (as consolidate).
 Every adapter tensor must land on a base tensor, or the export fails (nothing is dropped).
 """
 
@@ -41,6 +44,7 @@ from ..io import paths_overlap
 from ..layers import math as lm
 from .consolidate import consolidate
 from .errors import ConsolidationError
+from .merged_layers import LayerExpansion, layer_expansion
 from .sources import LORA_SUFFIXES, split_key
 from .write import check_out_dir, staged_output
 
@@ -102,12 +106,17 @@ def merge_export(
         adapter_dir = consolidate(checkpoint_dir, os.path.join(tmp, "adapter"), hf_model_dir=hf_model_dir,
                                   show_progress=False, allow_nonfinite=allow_nonfinite)
         config = LoraConfig.from_pretrained(adapter_dir)
+        expansion = layer_expansion(hf_model_dir, config.layer_replication) if config.layer_replication else None
         with _AdapterFile(os.path.join(adapter_dir, WEIGHTS_NAME), config) as adapter, \
-                CheckpointReader(hf_model_dir) as reader, staged_output(out_dir, overwrite) as staging:
-            _write_merged(staging, reader, adapter, limit, show_progress)
-            for name in COPIED_FILES:
-                if os.path.isfile(os.path.join(hf_model_dir, name)):
-                    shutil.copyfile(os.path.join(hf_model_dir, name), os.path.join(staging, name))
+                CheckpointReader(hf_model_dir) as reader:
+            sources = _tensor_sources(reader, expansion)
+            with staged_output(out_dir, overwrite) as staging:
+                _write_merged(staging, reader, sources, adapter, limit, show_progress)
+                for name in COPIED_FILES:
+                    if os.path.isfile(os.path.join(hf_model_dir, name)):
+                        shutil.copyfile(os.path.join(hf_model_dir, name), os.path.join(staging, name))
+                if expansion is not None:
+                    expansion.write_config(os.path.join(staging, "config.json"))
     return out_dir
 
 
@@ -177,13 +186,21 @@ class _AdapterFile:
         self.close()
 
 
-def _plan(reader: CheckpointReader, limit: int) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
-    """The base tensors grouped into output files of at most ``limit`` bytes each (a tensor
-    larger than ``limit`` gets a file of its own), in the checkpoint's name order."""
+def _tensor_sources(reader: CheckpointReader, expansion: Optional[LayerExpansion]) -> list[tuple[str, str]]:
+    """(output name, base name) of every output tensor: the base checkpoint's tensors, or with
+    layer replication the expanded stack's."""
+    if expansion is None:
+        return [(name, name) for name in reader.keys()]
+    return expansion.tensor_sources(reader.keys())
+
+
+def _plan(reader: CheckpointReader, sources: list[tuple[str, str]], limit: int) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+    """The output tensors (``sources``: output name, base name) grouped into files of at most
+    ``limit`` bytes each (a tensor larger than ``limit`` gets a file of its own), in order."""
     shards: list[list] = [[]]
     size = 0
-    for name in reader.keys():
-        part = reader.tensor_slice(name)
+    for name, base_name in sources:
+        part = reader.tensor_slice(base_name)
         dtype, shape = DTYPES[part.get_dtype()], tuple(part.get_shape())
         nbytes = torch.Size(shape).numel() * dtype.itemsize
         if shards[-1] and size + nbytes > limit:
@@ -194,8 +211,10 @@ def _plan(reader: CheckpointReader, limit: int) -> list[list[tuple[str, torch.dt
     return shards
 
 
-def _write_merged(staging: str, reader: CheckpointReader, adapter: _AdapterFile, limit: int, show_progress: bool) -> None:
-    shards = _plan(reader, limit)
+def _write_merged(staging: str, reader: CheckpointReader, sources: list[tuple[str, str]], adapter: _AdapterFile,
+                  limit: int, show_progress: bool) -> None:
+    base_of = dict(sources)
+    shards = _plan(reader, sources, limit)
     names = [SINGLE_NAME] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]
@@ -205,7 +224,7 @@ def _write_merged(staging: str, reader: CheckpointReader, adapter: _AdapterFile,
         for file_name, specs in zip(names, shards):
             with StreamWriter(os.path.join(staging, file_name), specs, metadata={"format": "pt"}) as writer:
                 for name, dtype, shape in specs:
-                    tensor = adapter.merged(name, reader.read(name))
+                    tensor = adapter.merged(name, reader.read(base_of[name]))
                     if tensor.dtype != dtype or tuple(tensor.shape) != shape:
                         raise MergedExportError(f"{name}: the adapter's tensor is {tuple(tensor.shape)}, the base {shape}.")
                     writer.write(name, tensor)

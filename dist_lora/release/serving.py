@@ -132,14 +132,20 @@ def global_scaling(config: LoraConfig) -> float:
     return lora_scaling(config.lora_alpha, config.r, config.use_rslora)
 
 
+def engine_config(config: LoraConfig, ranks: dict[str, int]) -> LoraConfig:
+    """The config of the folded release of modules with ``ranks``: ``r`` the largest rank, no
+    patterns, no rsLoRA (see :func:`fold_scaling`)."""
+    changes = {"r": max(ranks.values()), "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False}
+    return LoraConfig.from_dict({**config.to_dict(), **changes})
+
+
 def fold_scaling(tensors: dict[str, torch.Tensor], config: LoraConfig) -> tuple[dict[str, torch.Tensor], LoraConfig]:
     """The tensors with ``B' = B · s_module / s_global`` (fp32), every module padded with zeros to
     the largest rank ``R`` (exact), and the config with ``r = R``, no patterns, no rsLoRA, whose
     one scaling ``lora_alpha / R`` gives every module its trained scaling."""
     ranks = module_ranks(tensors)
     scalings, rank = module_scalings(config, ranks), max(ranks.values())
-    changes = {"r": rank, "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False}
-    flat = LoraConfig.from_dict({**config.to_dict(), **changes})
+    flat = engine_config(config, ranks)
     target = global_scaling(flat)
     out = {}
     for key, tensor in tensors.items():
@@ -157,16 +163,27 @@ def write_for_engine(peft_dir: str, out_dir: str, engine: Engine, dtype: Optiona
     """Write the PEFT adapter in ``peft_dir`` folded for ``engine`` into ``out_dir`` (cast to
     ``dtype`` for floating-point tensors when given); return the minimal ``max_lora_rank``.
     Everything is checked before ``out_dir`` is written."""
-    config = LoraConfig.from_pretrained(peft_dir)
-    tensors = {k: v.float() if v.is_floating_point() else v for k, v in read_adapter_tensors(peft_dir).items()}
+    folded, flat, rank = for_engine(read_adapter_tensors(peft_dir), LoraConfig.from_pretrained(peft_dir), engine,
+                                    dtype, where=peft_dir)
+    write_adapter_dir(out_dir, folded, flat)
+    return rank
+
+
+def for_engine(
+    tensors: dict[str, torch.Tensor], config: LoraConfig, engine: Engine, dtype: Optional[torch.dtype] = None,
+    where: str = "the adapter",
+) -> tuple[dict[str, torch.Tensor], LoraConfig, int]:
+    """The PEFT release ``tensors`` / ``config`` folded for ``engine`` in fp32 and cast to
+    ``dtype`` (floating-point tensors, when given), contiguous; its config; the minimal
+    ``max_lora_rank``. What the engine cannot serve is refused first (naming ``where``)."""
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     ranks = module_ranks(tensors)
-    check_servable(config, engine, list(ranks), where=peft_dir)
+    check_servable(config, engine, list(ranks), where=where)
     rank = max_lora_rank(config, ranks, engine)
     folded, flat = fold_scaling(tensors, config)
     if dtype is not None:
         folded = {k: v.to(dtype) if v.is_floating_point() else v for k, v in folded.items()}
-    write_adapter_dir(out_dir, {k: v.contiguous() for k, v in folded.items()}, flat)
-    return rank
+    return {k: v.contiguous() for k, v in folded.items()}, flat, rank
 
 
 def read_adapter_tensors(adapter_dir: str) -> dict[str, torch.Tensor]:

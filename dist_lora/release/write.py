@@ -116,10 +116,9 @@ def write_adapter_file(
             for src, outputs in groups:
                 tensor = read(src).to(released_dtype(src.dtype, dtype))
                 if not allow_nonfinite:
-                    _check_finite(src.key, tensor, source.where)
+                    check_finite(src.key, tensor, source.where)
                 for out in outputs:
-                    chunks = [tensor] if out.runs is None else [tensor[a:b] for a, b in out.runs]
-                    writer.write(out.name, *chunks)
+                    writer.write(out.name, *output_chunks(tensor, out))
                     bar.update(1)
                 del tensor
     finally:
@@ -127,7 +126,13 @@ def write_adapter_file(
     _verify_written(path, specs)
 
 
-def _check_finite(key: str, tensor: torch.Tensor, where: str) -> None:
+def output_chunks(tensor: torch.Tensor, out: Output) -> list[torch.Tensor]:
+    """The row ranges of the source ``tensor`` that make up ``out``, in order (views)."""
+    return [tensor] if out.runs is None else [tensor[a:b] for a, b in out.runs]
+
+
+def check_finite(key: str, tensor: torch.Tensor, where: str) -> None:
+    """Refuse (a ConsolidationError naming ``key`` in ``where``) a tensor with NaN/Inf values."""
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = tensor.numel() - int(torch.isfinite(tensor).sum())
         raise ConsolidationError(
