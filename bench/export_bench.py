@@ -22,7 +22,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,21 +38,11 @@ SIZES = {
 }
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def _peak(fn) -> tuple[object, int]:
     """fn()'s result and the peak resident memory it added in this process."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    before = _status("VmRSS")
+    before = common.reset_peak_rss()
     result = fn()
-    return result, _status("VmHWM") - before
+    return result, common.peak_rss() - before
 
 
 def _hf_dir(size: str, work: str) -> str:
