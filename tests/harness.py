@@ -5,7 +5,7 @@ reused: a 2-rank run costs well under a second instead of seconds per spawned in
 Each call rendezvouses on a fresh port that the OS picks.
 
 Each rank: ``torch.set_num_threads(1)``, gloo process group, :func:`apply_cpu_compat`,
-``initialize_model_parallel(tp, pp)``, ``model_parallel_cuda_manual_seed(1234)`` and
+``initialize_model_parallel(tp, pp, ep, etp)``, ``model_parallel_cuda_manual_seed(1234)`` and
 ``torch.manual_seed(1234)``, then ``fn(*args, **kwargs)``; its return value comes back pickled
 (tensors by value), and model parallel and the process group are torn down.
 
@@ -54,6 +54,8 @@ def _rank_main(
     stack_dir: str,
     tp: int,
     pp: int,
+    ep: int,
+    etp: int | None,
     timeout: float,
     fn: Callable[..., Any],
     args: tuple,
@@ -79,6 +81,8 @@ def _rank_main(
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
             create_gloo_process_groups=False,  # the default groups are gloo already
         )
         model_parallel_cuda_manual_seed(SEED)
@@ -98,6 +102,8 @@ def run_distributed(
     *,
     tp: int = 1,
     pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
     timeout: float = 120,
     args: tuple = (),
     kwargs: dict | None = None,
@@ -105,8 +111,9 @@ def run_distributed(
     """Run ``fn(*args, **kwargs)`` on ``world_size`` forked ranks; return their results by rank.
 
     ``fn`` and its arguments need not be picklable (they are inherited through fork); its
-    return value must be. Raises :class:`DistributedError` if a rank raises or dies, or if any
-    rank has not finished after ``timeout`` seconds; no rank outlives the call.
+    return value must be. ``ep`` / ``etp``: megatron's expert-parallel and expert-tensor-parallel
+    sizes (etp None: megatron's default, the TP size). Raises :class:`DistributedError` if a
+    rank raises or dies, or if any rank has not finished after ``timeout`` seconds; no rank outlives the call.
     """
     from megatron.core import parallel_state
 
@@ -122,7 +129,7 @@ def run_distributed(
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, world_size, port, stack_dir.name, tp, pp, timeout, fn, args, kwargs or {}, results),
+            args=(rank, world_size, port, stack_dir.name, tp, pp, ep, etp, timeout, fn, args, kwargs or {}, results),
             name=f"rank{rank}",
             daemon=True,
         )

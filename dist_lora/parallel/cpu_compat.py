@@ -30,10 +30,25 @@ Patches (all made once per process, only when ``torch.cuda.is_available()`` is F
 6. A logging filter drops megatron's "CPU RNG state changed within GPU RNG context" warning:
    with patch 3 the "GPU" generator *is* the CPU one, so any random op inside ``fork()``
    (dropout at p > 0) changes it by design and the warning would fire on every such call.
+7. MoE all-to-all token dispatcher: it copies its split sizes to the host on a side CUDA
+   stream (``torch.cuda.Stream``, ``current_stream``, ``stream``, ``record_event``): on the CPU
+   these become one no-op stream (the copies are already on the host), and
+   ``maybe_move_tensor_to_cpu(..., as_numpy=True)`` returns host tensors as numpy arrays as it
+   does for device tensors (``all_to_all_single`` takes a sequence of ints, not a tensor).
+
+Without Transformer Engine (also on a GPU), megatron-core 0.16's MoE router refers to an
+undefined ``te_general_gemm`` (its import sits in the TE-only branch): :func:`apply_cpu_compat`
+defines it as None, which selects megatron's own torch matmul path. This one fix is applied
+with or without CUDA.
+
+Not covered: megatron's uneven all-gather over the expert-tensor-parallel group (the
+all-to-all dispatcher at expert-TP > 1 with sequence parallel) passes differently sized tensors
+to ``all_gather``, which gloo refuses; on the CPU use expert-TP = 1 or the all-gather dispatcher.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -83,6 +98,40 @@ class _CpuFactories:
         return self._torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
 
 
+class _CpuEvent:
+    def synchronize(self) -> None:
+        """Host copies are complete when made."""
+
+
+class _CpuStream:
+    """The one "stream" of the CPU: waiting on it or recording on it is a no-op."""
+
+    def wait_stream(self, _stream: object) -> None:
+        pass
+
+    def record_event(self, _event: object = None) -> _CpuEvent:
+        return _CpuEvent()
+
+
+_CPU_STREAM = _CpuStream()
+
+
+def _stream(*_args: object, **_kwargs: object) -> _CpuStream:
+    return _CPU_STREAM
+
+
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's ``maybe_move_tensor_to_cpu`` for host tensors: numpy when asked (split sizes)."""
+    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+
+def _fix_moe_without_te() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 class _DropSpuriousRngWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.getMessage() != _RNG_WARNING
@@ -91,10 +140,11 @@ class _DropSpuriousRngWarning(logging.Filter):
 def apply_cpu_compat() -> bool:
     """Patch torch.cuda and megatron-core so megatron runs on CPU; see the module docstring.
 
-    Idempotent. Returns True if the CPU patches are in effect after the call, False (and
-    patches nothing) when CUDA is available.
+    Idempotent. Returns True if the CPU patches are in effect after the call, False when CUDA
+    is available (then only the Transformer-Engine-less MoE fix is applied).
     """
     global _applied
+    _fix_moe_without_te()
     if torch.cuda.is_available():
         return False
     if _applied:
@@ -102,6 +152,7 @@ def apply_cpu_compat() -> bool:
     from megatron.core.fusions import fused_softmax
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer.moe import token_dispatcher
 
     torch.cuda.current_device = _current_device
     torch.cuda.get_rng_state = _get_rng_state
@@ -112,6 +163,10 @@ def apply_cpu_compat() -> bool:
     fused_softmax.get_default_causal_mask = _default_causal_mask
     torch.cuda.synchronize = _synchronize
     schedules.torch = _CpuFactories(torch)
+    torch.cuda.Stream = _stream
+    torch.cuda.current_stream = _stream
+    torch.cuda.stream = lambda _stream: contextlib.nullcontext()
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
     logging.getLogger(mp_random.__name__).addFilter(_DropSpuriousRngWarning())
     _applied = True
     return True
