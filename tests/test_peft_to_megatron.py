@@ -541,3 +541,22 @@ def test_megatron_model_mismatch_and_name_clash_leave_the_model_unchanged(setup,
     assert "ffn_hidden_size 128 (HF: 256)" in messages[0]
     assert "ffn_hidden_size 128 (HF: 256)" in messages[1]
     assert "adapter 'qv' already exists" in messages[2]
+
+
+def _qwen3_adapter_into_llama(llama_hf: str, qwen3_adapter: str, qwen3_hf: str) -> str:
+    from dist_lora.bridges import build_megatron_gpt
+
+    gpt = build_megatron_gpt(llama_hf)
+    with pytest.raises(PeftToMegatronError) as error:
+        load_peft_adapter_into_megatron(gpt, qwen3_adapter, qwen3_hf)
+    assert not hasattr(gpt, "peft_config")
+    return str(error.value)
+
+
+def test_qwen3_adapter_into_a_model_without_qk_norms_is_refused(setup, tmp_path) -> None:
+    """Same geometry (head_dim 12) but no q/k norms: the geometry alone would not tell."""
+    llama = _build_hf("llama", tmp_path / "llama12", head_dim=12)
+    message = run_distributed(
+        _qwen3_adapter_into_llama, 1, args=(llama, setup["adapters"]["qwen3"], setup["hf"]["qwen3"])
+    )[0]
+    assert "the megatron model does not match the HF model" in message and "qk_layernorm False (HF: True)" in message
