@@ -4,10 +4,11 @@ Adapters are made with the real PEFT (``init_lora_weights=False``, so B != 0) on
 (GQA), Qwen2 (q/k/v biases) and Qwen3 (q/k norms, head_dim 12 != hidden/heads) models and
 saved with ``save_pretrained``: all-linear, PEFT's default q_proj + v_proj, rank/alpha
 patterns that give q, k, v different ranks and alphas with rsLoRA, lora_bias on Qwen2, and one
-edited to share A across q/k/v and gate/up (the layout ``consolidate`` writes). Each is loaded into megatron GPTModels at TP=1, 2 (SP off and on) and
-4, whose gathered logits must equal the PEFT model's (fp32, atol 1e-4). Round trips through
-``save_sharded`` + ``consolidate``: the shared-A file comes back bit for bit, the PEFT file
-(different A's, so rank 3r fused) with the same logits in PEFT. Bad input fails with a message
+edited to share A across q/k/v and gate/up (the layout ``consolidate`` writes). Each is loaded
+into megatron GPTModels at TP=1, 2 (SP off and on) and 4, whose gathered logits must equal the
+PEFT model's (fp32, atol 1e-4). Round trips through ``save_sharded`` + ``consolidate``: the
+shared-A file comes back bit for bit, the PEFT file (different A's, so rank 3r fused) with the
+same logits in PEFT. Bad input fails with a message
 that names the key or field, before the model is touched (a Qwen3 adapter into a megatron
 model without q/k norms too)."""
 
