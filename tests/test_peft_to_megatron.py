@@ -8,9 +8,8 @@ edited to share A across q/k/v and gate/up (the layout ``consolidate`` writes). 
 into megatron GPTModels at TP=1, 2 (SP off and on) and 4, whose gathered logits must equal the
 PEFT model's (fp32, atol 1e-4). Round trips through ``save_sharded`` + ``consolidate``: the
 shared-A file comes back bit for bit, the PEFT file (different A's, so rank 3r fused) with the
-same logits in PEFT. Bad input fails with a message
-that names the key or field, before the model is touched (a Qwen3 adapter into a megatron
-model without q/k norms too)."""
+same logits in PEFT. Bad input fails with a message that names the key or field, before the
+model is touched (a Qwen3 adapter into a megatron model without q/k norms too)."""
 
 from __future__ import annotations
 
