@@ -2,14 +2,14 @@
 
 * :mod:`.table`: the form of a family table (:class:`ModelFamily`, :class:`ModuleTable`,
   :class:`Module`) and the name / geometry look-ups derived from it;
-* :mod:`.families`: the Llama, Mistral and Qwen2 tables;
+* :mod:`.families`: the Llama, Mistral, Qwen2 and Qwen3 tables;
 * :mod:`.layouts`: the fused QKV and gate/up row layouts (one implementation each);
 * :mod:`.hf_config`: an HF ``config.json`` -> checked facts -> megatron's TransformerConfig;
 * :mod:`.gpt`: a megatron GPTModel built from an HF checkpoint (base weights HF -> megatron);
 * :mod:`.adapters`: LoRA adapters between fused megatron modules and HF modules;
 * :mod:`.checkpoint_reader`: the one reader of HF safetensors checkpoints (sliced, lazy);
-* :mod:`.block_spec`: megatron's local GPT block spec with sequence-parallel torch norms
-  (imports megatron, so it is not imported here).
+* :mod:`.block_spec`: megatron's local GPT block spec with sequence-parallel torch norms and
+  per-head q/k norms (imports megatron, so it is not imported here).
 """
 
 from .adapters import incomplete_adapter, rows_to_hf
@@ -20,6 +20,7 @@ from .families import (
     LLAMA,
     MISTRAL,
     QWEN2,
+    QWEN3,
     family_of,
     hf_module_names,
     is_megatron_name,
@@ -77,6 +78,7 @@ __all__ = [
     "Module",
     "ModuleTable",
     "QWEN2",
+    "QWEN3",
     "SUPPORTED_ARCHITECTURES",
     "UnsupportedCheckpointError",
     "build_megatron_gpt",

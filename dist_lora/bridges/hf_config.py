@@ -1,14 +1,15 @@
 """Hugging Face Llama-family ``config.json`` -> the facts megatron's GPTModel needs.
 
 Supported: ``LlamaForCausalLM`` (llama), ``MistralForCausalLM`` (mistral), ``Qwen2ForCausalLM``
-(qwen2, q/k/v biases); their tables are in :mod:`.families`. All are pre-norm decoders with
-RMSNorm, SwiGLU, grouped-query attention and rotate-half RoPE, which megatron's GPTModel
-computes with::
+(qwen2, q/k/v biases), ``Qwen3ForCausalLM`` (qwen3, q/k RMSNorm over head_dim: megatron's
+``qk_layernorm``, eps ``rms_norm_eps`` as every norm); their tables are in :mod:`.families`.
+All are pre-norm decoders with RMSNorm, SwiGLU, grouped-query attention and rotate-half RoPE,
+which megatron's GPTModel computes with::
 
     normalization="RMSNorm", gated_linear_unit=True, activation silu, add_bias_linear=False,
-    add_qkv_bias (qwen2), kv_channels=head_dim, position_embedding_type="rope"
+    add_qkv_bias (qwen2), qk_layernorm (qwen3), kv_channels=head_dim, position_embedding_type="rope"
 
-Both use the non-interleaved ("rotate half") RoPE layout, so q/k rows need no permutation.
+All use the non-interleaved ("rotate half") RoPE layout, so q/k rows need no permutation.
 
 Restrictions (each raises :class:`UnsupportedCheckpointError` before any process-group work):
 ``num_query_groups`` and ``num_attention_heads`` divisible by TP (megatron 0.16 can replicate
@@ -187,7 +188,9 @@ def _geometry(family: ModelFamily, hf: dict[str, Any]) -> dict[str, int]:
     geometry: dict[str, int] = {}
     for field, key, _ in family.config_fields:
         value = hf.get(key)
-        if not value:
+        if not value and field in family.config_defaults:
+            value = family.config_defaults[field]
+        elif not value:
             value = _GEOMETRY_DEFAULTS[field](geometry) if field in _GEOMETRY_DEFAULTS else hf[key]
         geometry[field] = int(value)
     return geometry
@@ -246,7 +249,7 @@ def transformer_config_from_hf(
     sequence_parallel: bool = False,
     **overrides: Any,
 ) -> TransformerConfig:
-    """megatron's TransformerConfig for an HF Llama / Mistral / Qwen2 config at TP=tp, PP=pp.
+    """megatron's TransformerConfig for an HF Llama / Mistral / Qwen2 / Qwen3 config at TP=tp, PP=pp.
 
     fp32 params, CPU initialisation, no dropout, ``perform_initialization=False`` (the weights
     are loaded, not drawn). ``overrides`` are TransformerConfig fields applied last (e.g.
@@ -294,8 +297,8 @@ def gpt_model_kwargs_from_hf(hf_config: Mapping[str, Any] | Any) -> dict[str, An
 
 
 def megatron_geometry_mismatch(config: Any, arch: HFLlamaArch) -> list[str]:
-    """The geometry fields in which a megatron TransformerConfig differs from a parsed HF
-    config, as ``"<megatron field> <value> (HF: <value>)"``."""
+    """The geometry fields (and the q/k norm switch ``qk_layernorm``) in which a megatron
+    TransformerConfig differs from a parsed HF config, as ``"<megatron field> <value> (HF: <value>)"``."""
     defaults = {  # megatron fills these in when a config leaves them None
         "num_query_groups": config.num_attention_heads,
         "kv_channels": config.hidden_size // config.num_attention_heads,
@@ -307,4 +310,7 @@ def megatron_geometry_mismatch(config: Any, arch: HFLlamaArch) -> list[str]:
             have = defaults[megatron]
         if have != want:
             differing.append(f"{megatron} {have} (HF: {want})")
+    qk_norm = bool(arch.family.megatron_config.get("qk_layernorm", False))
+    if bool(getattr(config, "qk_layernorm", False)) != qk_norm:
+        differing.append(f"qk_layernorm {not qk_norm} (HF: {qk_norm})")
     return differing

@@ -167,6 +167,8 @@ class ModelFamily:
     ``sliding_window_flag`` / ``sliding_window_size``: the config key that switches sliding
     window attention on, or the key of a window size that must cover the whole context.
     ``dimensions``: name -> (size from the parsed arch, the config field it comes from).
+    ``config_defaults``: parsed-arch field -> value for a geometry key missing from config.json
+    where the family's transformers config class has its own default (else it is derived).
     """
 
     model_type: str
@@ -178,6 +180,7 @@ class ModelFamily:
     qkv_bias: bool = False
     sliding_window_flag: Optional[str] = None
     sliding_window_size: Optional[str] = None
+    config_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def size(self, dimension: str, arch: Any) -> int:
         """The size of a named dimension for a parsed config."""
