@@ -2,7 +2,7 @@
 
 * :mod:`.table`: the form of a family table (:class:`ModelFamily`, :class:`ModuleTable`,
   :class:`Module`) and the name / geometry look-ups derived from it;
-* :mod:`.families`: the Llama, Mistral and Qwen2 tables;
+* :mod:`.families`: the Llama, Mistral, Qwen2 and Mixtral tables;
 * :mod:`.layouts`: the fused QKV and gate/up row layouts (one implementation each);
 * :mod:`.hf_config`: an HF ``config.json`` -> checked facts -> megatron's TransformerConfig;
 * :mod:`.gpt`: a megatron GPTModel built from an HF checkpoint (base weights HF -> megatron);
@@ -19,6 +19,7 @@ from .families import (
     FAMILIES,
     LLAMA,
     MISTRAL,
+    MIXTRAL,
     QWEN2,
     family_of,
     hf_module_names,
@@ -33,6 +34,7 @@ from .hf_config import (
     check_parallel_layout,
     gpt_model_kwargs_from_hf,
     megatron_geometry_mismatch,
+    moe_config_fields,
     parse_hf_config,
     read_hf_config,
     transformer_config_from_hf,
@@ -50,12 +52,15 @@ from .layouts import (
     split_qkv_rows,
 )
 from .table import (
+    EXPERT,
     HF_LAYERS,
     MEGATRON_LAYERS,
     Mapped,
     ModelFamily,
+    MoEKeys,
     Module,
     ModuleTable,
+    global_expert_index,
     hf_features,
     layer_module_name,
     megatron_features,
@@ -66,14 +71,17 @@ __all__ = [
     "Attention",
     "CheckpointReader",
     "DEFAULT_MODULES",
+    "EXPERT",
     "FAMILIES",
     "HFLlamaArch",
     "HF_LAYERS",
     "LLAMA",
     "MEGATRON_LAYERS",
     "MISTRAL",
+    "MIXTRAL",
     "Mapped",
     "ModelFamily",
+    "MoEKeys",
     "Module",
     "ModuleTable",
     "QWEN2",
@@ -84,6 +92,7 @@ __all__ = [
     "contiguous_shard",
     "family_of",
     "fused_shard_ranges",
+    "global_expert_index",
     "gpt_model_kwargs_from_hf",
     "hf_features",
     "hf_module_names",
@@ -94,6 +103,7 @@ __all__ = [
     "megatron_features",
     "megatron_geometry_mismatch",
     "megatron_module_name",
+    "moe_config_fields",
     "merge_fused",
     "merge_gate_up",
     "merge_qkv_rows",

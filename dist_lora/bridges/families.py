@@ -1,8 +1,9 @@
-"""The model-family tables: Llama, Mistral and Qwen2 (the form is in :mod:`.table`).
+"""The model-family tables: Llama, Mistral, Qwen2 and Mixtral (the form is in :mod:`.table`).
 
-All three are pre-norm Llama decoders (RMSNorm, SwiGLU, grouped-query attention,
+All are pre-norm Llama decoders (RMSNorm, SwiGLU, grouped-query attention,
 rotate-half RoPE), so they share one module table and one config-field mapping; they differ
 in their config rules (Qwen2's q/k/v biases, Mistral's and Qwen2's sliding-window switches).
+Mixtral replaces the MLP by a mixture of experts (router + SwiGLU experts, below).
 Adding a family means adding one :class:`~.table.ModelFamily` here (and its module table
 where the decoder differs).
 
@@ -22,13 +23,27 @@ mlp.down_proj                              mlp.linear_fc2                      c
 model.norm                                 decoder.final_layernorm             all
 lm_head (embed_tokens when tied)           output_layer                        vocab rows i (dim 0)
 =========================================  ==================================  ===================
+
+Mixture-of-experts layers (Mixtral), e = GLOBAL expert index; expert-parallel rank r of ep
+holds experts r·E/ep .. (r+1)·E/ep - 1 as its local experts J = e - r·E/ep, and splits each
+over the expert-tensor-parallel (ETP) group; the router is whole on every rank:
+
+===============================================  ==========================================  ===============
+HF (per-expert files / transformers 5 3-D)       megatron                                    ETP rank i holds
+===============================================  ==========================================  ===============
+block_sparse_moe.gate / mlp.gate                 mlp.router                                  all
+block_sparse_moe.experts.e.{w1,w3} /             mlp.experts.local_experts.J.linear_fc1      rows i of each
+  mlp.experts.gate_up_proj[e] = [w1; w3]           = [w1_i; w3_i]
+block_sparse_moe.experts.e.w2 /                  mlp.experts.local_experts.J.linear_fc2      columns i
+  mlp.experts.down_proj[e]
+===============================================  ==========================================  ===============
 """
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .table import MEGATRON_LAYERS, ModelFamily, Module, ModuleTable
+from .table import EXPERT, MEGATRON_LAYERS, ModelFamily, MoEKeys, Module, ModuleTable
 
 LLAMA_MODULES = ModuleTable(
     layer=(
@@ -98,7 +113,46 @@ QWEN2 = ModelFamily(
     "qwen2", "Qwen2ForCausalLM", qkv_bias=True, sliding_window_flag="use_sliding_window", **_LLAMA_DECODER
 )
 
-FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (LLAMA, MISTRAL, QWEN2)}
+# Mixture of experts: the router (a replicated [E, H] linear) and E SwiGLU experts per layer.
+MIXTRAL_MOE = (
+    Module("mlp.router", ("block_sparse_moe.gate",), features=(("hidden", "experts"),), v5="mlp.gate"),
+    Module(
+        f"mlp.experts.local_experts.{EXPERT}.linear_fc1",
+        (f"block_sparse_moe.experts.{EXPERT}.w1", f"block_sparse_moe.experts.{EXPERT}.w3"),
+        tp="column",
+        fused="gate_up",
+        features=(("hidden", "moe_ffn"), ("hidden", "moe_ffn")),
+        v5="mlp.experts.gate_up_proj",
+    ),
+    Module(
+        f"mlp.experts.local_experts.{EXPERT}.linear_fc2",
+        (f"block_sparse_moe.experts.{EXPERT}.w2",),
+        tp="row",
+        features=(("moe_ffn", "hidden"),),
+        v5="mlp.experts.down_proj",
+    ),
+)
+MIXTRAL_MODULES = ModuleTable(
+    layer=tuple(entry for entry in LLAMA_MODULES.layer if not entry.megatron.startswith("mlp.")) + MIXTRAL_MOE,
+    model=LLAMA_MODULES.model,
+)
+
+MIXTRAL = ModelFamily(
+    "mixtral",
+    "MixtralForCausalLM",
+    modules=MIXTRAL_MODULES,
+    config_fields=LLAMA_CONFIG_FIELDS,
+    megatron_config=LLAMA_MEGATRON_CONFIG,
+    dimensions={
+        **LLAMA_DIMENSIONS,
+        "moe_ffn": (lambda arch: arch.moe_ffn_hidden_size, "intermediate_size"),
+        "experts": (lambda arch: arch.num_experts, "num_local_experts"),
+    },
+    sliding_window_size="sliding_window",
+    moe=MoEKeys(num_experts=("num_local_experts", "num_experts"), ffn="intermediate_size"),
+)
+
+FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (LLAMA, MISTRAL, QWEN2, MIXTRAL)}
 # The table used where no HF config says which family (all supported families share it).
 DEFAULT_MODULES = LLAMA_MODULES
 

@@ -1,0 +1,225 @@
+"""Mixture-of-experts models through the HF -> megatron bridge: a GPTModel built from a saved
+tiny random Mixtral computes the transformers model's logits (fp32, atol 1e-4) at
+(EP, TP) = (1,1), (2,1), (1,2), (2,2) (SP on where TP > 1; expert-TP 1 with the all-to-all
+dispatcher and expert-TP = TP with the all-gather one), from both on-disk layouts (per-expert
+tensors, as transformers 5.24 writes them, and transformers 5's fused 3-D expert tensors);
+every expert receives tokens in the test batch. Bad MoE configs and layouts fail before any
+process group work, naming the field."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from dist_lora.bridges import (  # noqa: E402
+    MIXTRAL,
+    UnsupportedCheckpointError,
+    build_megatron_gpt,
+    global_expert_index,
+    transformer_config_from_hf,
+)
+from tests.harness import run_distributed  # noqa: E402
+from tests.hf_models import tiny_mixtral  # noqa: E402
+from tests.tp_utils import gather_tp  # noqa: E402
+
+VOCAB, BATCH, SEQ, EXPERTS = 128, 2, 16, 4
+# Geometry of the bridge tests (GQA dividing over TP=2), 4 experts, weights large enough that
+# a layout mistake cannot hide under atol.
+MIXTRAL_KW = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=64,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    num_local_experts=EXPERTS,
+    num_experts_per_tok=2,
+    initializer_range=0.1,
+    rms_norm_eps=1e-5,
+)
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
+
+
+def _randomise_norms(model, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # HF inits norms to 1: randomise so that swaps show
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=gen))
+
+
+def write_v5_layout(src: str, dst: str, per_expert: str, parts: tuple[str, str, str], router: str) -> None:
+    """Rewrite a per-expert checkpoint in transformers 5's fused layout: per layer
+    ``mlp.experts.gate_up_proj`` [E, 2I, H] (= [gate_e; up_e]), ``mlp.experts.down_proj``
+    [E, H, I] and the router as ``mlp.gate``. ``per_expert``: the experts' module prefix
+    (``block_sparse_moe.experts``), ``parts``: (gate, up, down) names, ``router``: its old name."""
+    os.makedirs(dst, exist_ok=True)
+    shutil.copy(os.path.join(src, "config.json"), dst)
+    state = load_file(os.path.join(src, "model.safetensors"))
+    out = {k.replace(f".{router}.", ".mlp.gate."): v for k, v in state.items() if f".{per_expert}." not in k}
+    layers = sorted({int(k.split(".")[2]) for k in state if f".{per_expert}." in k})
+    for n in layers:
+        stack = {p: torch.stack([state[f"model.layers.{n}.{per_expert}.{e}.{p}.weight"] for e in range(EXPERTS)])
+                 for p in parts}
+        out[f"model.layers.{n}.mlp.experts.gate_up_proj"] = torch.cat([stack[parts[0]], stack[parts[1]]], 1).contiguous()
+        out[f"model.layers.{n}.mlp.experts.down_proj"] = stack[parts[2]].contiguous()
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory) -> dict:
+    """{"per_expert": dir, "v5": dir, "logits": HF logits, "counts": tokens per expert per layer}."""
+    model = tiny_mixtral(seed=3, **MIXTRAL_KW)
+    _randomise_norms(model, 4)
+    root = tmp_path_factory.mktemp("mixtral")
+    model.save_pretrained(root / "per_expert")
+    write_v5_layout(str(root / "per_expert"), str(root / "v5"), "block_sparse_moe.experts", ("w1", "w3", "w2"),
+                    "block_sparse_moe.gate")
+    with torch.no_grad():
+        out = model(input_ids=_ids(), output_router_logits=True)
+    counts = [torch.bincount(logits.topk(2, dim=-1).indices.flatten(), minlength=EXPERTS)
+              for logits in out.router_logits]
+    return {"per_expert": str(root / "per_expert"), "v5": str(root / "v5"), "logits": out.logits, "counts": counts}
+
+
+def test_transformers_writes_per_expert_and_reads_both_layouts(mixtral: dict) -> None:
+    """transformers 5.24's save_pretrained writes Mixtral's experts per expert (it reverts its
+    load-time fusion), and from_pretrained reads the fused 3-D layout to the same model."""
+    keys = set(load_file(os.path.join(mixtral["per_expert"], "model.safetensors")))
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in keys
+    assert "model.layers.0.block_sparse_moe.gate.weight" in keys
+    assert not any("gate_up_proj" in k for k in keys)
+    v5 = AutoModelForCausalLM.from_pretrained(mixtral["v5"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(v5(input_ids=_ids()).logits, mixtral["logits"], atol=0, rtol=0)
+
+
+def _megatron_logits(hf_dir: str, tp: int, ep: int, etp: int) -> torch.Tensor:
+    model = build_megatron_gpt(hf_dir, tp=tp, sequence_parallel=tp > 1, ep=ep, etp=etp).eval()
+    assert len(model.decoder.layers[0].mlp.experts.local_experts) == EXPERTS // ep
+    with torch.no_grad():
+        out = model(_ids(), None, None)
+    return gather_tp(out, dim=-1)
+
+
+@pytest.mark.parametrize(
+    "layout,ep,tp,etp",
+    [
+        ("per_expert", 1, 1, 1),
+        ("per_expert", 2, 1, 1),
+        ("per_expert", 1, 2, 1),
+        ("per_expert", 2, 2, 1),
+        ("v5", 1, 1, 1),
+        ("v5", 2, 1, 1),
+        ("v5", 1, 2, 2),
+        ("v5", 2, 2, 2),
+    ],
+)
+def test_mixtral_logits_match_hf(mixtral: dict, layout: str, ep: int, tp: int, etp: int) -> None:
+    for layer, counts in enumerate(mixtral["counts"]):  # the check means something only if
+        assert (counts > 0).all(), f"layer {layer}: an expert gets no token ({counts.tolist()})"  # all experts work
+    world = tp * max(1, ep * etp // tp)
+    results = run_distributed(_megatron_logits, world, tp=tp, ep=ep, etp=etp, args=(mixtral[layout], tp, ep, etp))
+    want = mixtral["logits"]
+    assert want.abs().max() > 1.0, "reference logits too small to test the mapping"
+    for logits in results:
+        torch.testing.assert_close(logits, want, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table's expert entries and the bad-input rules (no process groups involved)
+
+
+def test_expert_names_use_global_indices() -> None:
+    table = MIXTRAL.modules
+    mapped = table.megatron("decoder.layers.1.mlp.experts.local_experts.3.linear_fc1")
+    assert mapped.hf == ("model.layers.1.block_sparse_moe.experts.3.w1", "model.layers.1.block_sparse_moe.experts.3.w3")
+    assert (mapped.expert, mapped.v5) == (3, "model.layers.1.mlp.experts.gate_up_proj")
+    back, position = table.hf("base_model.model.model.layers.1.block_sparse_moe.experts.2.w3")
+    assert (back.megatron, position) == ("decoder.layers.1.mlp.experts.local_experts.2.linear_fc1", 1)
+    assert table.hf("model.layers.0.block_sparse_moe.gate")[0].megatron == "decoder.layers.0.mlp.router"
+    assert [global_expert_index(j, 8, 1, 2) for j in range(4)] == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="local expert 4"):
+        global_expert_index(4, 8, 1, 2)
+
+
+def _mixtral_config(**change) -> dict:
+    return tiny_mixtral(**MIXTRAL_KW).config.to_dict() | change
+
+
+def test_moe_router_settings() -> None:
+    config = transformer_config_from_hf(_mixtral_config(), tp=2, sequence_parallel=True, ep=2, etp=1)
+    assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_hidden_size) == (4, 2, 64)
+    assert config.moe_router_score_function == "softmax" and not config.moe_router_pre_softmax
+    assert config.moe_expert_capacity_factor is None and config.moe_token_dispatcher_type == "alltoall"
+    assert (config.expert_model_parallel_size, config.expert_tensor_parallel_size) == (2, 1)
+    assert config.moe_aux_loss_coeff == 0.0  # transformers adds it only with output_router_logits
+    aux = transformer_config_from_hf(_mixtral_config(output_router_logits=True, router_aux_loss_coef=0.02))
+    assert aux.moe_aux_loss_coeff == 0.02
+    assert transformer_config_from_hf(_mixtral_config(), moe_aux_loss_coeff=0.5).moe_aux_loss_coeff == 0.5
+
+
+@pytest.mark.parametrize(
+    "change,layout,match",
+    [
+        ({}, dict(ep=3), r"num_local_experts \(4\) is not divisible by the expert-parallel size ep=3"),
+        ({}, dict(ep=1, etp=3), r"intermediate_size \(64\) is not divisible by the expert-tensor-parallel size etp=3"),
+        ({}, dict(tp=2, ep=2), r"ep=2 with tp=2 needs sequence_parallel"),
+        ({"num_experts_per_tok": 5}, {}, r"num_local_experts=4 / num_experts_per_tok=5"),
+        ({"router_jitter_noise": 0.1}, {}, r"router_jitter_noise=0.1: router jitter noise is not supported"),
+        ({"shared_expert_intermediate_size": 32}, {}, r"shared_expert_intermediate_size=32: shared experts"),
+        ({"n_group": 8, "topk_group": 4}, {}, r"n_group=8: grouped \(device-limited\) routing"),
+        ({"model_type": "qwen2_moe"}, {}, r"model_type 'qwen2_moe' is not supported: .*shared experts"),
+        ({"model_type": "deepseek_v3"}, {}, r"model_type 'deepseek_v3' is not supported: .*grouped routing"),
+        ({"model_type": "gpt_oss"}, {}, r"model_type 'gpt_oss' is not supported: .*attention sinks"),
+        ({"model_type": "olmoe"}, {}, r"model_type 'olmoe' is not supported by the Llama-family bridge"),
+    ],
+)
+def test_bad_moe_configs_raise_naming_the_field(change: dict, layout: dict, match: str) -> None:
+    with pytest.raises(UnsupportedCheckpointError, match=match):
+        transformer_config_from_hf(_mixtral_config(**change), **layout)
+
+
+def test_build_refuses_bad_expert_layout_before_any_process_group(mixtral: dict) -> None:
+    assert not dist.is_initialized()  # in this (parent) process: the error comes first
+    with pytest.raises(UnsupportedCheckpointError, match="not divisible by the expert-parallel size ep=3"):
+        build_megatron_gpt(mixtral["per_expert"], ep=3)
+    with pytest.raises(UnsupportedCheckpointError, match="needs a mixture-of-experts model"):
+        config = json.load(open(os.path.join(mixtral["per_expert"], "config.json")))
+        transformer_config_from_hf(config | {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, ep=2)
+
+
+def _bytes_read(hf_dir: str, ep: int) -> int:
+    from dist_lora.bridges import CheckpointReader
+
+    read: list[int] = []
+    original_close = CheckpointReader.close
+
+    def close(self: CheckpointReader) -> None:  # this forked rank's reader only
+        read.append(self.bytes_read)
+        original_close(self)
+
+    CheckpointReader.close = close  # type: ignore[method-assign]
+    build_megatron_gpt(hf_dir, ep=ep, etp=1)
+    return sum(read)
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "v5"])
+def test_each_expert_parallel_rank_reads_only_its_experts(mixtral: dict, layout: str) -> None:
+    state = load_file(os.path.join(mixtral[layout], "model.safetensors"))
+    experts = sum(t.numel() * t.element_size() for k, t in state.items() if ".experts." in k)
+    rest = sum(t.numel() * t.element_size() for k, t in state.items() if ".experts." not in k)
+    assert run_distributed(_bytes_read, 2, ep=2, etp=1, args=(mixtral[layout], 2)) == [rest + experts // 2] * 2
