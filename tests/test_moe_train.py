@@ -1,0 +1,83 @@
+"""``dist-lora train`` on a mixture of experts (configs/moe_small.yaml: the built-in tiny Mixtral,
+LoRA on attention): at EP=2 the losses equal EP=1's, and the consolidated adapter loads in the
+real PEFT onto the transformers Mixtral with the megatron model's logits. Bad expert layouts
+and LoRA targets on experts are refused before any process group exists."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dist_lora.config import ConfigError
+from dist_lora.train import prepare, train
+from dist_lora.train_config import load_train_config
+from tests.harness import run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOE_SMALL = os.path.join(ROOT, "configs", "moe_small.yaml")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory) -> None:
+    """The built-in tiny models go to a per-session cache (created once)."""
+    os.environ["DIST_LORA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def _run(out: str, *overrides: str) -> dict:
+    config = load_train_config(MOE_SMALL, (f"train.out_dir={out}", "train.steps=2", "train.eval_interval=0",
+                                           *overrides))
+    return train(config)["losses"]
+
+
+def test_train_at_ep2_matches_ep1_and_releases_a_peft_adapter(tmp_path) -> None:
+    from dist_lora.demo import verify
+    from dist_lora.tiny_model import builtin_model_dir
+
+    out = str(tmp_path / "ep2")
+    ep2 = run_distributed(_run, 2, ep=2, etp=1, args=(out, "train.consolidate=true"))[0]
+    ep1 = run_distributed(_run, 2, ep=1, etp=1, args=(str(tmp_path / "ep1"), "parallel.ep=1"))[0]
+    assert sorted(ep2) == [0, 1]
+    assert ep2 == pytest.approx(ep1, rel=1e-5)
+    assert verify(out, builtin_model_dir(kind="mixtral")) == 0  # real PEFT on transformers' Mixtral
+
+
+@pytest.mark.parametrize(
+    "overrides,world,message",
+    [
+        (("parallel.ep=3",), 3, r"num_local_experts \(4\) is not divisible by the expert-parallel size ep=3"),
+        (("parallel.ep=2", "parallel.etp=2"), 2, r"parallel.ep \(2\) x parallel.etp \(2\) x parallel.pp \(1\) does "
+                                                 r"not divide the world size \(2\)"),
+        (("parallel.tp=2",), 4, r"parallel.ep > 1 with parallel.tp > 1 needs parallel.sp: true"),
+        (("lora.target_modules=[linear_qkv,linear_fc1]",), 2,
+         r"matches the mixture-of-experts modules \['decoder.layers.0.mlp.experts.local_experts.0.linear_fc1'\]"),
+        (("lora.target_modules=all-linear",), 2, r"mixture-of-experts modules .*mlp.router"),
+        (("lora.target_modules=null",), 2, r"mixture-of-experts modules"),
+        (("model.builtin=llama",), 2, r"expert parallelism \(ep=2, etp=1\) needs a mixture-of-experts model"),
+    ],
+)
+def test_bad_moe_jobs_fail_before_any_process_group(overrides, world: int, message: str) -> None:
+    import torch.distributed as dist
+
+    with pytest.raises((ConfigError, ValueError), match=message):
+        prepare(load_train_config(MOE_SMALL, overrides), world)
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "layout,message",
+    [
+        (dict(tp=2, ep=2, etp=2), r"expert layout EP=2 x ETP=2 x PP=1 does not divide the world size 2"),
+        (dict(ep=2, num_experts=3), r"the expert count 3 is not divisible by EP=2"),
+        (dict(tp=4), r"TP=4 x PP=1 does not divide the world size 2"),
+    ],
+)
+def test_init_distributed_refuses_before_any_process_group(monkeypatch, layout: dict, message: str) -> None:
+    import torch.distributed as dist
+
+    from dist_lora.parallel.setup import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=message):
+        init_distributed(**layout)
+    assert not dist.is_initialized()
