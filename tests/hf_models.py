@@ -25,6 +25,8 @@ from transformers import (  # noqa: E402
     MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 VOCAB = 96
@@ -91,6 +93,32 @@ def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     return _build(Qwen2ForCausalLM, Qwen2Config(**kwargs), seed, randomise_biases=True)
 
 
+def tiny_qwen3(seed: int = 0, **overrides) -> Qwen3ForCausalLM:
+    """2-layer Qwen3, hidden 32, GQA, head_dim 12 (not hidden / heads = 8, so that a geometry
+    mistake shows); the q/k norm weights are randomised (HF initialises them to 1, which would
+    hide a missing or swapped norm weight)."""
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    )
+    kwargs.update(overrides)
+    model = _build(Qwen3ForCausalLM, Qwen3Config(**kwargs), seed)
+    gen = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.copy_(1 + 0.5 * torch.randn(param.shape, generator=gen))
+    return model
+
+
 def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
     """2-layer GPT-2 (Conv1D layers with [in, out] weights), hidden 32, tied head, no dropout."""
     kwargs = dict(
@@ -128,7 +156,7 @@ def tiny_mixtral(seed: int = 0, **overrides) -> MixtralForCausalLM:
     return _build(MixtralForCausalLM, MixtralConfig(**kwargs), seed)
 
 
-FACTORIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2}
+FACTORIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "qwen3": tiny_qwen3, "gpt2": tiny_gpt2}
 
 
 def save_base(model, directory) -> str:

@@ -1,7 +1,8 @@
 """The Llama-family HF -> megatron bridge: a GPTModel built from a saved tiny HF checkpoint
 computes the HF model's logits (fp32, atol 1e-4) at TP=1/2/4, SP on and off, PP=2, for Llama
 (GQA, untied and tied), Qwen2 (qkv biases, linear RoPE scaling), Mistral (head_dim !=
-hidden/heads) and Llama with llama3 RoPE scaling, from single-file and sharded checkpoints.
+hidden/heads), Qwen3 (q/k RMSNorm over head_dim != hidden/heads, both attention paths) and
+Llama with llama3 RoPE scaling, from single-file and sharded checkpoints.
 Also: each rank reads only its slices, the loaded weights and megatron's TP markers match the
 HF tensors through the public name/layout helpers, and bad configs fail early and clearly."""
 
@@ -26,6 +27,8 @@ from transformers import (  # noqa: E402
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from dist_lora.bridges import (  # noqa: E402
@@ -82,6 +85,7 @@ MODELS = {
         dict(tie_word_embeddings=False, rope_parameters=dict(rope_type="linear", rope_theta=1e6, factor=2.0)),
     ),
     "mistral": (MistralForCausalLM, MistralConfig, dict(head_dim=16, sliding_window=None)),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(head_dim=12, tie_word_embeddings=False, rope_theta=1e6)),
 }
 
 
@@ -127,9 +131,9 @@ def checkpoints(tmp_path_factory) -> dict:
 # Logits parity
 
 
-def _megatron_logits(hf_dir: str, tp: int, pp: int, sp: bool):
+def _megatron_logits(hf_dir: str, tp: int, pp: int, sp: bool, attention: str = "megatron"):
     """Full logits [b, s, vocab] on the last PP stage's ranks (None elsewhere)."""
-    model = build_megatron_gpt(hf_dir, tp=tp, pp=pp, sequence_parallel=sp).eval()
+    model = build_megatron_gpt(hf_dir, tp=tp, pp=pp, sequence_parallel=sp, attention=attention).eval()
     ids = _ids()
     with torch.no_grad():
         if pp > 1:  # run the two stages by hand: stage 0's hidden states -> stage 1
@@ -148,30 +152,35 @@ def _megatron_logits(hf_dir: str, tp: int, pp: int, sp: bool):
     return gather_tp(out, dim=-1)
 
 
-@pytest.mark.parametrize(
-    "kind,tp,pp,sp",
-    [
-        ("llama", 1, 1, False),
-        ("llama", 2, 1, False),
-        ("llama", 4, 1, False),
-        ("llama", 2, 1, True),
-        ("llama", 4, 1, True),
-        ("llama_sharded", 2, 1, False),
-        ("llama_tied", 1, 1, False),
-        ("llama_tied", 2, 1, True),
-        ("llama3_rope", 2, 1, False),
-        ("qwen2", 1, 1, False),
-        ("qwen2", 2, 1, True),
-        ("qwen2", 4, 1, False),
-        ("mistral", 2, 1, False),
-        ("llama", 1, 2, False),
-        ("llama_sharded", 2, 2, True),
-        ("llama_tied", 2, 2, False),
-    ],
-)
-def test_logits_match_hf(checkpoints: dict, kind: str, tp: int, pp: int, sp: bool) -> None:
+# (kind, tp, pp, sp[, attention]): megatron's core attention unless named.
+PARITY_CASES = [
+    ("llama", 1, 1, False),
+    ("llama", 2, 1, False),
+    ("llama", 4, 1, False),
+    ("llama", 2, 1, True),
+    ("llama", 4, 1, True),
+    ("llama_sharded", 2, 1, False),
+    ("llama_tied", 1, 1, False),
+    ("llama_tied", 2, 1, True),
+    ("llama3_rope", 2, 1, False),
+    ("qwen2", 1, 1, False),
+    ("qwen2", 2, 1, True),
+    ("qwen2", 4, 1, False),
+    ("mistral", 2, 1, False),
+    ("qwen3", 1, 1, False),
+    ("qwen3", 2, 1, True),
+    ("qwen3", 2, 1, True, "sdpa"),
+    ("qwen3", 1, 2, False, "sdpa"),
+    ("llama", 1, 2, False),
+    ("llama_sharded", 2, 2, True),
+    ("llama_tied", 2, 2, False),
+]
+
+
+@pytest.mark.parametrize("kind,tp,pp,sp,attention", [(case + ("megatron",))[:5] for case in PARITY_CASES])
+def test_logits_match_hf(checkpoints: dict, kind: str, tp: int, pp: int, sp: bool, attention: str) -> None:
     ckpt = checkpoints[kind]
-    results = run_distributed(_megatron_logits, tp * pp, tp=tp, pp=pp, args=(ckpt["dir"], tp, pp, sp))
+    results = run_distributed(_megatron_logits, tp * pp, tp=tp, pp=pp, args=(ckpt["dir"], tp, pp, sp, attention))
     want = ckpt["logits"]
     assert want.abs().max() > 1.0, "reference logits too small to test the mapping"
     got = [r for r in results if r is not None]
@@ -336,6 +345,12 @@ def test_transformer_config_fields() -> None:
     old |= {"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
     transformer_config_from_hf(old)
+    qwen3 = transformer_config_from_hf(_config_dict("qwen3"), tp=2, sequence_parallel=True)
+    assert qwen3.qk_layernorm and not qwen3.add_qkv_bias and (qwen3.kv_channels, qwen3.layernorm_epsilon) == (12, 1e-5)
+    no_head_dim = _config_dict("qwen3")
+    no_head_dim.pop("head_dim")  # transformers' Qwen3Config default (128), not hidden / heads (8)
+    assert transformer_config_from_hf(no_head_dim).kv_channels == 128 == Qwen3Config().head_dim
+    assert not transformer_config_from_hf(_config_dict("llama")).qk_layernorm
     bf16 = transformer_config_from_hf(_config_dict("llama"), params_dtype=torch.bfloat16)
     assert bf16.params_dtype == bf16.pipeline_dtype == torch.bfloat16
 
@@ -346,7 +361,7 @@ def test_transformer_config_fields() -> None:
         ({}, 8, r"num_key_value_heads \(query groups\) \(4\) is not divisible by the tensor-parallel size 8"),
         ({}, 3, r"num_attention_heads \(8\) is not divisible by the tensor-parallel size 3"),
         ({"vocab_size": 130}, 4, r"vocab_size \(130\) is not divisible"),
-        ({"model_type": "gpt2"}, 1, r"model_type 'gpt2' is not supported.*LlamaForCausalLM.*Qwen2ForCausalLM"),
+        ({"model_type": "gpt2"}, 1, r"model_type 'gpt2' is not supported.*LlamaForCausalLM.*Qwen2ForCausalLM.*Qwen3ForCausalLM"),
         ({"architectures": ["LlamaForSequenceClassification"]}, 1, r"architectures .* not supported"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, 1,
          r"RoPE type 'yarn' is not supported; supported types: default, linear, llama3"),
@@ -360,6 +375,20 @@ def test_transformer_config_fields() -> None:
 def test_unsupported_configs_raise(change: dict, tp: int, match: str) -> None:
     with pytest.raises(UnsupportedCheckpointError, match=match):
         transformer_config_from_hf(_config_dict("llama") | change, tp=tp)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"attention_bias": True}, r"attention_bias=True \(biases on q/k/v AND o_proj\)"),
+        ({"use_sliding_window": True, "max_window_layers": 0}, r"sliding-window attention"),
+        ({"layer_types": ["full_attention", "sliding_attention"]}, r"sliding-window attention"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, r"RoPE type 'yarn'"),
+    ],
+)
+def test_unsupported_qwen3_configs_raise(change: dict, match: str) -> None:
+    with pytest.raises(UnsupportedCheckpointError, match=match):
+        transformer_config_from_hf(_config_dict("qwen3") | change, tp=2)
 
 
 def test_sliding_window_raises() -> None:
@@ -382,7 +411,7 @@ def test_build_rejects_bad_layout_before_any_process_group(checkpoints: dict, tm
 # The family tables: geometry, adapter rows and a new family as one table
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3"])
 def test_family_table_geometry(kind: str) -> None:
     arch = parse_hf_config(_config_dict(kind))
     family = FAMILIES[arch.model_type]
@@ -423,19 +452,18 @@ def test_incomplete_adapter_names_missing_and_unexpected() -> None:
     )
 
 
-def test_a_new_family_is_one_table() -> None:
-    """A family with per-head q/k norms (as Qwen3): only its table changes."""
-    llama = FAMILIES["llama"]
-    norms = (Module("self_attention.q_layernorm", ("self_attn.q_norm",)),
-             Module("self_attention.k_layernorm", ("self_attn.k_norm",)))
-    modules = ModuleTable(layer=llama.modules.layer + norms, model=llama.modules.model)
-    family = dataclasses.replace(llama, model_type="qwen3", architecture="Qwen3ForCausalLM", modules=modules)
-    assert isinstance(family, ModelFamily)
-    mapped = family.modules.megatron("decoder.layers.5.self_attention.k_layernorm")
+def test_qwen3_is_the_llama_table_plus_head_norms() -> None:
+    """A family with per-head q/k norms is one table: Qwen3's is Llama's plus two replicated norms."""
+    llama, qwen3 = FAMILIES["llama"], FAMILIES["qwen3"]
+    assert isinstance(qwen3, ModelFamily) and qwen3.architecture == "Qwen3ForCausalLM"
+    assert qwen3.modules.layer[: len(llama.modules.layer)] == llama.modules.layer
+    assert qwen3.modules.model == llama.modules.model
+    mapped = qwen3.modules.megatron("decoder.layers.5.self_attention.k_layernorm")
     assert (mapped.hf, mapped.entry.partition) == (("model.layers.5.self_attn.k_norm",), None)
-    mapped, position = family.modules.hf("model.layers.2.self_attn.q_norm")
+    mapped, position = qwen3.modules.hf("model.layers.2.self_attn.q_norm")
     assert (mapped.megatron, position) == ("decoder.layers.2.self_attention.q_layernorm", 0)
-    assert family.modules.megatron("output_layer").entry.partition == (0, 1)
+    assert hf_module_names("decoder.layers.1.self_attention.q_layernorm") == ["model.layers.1.self_attn.q_norm"]
+    assert qwen3.modules.hf_layer_linears() == llama.modules.hf_layer_linears()  # norms are no LoRA targets
     with pytest.raises(KeyError, match="q_layernorm"):
         llama.modules.megatron("decoder.layers.5.self_attention.q_layernorm")
 

@@ -7,6 +7,16 @@ Without apex or TE, megatron's local spec builds ``WrappedTorchNorm``, which ass
 sequence chunk, so their gradients are per-rank partial sums that must be summed over TP once
 per step (megatron's ``finalize_model_grads`` does it for tagged params). State-dict keys are
 unchanged (``input_layernorm.weight``, ...).
+
+With ``config.qk_layernorm`` (Qwen3) the attention's ``q_layernorm`` / ``k_layernorm`` are
+:class:`HeadRMSNorm`: an RMSNorm over the last (head) dimension of this rank's query / key
+heads [s, b, heads_i, head_dim], with ``config.layernorm_epsilon``. They act on heads, not on
+the sequence (attention sees the whole sequence even under SP), so they carry no
+``sequence_parallel`` tag; but with the heads split over TP each rank's weight gradient
+sums over its heads only, ∂L/∂w = Σ_i Σ_{h ∈ heads_i} ..., a partial sum over TP. Their
+parameters are tagged ``head_norm_partial_grad`` (:func:`dist_lora.parallel.grads.mark_head_norm_partial_grads`)
+so that a trainable copy (``modules_to_save``) is summed over TP once per step like the
+other partial gradients.
 """
 
 from __future__ import annotations
@@ -20,12 +30,17 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from ..parallel.grads import mark_head_norm_partial_grads
 from .attention import with_sdpa_attention
 
 
-def _tag_sequence_parallel(norm: torch.nn.Module, config: TransformerConfig) -> None:
+def _check_config(config: TransformerConfig) -> None:
     if config.layernorm_zero_centered_gamma:
         raise ValueError("layernorm_zero_centered_gamma is not supported by the torch norms.")
+
+
+def _tag_sequence_parallel(norm: torch.nn.Module, config: TransformerConfig) -> None:
+    _check_config(config)
     for param in norm.parameters():
         param.sequence_parallel = config.sequence_parallel
 
@@ -53,6 +68,18 @@ class LayerNorm(torch.nn.LayerNorm):
         _tag_sequence_parallel(self, config)
 
 
+class HeadRMSNorm(torch.nn.RMSNorm):
+    """The q/k norm of ``qk_layernorm``: ``torch.nn.RMSNorm`` over head_dim, applied to each of
+    this rank's heads, y = x / sqrt(mean(x², last dim) + eps) · w with one w [head_dim] shared by
+    all heads. Built like a megatron norm ``(config, hidden_size=head_dim, eps)``; never tagged
+    sequence parallel; tagged ``head_norm_partial_grad`` when TP > 1 (heads split)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
+        _check_config(config)
+        super().__init__(hidden_size, eps=eps, **_factory(config))
+        mark_head_norm_partial_grads(self.parameters(), config.tensor_model_parallel_size > 1)
+
+
 def norm_class(config: TransformerConfig) -> type[torch.nn.Module]:
     """The norm class for ``config.normalization`` ("RMSNorm" or "LayerNorm")."""
     classes: dict[str, type[torch.nn.Module]] = {"RMSNorm": RMSNorm, "LayerNorm": LayerNorm}
@@ -61,19 +88,28 @@ def norm_class(config: TransformerConfig) -> type[torch.nn.Module]:
     return classes[config.normalization]
 
 
-def _replace_norms(layer_spec: ModuleSpec, norm: type[torch.nn.Module]) -> ModuleSpec:
-    """A copy of a transformer-layer spec whose layer-level ``WrappedTorchNorm``s are ``norm``.
-
-    Only the layer's own fields (input_layernorm, pre_mlp_layernorm, ...) are replaced; the
-    q/k norms inside attention (``qk_layernorm=True``) are left as megatron builds them.
-    """
-    submodules = layer_spec.submodules
+def _swap_wrapped_norms(submodules, norm: type[torch.nn.Module]):
+    """A copy of a spec's submodules dataclass whose ``WrappedTorchNorm`` fields are ``norm``."""
     swapped = {
         field.name: norm
         for field in dataclasses.fields(submodules)
         if getattr(submodules, field.name) is WrappedTorchNorm
     }
-    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(submodules, **swapped))
+    return dataclasses.replace(submodules, **swapped)
+
+
+def _replace_norms(layer_spec: ModuleSpec, norm: type[torch.nn.Module]) -> ModuleSpec:
+    """A copy of a transformer-layer spec whose ``WrappedTorchNorm``s are ``norm`` (the layer's
+    own: input_layernorm, pre_mlp_layernorm, ...) and :class:`HeadRMSNorm` (attention's
+    q_layernorm / k_layernorm, present with ``qk_layernorm=True``)."""
+    submodules = _swap_wrapped_norms(layer_spec.submodules, norm)
+    attention = submodules.self_attention
+    if isinstance(attention, ModuleSpec) and dataclasses.is_dataclass(attention.submodules):
+        if norm is not RMSNorm and WrappedTorchNorm in vars(attention.submodules).values():
+            raise ValueError("qk_layernorm is supported with normalization='RMSNorm' only.")
+        inner = _swap_wrapped_norms(attention.submodules, HeadRMSNorm)
+        submodules = dataclasses.replace(submodules, self_attention=dataclasses.replace(attention, submodules=inner))
+    return dataclasses.replace(layer_spec, submodules=submodules)
 
 
 def _layer_spec(spec: ModuleSpec, norm: type[torch.nn.Module], attention: str) -> ModuleSpec:

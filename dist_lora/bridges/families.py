@@ -1,11 +1,13 @@
-"""The model-family tables: Llama, Mistral, Qwen2 and Mixtral (the form is in :mod:`.table`).
+"""The model-family tables: Llama, Mistral, Qwen2, Qwen3 and Mixtral (the form is in :mod:`.table`).
 
 All are pre-norm Llama decoders (RMSNorm, SwiGLU, grouped-query attention,
-rotate-half RoPE), so they share one module table and one config-field mapping; they differ
-in their config rules (Qwen2's q/k/v biases, Mistral's and Qwen2's sliding-window switches).
-Mixtral replaces the MLP by a mixture of experts (router + SwiGLU experts, below).
-Adding a family means adding one :class:`~.table.ModelFamily` here (and its module table
-where the decoder differs).
+rotate-half RoPE), so they share one config-field mapping and the Llama module table; they
+differ in their config rules (Qwen2's q/k/v biases, Mistral's and the Qwens' sliding-window
+switches) and Qwen3 adds an RMSNorm over the head dimension of every query and key head
+after the projection, before RoPE (megatron's ``qk_layernorm``), one [head_dim] weight each
+for q and k, shared by all heads. Mixtral replaces the MLP by a mixture of experts (router +
+SwiGLU experts, below). Adding a family means adding one :class:`~.table.ModelFamily` here
+(and its module table where the decoder differs).
 
 Weight mapping (HF ``model.layers.N.`` <-> megatron ``decoder.layers.N.``, global N), with
 what TP rank i of t holds:
@@ -15,6 +17,7 @@ HF                                         megatron                            T
 =========================================  ==================================  ===================
 model.embed_tokens                         embedding.word_embeddings           vocab rows i (dim 0)
 self_attn.{q,k,v}_proj (+ bias, qwen2)     self_attention.linear_qkv           whole query groups i
+self_attn.{q,k}_norm (qwen3)               self_attention.{q,k}_layernorm      all [head_dim]
 self_attn.o_proj                           self_attention.linear_proj          columns i (dim 1)
 input_layernorm                            input_layernorm                     all
 post_attention_layernorm                   pre_mlp_layernorm                   all
@@ -75,6 +78,17 @@ LLAMA_MODULES = ModuleTable(
     ),
 )
 
+# Qwen3: the Llama table plus the per-head q/k RMSNorms (replicated: each TP rank applies
+# them to its own heads).
+QWEN3_MODULES = ModuleTable(
+    layer=LLAMA_MODULES.layer
+    + (
+        Module("self_attention.q_layernorm", ("self_attn.q_norm",)),
+        Module("self_attention.k_layernorm", ("self_attn.k_norm",)),
+    ),
+    model=LLAMA_MODULES.model,
+)
+
 # (HFLlamaArch field, HF config.json key, megatron TransformerConfig field) of the geometry.
 LLAMA_CONFIG_FIELDS = (
     ("num_layers", "num_hidden_layers", "num_layers"),
@@ -111,6 +125,13 @@ LLAMA = ModelFamily("llama", "LlamaForCausalLM", **_LLAMA_DECODER)
 MISTRAL = ModelFamily("mistral", "MistralForCausalLM", sliding_window_size="sliding_window", **_LLAMA_DECODER)
 QWEN2 = ModelFamily(
     "qwen2", "Qwen2ForCausalLM", qkv_bias=True, sliding_window_flag="use_sliding_window", **_LLAMA_DECODER
+)
+QWEN3 = ModelFamily(
+    "qwen3",
+    "Qwen3ForCausalLM",
+    sliding_window_flag="use_sliding_window",
+    config_defaults={"head_dim": 128},  # transformers' Qwen3Config default, not hidden / heads
+    **{**_LLAMA_DECODER, "modules": QWEN3_MODULES, "megatron_config": {**LLAMA_MEGATRON_CONFIG, "qk_layernorm": True}},
 )
 
 # Mixture of experts: the router (a replicated [E, H] linear) and E SwiGLU experts per layer.
@@ -152,9 +173,10 @@ MIXTRAL = ModelFamily(
     moe=MoEKeys(num_experts=("num_local_experts", "num_experts"), ffn="intermediate_size"),
 )
 
-FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (LLAMA, MISTRAL, QWEN2, MIXTRAL)}
-# The table used where no HF config says which family (all supported families share it).
-DEFAULT_MODULES = LLAMA_MODULES
+FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL)}
+# The table used where no HF config says which family: every dense family's modules (the
+# Llama table is a part of Qwen3's, and no name means two things; MoE tables are looked up by family).
+DEFAULT_MODULES = QWEN3_MODULES
 
 
 def family_of(model_type: str) -> ModelFamily:

@@ -1,15 +1,16 @@
 """Hugging Face Llama-family ``config.json`` -> the facts megatron's GPTModel needs.
 
 Supported: ``LlamaForCausalLM`` (llama), ``MistralForCausalLM`` (mistral), ``Qwen2ForCausalLM``
-(qwen2, q/k/v biases), ``MixtralForCausalLM`` (mixtral, mixture of experts); their tables
-are in :mod:`.families`. All are pre-norm decoders with
-RMSNorm, SwiGLU, grouped-query attention and rotate-half RoPE, which megatron's GPTModel
-computes with::
+(qwen2, q/k/v biases), ``Qwen3ForCausalLM`` (qwen3, q/k RMSNorm over head_dim: megatron's
+``qk_layernorm``, eps ``rms_norm_eps`` as every norm), ``MixtralForCausalLM`` (mixtral,
+mixture of experts); their tables are in :mod:`.families`.
+All are pre-norm decoders with RMSNorm, SwiGLU, grouped-query attention and rotate-half RoPE,
+which megatron's GPTModel computes with::
 
     normalization="RMSNorm", gated_linear_unit=True, activation silu, add_bias_linear=False,
-    add_qkv_bias (qwen2), kv_channels=head_dim, position_embedding_type="rope"
+    add_qkv_bias (qwen2), qk_layernorm (qwen3), kv_channels=head_dim, position_embedding_type="rope"
 
-Both use the non-interleaved ("rotate half") RoPE layout, so q/k rows need no permutation.
+All use the non-interleaved ("rotate half") RoPE layout, so q/k rows need no permutation.
 
 Restrictions (each raises :class:`UnsupportedCheckpointError` before any process-group work):
 ``num_query_groups`` and ``num_attention_heads`` divisible by TP (megatron 0.16 can replicate
@@ -242,7 +243,9 @@ def _geometry(family: ModelFamily, hf: dict[str, Any]) -> dict[str, int]:
     geometry: dict[str, int] = {}
     for field, key, _ in family.config_fields:
         value = hf.get(key)
-        if not value:
+        if not value and field in family.config_defaults:
+            value = family.config_defaults[field]
+        elif not value:
             value = _GEOMETRY_DEFAULTS[field](geometry) if field in _GEOMETRY_DEFAULTS else hf[key]
         geometry[field] = int(value)
     return geometry

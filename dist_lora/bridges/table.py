@@ -259,6 +259,8 @@ class ModelFamily:
     window attention on, or the key of a window size that must cover the whole context.
     ``dimensions``: name -> (size from the parsed arch, the config field it comes from).
     ``moe``: where the config keeps the mixture-of-experts facts (None: a dense model).
+    ``config_defaults``: parsed-arch field -> value for a geometry key missing from config.json
+    where the family's transformers config class has its own default (else it is derived).
     """
 
     model_type: str
@@ -271,6 +273,7 @@ class ModelFamily:
     sliding_window_flag: Optional[str] = None
     sliding_window_size: Optional[str] = None
     moe: Optional[MoEKeys] = None
+    config_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def size(self, dimension: str, arch: Any) -> int:
         """The size of a named dimension for a parsed config."""

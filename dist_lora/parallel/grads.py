@@ -4,8 +4,10 @@ Some replicated parameters get a per-rank partial gradient that must be summed o
 the optimizer step: the replicated factor of every fused parallel LoRA layer (column A, row B;
 see :mod:`dist_lora.layers.fused`) and of a vocab-parallel embedding (B, see
 :mod:`dist_lora.layers.parallel_embedding`), the row B of the reference path under sequence
-parallelism, and any trainable parameter megatron marks ``sequence_parallel`` (its norm
-weights under SP). The layers tag theirs ``tp_partial_grad = True`` (:func:`mark_tp_partial_grads`),
+parallelism, any trainable parameter megatron marks ``sequence_parallel`` (its norm
+weights under SP), and a trainable copy of a per-head q/k norm (``qk_layernorm``) when the
+heads are split over TP (tagged ``head_norm_partial_grad``, :func:`mark_head_norm_partial_grads`).
+The layers tag theirs ``tp_partial_grad = True`` (:func:`mark_tp_partial_grads`),
 so this module finds them by that attribute and knows no layer class. :func:`finalize_lora_grads`
 sums all of them in one flattened all-reduce per step — never one collective per layer.
 """
@@ -28,11 +30,26 @@ def mark_tp_partial_grads(params: Iterable[torch.nn.Parameter], partial: Iterabl
         param.tp_partial_grad = id(param) in partial_ids
 
 
+# Attributes of the parameters whose partial gradients megatron's own finalize_model_grads sums
+# over TP: norm weights under sequence parallelism, and the q/k norms under qk_layernorm
+# (megatron finds those by their module name, ``q_layernorm`` / ``k_layernorm``).
+MEGATRON_SUMMED_ATTRIBUTES = ("sequence_parallel", "head_norm_partial_grad")
+
+
+def mark_head_norm_partial_grads(params: Iterable[torch.nn.Parameter], partial: bool) -> None:
+    """Set ``head_norm_partial_grad`` on the parameters of a per-head q/k norm: True when the
+    heads are split over TP, so each rank's gradient sums over its own heads only."""
+    for param in params:
+        param.head_norm_partial_grad = partial
+
+
 def tp_partial_grad_parameters(model: torch.nn.Module, include_sequence_parallel: bool = True) -> list[torch.nn.Parameter]:
     """Trainable parameters whose gradient is a per-rank partial sum over TP: those tagged
     ``tp_partial_grad`` (the LoRA layers' replicated factors, :func:`mark_tp_partial_grads`)
-    and (``include_sequence_parallel``) those megatron marks ``sequence_parallel``."""
-    attributes = ("tp_partial_grad", "sequence_parallel") if include_sequence_parallel else ("tp_partial_grad",)
+    and (``include_sequence_parallel``) those megatron's finalize_model_grads sums itself
+    (:data:`MEGATRON_SUMMED_ATTRIBUTES`: ``sequence_parallel`` norms, ``head_norm_partial_grad``
+    q/k norms)."""
+    attributes = ("tp_partial_grad",) + (MEGATRON_SUMMED_ATTRIBUTES if include_sequence_parallel else ())
     return [p for p in model.parameters() if p.requires_grad and any(getattr(p, a, False) for a in attributes)]
 
 
@@ -70,7 +87,7 @@ def make_finalize_model_grads_func(inner: Optional[Callable] = None) -> Callable
     """A ``finalize_model_grads_func`` for megatron's training loop that also sums the LoRA
     partial gradients over TP (one bucketed all-reduce) before calling ``inner`` (default:
     megatron's ``finalize_model_grads``, which all-reduces over DP and sums the
-    ``sequence_parallel`` parameters itself)::
+    ``sequence_parallel`` parameters and, under ``qk_layernorm``, the q/k norms itself)::
 
         config.finalize_model_grads_func = make_finalize_model_grads_func()
     """
