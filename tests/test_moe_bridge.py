@@ -1,10 +1,11 @@
 """Mixture-of-experts models through the HF -> megatron bridge: a GPTModel built from a saved
-tiny random Mixtral computes the transformers model's logits (fp32, atol 1e-4) at
-(EP, TP) = (1,1), (2,1), (1,2), (2,2) (SP on where TP > 1; expert-TP 1 with the all-to-all
+tiny random Mixtral or Qwen3-MoE computes the transformers model's logits (fp32, atol 1e-4)
+at (EP, TP) = (1,1), (2,1), (1,2), (2,2) (SP on where TP > 1; expert-TP 1 with the all-to-all
 dispatcher and expert-TP = TP with the all-gather one), from both on-disk layouts (per-expert
 tensors, as transformers 5.24 writes them, and transformers 5's fused 3-D expert tensors);
-every expert receives tokens in the test batch. Bad MoE configs and layouts fail before any
-process group work, naming the field."""
+Qwen3-MoE with norm_topk_prob true and false and with a dense layer (mlp_only_layers). Every
+expert receives tokens in the test batch. Bad MoE configs and layouts fail before any process
+group work, naming the field."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from dist_lora.bridges import (  # noqa: E402
     transformer_config_from_hf,
 )
 from tests.harness import run_distributed  # noqa: E402
-from tests.hf_models import tiny_mixtral  # noqa: E402
+from tests.hf_models import tiny_mixtral, tiny_qwen3_moe  # noqa: E402
 from tests.tp_utils import gather_tp  # noqa: E402
 
 VOCAB, BATCH, SEQ, EXPERTS = 128, 2, 16, 4
@@ -47,6 +48,31 @@ MIXTRAL_KW = dict(
     initializer_range=0.1,
     rms_norm_eps=1e-5,
 )
+QWEN3_MOE_KW = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,  # the dense MLP of mlp_only_layers
+    moe_intermediate_size=32,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=16,  # not hidden / heads = 8
+    num_experts=EXPERTS,
+    num_experts_per_tok=2,
+    initializer_range=0.1,
+)
+# name -> (builder, config, (per-expert module prefix, (gate, up, down) names, old router name))
+MODELS = {
+    "mixtral": (tiny_mixtral, MIXTRAL_KW, ("block_sparse_moe.experts", ("w1", "w3", "w2"), "block_sparse_moe.gate")),
+    "qwen3_moe": (tiny_qwen3_moe, QWEN3_MOE_KW, ("mlp.experts", ("gate_proj", "up_proj", "down_proj"), "mlp.gate")),
+    "qwen3_moe_unnormalised": (
+        tiny_qwen3_moe, {**QWEN3_MOE_KW, "norm_topk_prob": False},
+        ("mlp.experts", ("gate_proj", "up_proj", "down_proj"), "mlp.gate"),
+    ),
+    "qwen3_moe_dense_layer0": (
+        tiny_qwen3_moe, {**QWEN3_MOE_KW, "mlp_only_layers": [0]},
+        ("mlp.experts", ("gate_proj", "up_proj", "down_proj"), "mlp.gate"),
+    ),
+}
 
 
 def _ids() -> torch.Tensor:
@@ -79,15 +105,12 @@ def write_v5_layout(src: str, dst: str, per_expert: str, parts: tuple[str, str, 
     save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
 
 
-@pytest.fixture(scope="module")
-def mixtral(tmp_path_factory) -> dict:
-    """{"per_expert": dir, "v5": dir, "logits": HF logits, "counts": tokens per expert per layer}."""
-    model = tiny_mixtral(seed=3, **MIXTRAL_KW)
+def _save(kind: str, root) -> dict:
+    builder, kwargs, (per_expert, parts, router) = MODELS[kind]
+    model = builder(seed=3, **kwargs)
     _randomise_norms(model, 4)
-    root = tmp_path_factory.mktemp("mixtral")
     model.save_pretrained(root / "per_expert")
-    write_v5_layout(str(root / "per_expert"), str(root / "v5"), "block_sparse_moe.experts", ("w1", "w3", "w2"),
-                    "block_sparse_moe.gate")
+    write_v5_layout(str(root / "per_expert"), str(root / "v5"), per_expert, parts, router)
     with torch.no_grad():
         out = model(input_ids=_ids(), output_router_logits=True)
     counts = [torch.bincount(logits.topk(2, dim=-1).indices.flatten(), minlength=EXPERTS)
@@ -95,48 +118,92 @@ def mixtral(tmp_path_factory) -> dict:
     return {"per_expert": str(root / "per_expert"), "v5": str(root / "v5"), "logits": out.logits, "counts": counts}
 
 
-def test_transformers_writes_per_expert_and_reads_both_layouts(mixtral: dict) -> None:
-    """transformers 5.24's save_pretrained writes Mixtral's experts per expert (it reverts its
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    """kind -> {"per_expert": dir, "v5": dir, "logits": HF logits, "counts": tokens per expert
+    in each MoE layer}."""
+    return {kind: _save(kind, tmp_path_factory.mktemp(kind)) for kind in MODELS}
+
+
+@pytest.fixture(scope="module")
+def mixtral(checkpoints: dict) -> dict:
+    return checkpoints["mixtral"]
+
+
+def test_transformers_writes_per_expert_and_reads_both_layouts(mixtral: dict, checkpoints: dict) -> None:
+    """transformers 5.24's save_pretrained writes the experts per expert (it reverts its
     load-time fusion), and from_pretrained reads the fused 3-D layout to the same model."""
     keys = set(load_file(os.path.join(mixtral["per_expert"], "model.safetensors")))
     assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in keys
     assert "model.layers.0.block_sparse_moe.gate.weight" in keys
     assert not any("gate_up_proj" in k for k in keys)
-    v5 = AutoModelForCausalLM.from_pretrained(mixtral["v5"], dtype=torch.float32).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(v5(input_ids=_ids()).logits, mixtral["logits"], atol=0, rtol=0)
+    qwen = checkpoints["qwen3_moe"]
+    keys = set(load_file(os.path.join(qwen["per_expert"], "model.safetensors")))
+    assert {"model.layers.1.mlp.experts.3.gate_proj.weight", "model.layers.1.mlp.gate.weight"} <= keys
+    for ckpt in (mixtral, qwen):
+        v5 = AutoModelForCausalLM.from_pretrained(ckpt["v5"], dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(v5(input_ids=_ids()).logits, ckpt["logits"], atol=0, rtol=0)
 
 
 def _megatron_logits(hf_dir: str, tp: int, ep: int, etp: int) -> torch.Tensor:
     model = build_megatron_gpt(hf_dir, tp=tp, sequence_parallel=tp > 1, ep=ep, etp=etp).eval()
-    assert len(model.decoder.layers[0].mlp.experts.local_experts) == EXPERTS // ep
+    assert len(model.decoder.layers[-1].mlp.experts.local_experts) == EXPERTS // ep
     with torch.no_grad():
         out = model(_ids(), None, None)
     return gather_tp(out, dim=-1)
 
 
 @pytest.mark.parametrize(
-    "layout,ep,tp,etp",
+    "kind,layout,ep,tp,etp",
     [
-        ("per_expert", 1, 1, 1),
-        ("per_expert", 2, 1, 1),
-        ("per_expert", 1, 2, 1),
-        ("per_expert", 2, 2, 1),
-        ("v5", 1, 1, 1),
-        ("v5", 2, 1, 1),
-        ("v5", 1, 2, 2),
-        ("v5", 2, 2, 2),
+        ("mixtral", "per_expert", 1, 1, 1),
+        ("mixtral", "per_expert", 2, 1, 1),
+        ("mixtral", "per_expert", 1, 2, 1),
+        ("mixtral", "per_expert", 2, 2, 1),
+        ("mixtral", "v5", 1, 1, 1),
+        ("mixtral", "v5", 2, 1, 1),
+        ("mixtral", "v5", 1, 2, 2),
+        ("mixtral", "v5", 2, 2, 2),
+        ("qwen3_moe", "per_expert", 1, 1, 1),
+        ("qwen3_moe", "per_expert", 2, 1, 1),
+        ("qwen3_moe", "per_expert", 2, 2, 1),
+        ("qwen3_moe", "per_expert", 1, 2, 2),
+        ("qwen3_moe", "v5", 1, 2, 1),
+        ("qwen3_moe", "v5", 2, 2, 2),
+        ("qwen3_moe_unnormalised", "per_expert", 1, 1, 1),
+        ("qwen3_moe_unnormalised", "v5", 2, 2, 1),
+        ("qwen3_moe_dense_layer0", "per_expert", 2, 1, 1),
+        ("qwen3_moe_dense_layer0", "v5", 2, 2, 2),
     ],
 )
-def test_mixtral_logits_match_hf(mixtral: dict, layout: str, ep: int, tp: int, etp: int) -> None:
-    for layer, counts in enumerate(mixtral["counts"]):  # the check means something only if
-        assert (counts > 0).all(), f"layer {layer}: an expert gets no token ({counts.tolist()})"  # all experts work
+def test_moe_logits_match_hf(checkpoints: dict, kind: str, layout: str, ep: int, tp: int, etp: int) -> None:
+    ckpt = checkpoints[kind]
+    for layer, counts in enumerate(ckpt["counts"]):  # the check means something only if
+        assert (counts > 0).all(), f"MoE layer {layer}: an expert gets no token ({counts.tolist()})"  # all work
     world = tp * max(1, ep * etp // tp)
-    results = run_distributed(_megatron_logits, world, tp=tp, ep=ep, etp=etp, args=(mixtral[layout], tp, ep, etp))
-    want = mixtral["logits"]
+    results = run_distributed(_megatron_logits, world, tp=tp, ep=ep, etp=etp, args=(ckpt[layout], tp, ep, etp))
+    want = ckpt["logits"]
     assert want.abs().max() > 1.0, "reference logits too small to test the mapping"
     for logits in results:
         torch.testing.assert_close(logits, want, atol=1e-4, rtol=0)
+
+
+def test_qwen3_moe_router_settings_and_dense_layers(checkpoints: dict) -> None:
+    configs = {kind: json.load(open(os.path.join(checkpoints[kind]["per_expert"], "config.json")))
+               for kind in ("qwen3_moe", "qwen3_moe_unnormalised", "qwen3_moe_dense_layer0")}
+    normalised = transformer_config_from_hf(configs["qwen3_moe"])
+    assert not normalised.moe_router_pre_softmax and normalised.qk_layernorm and normalised.moe_ffn_hidden_size == 32
+    assert normalised.moe_layer_freq == 1 and normalised.num_moe_experts == EXPERTS
+    assert transformer_config_from_hf(configs["qwen3_moe_unnormalised"]).moe_router_pre_softmax
+    dense0 = transformer_config_from_hf(configs["qwen3_moe_dense_layer0"])
+    assert dense0.moe_layer_freq == [0, 1] and dense0.ffn_hidden_size == 96
+    step2 = transformer_config_from_hf(configs["qwen3_moe"] | {"num_hidden_layers": 4, "decoder_sparse_step": 2})
+    assert step2.moe_layer_freq == [0, 1, 0, 1]
+    with pytest.raises(UnsupportedCheckpointError, match=r"mlp_only_layers=\[0, 1\].* leave no MoE layer"):
+        transformer_config_from_hf(configs["qwen3_moe"] | {"mlp_only_layers": [0, 1]})
+    with pytest.raises(UnsupportedCheckpointError, match=r"mlp_only_layers=\[5\]: .*dense layers in 0..1"):
+        transformer_config_from_hf(configs["qwen3_moe"] | {"mlp_only_layers": [5]})
 
 
 # ---------------------------------------------------------------------------------------------

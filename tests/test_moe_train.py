@@ -81,3 +81,24 @@ def test_init_distributed_refuses_before_any_process_group(monkeypatch, layout: 
     with pytest.raises(ValueError, match=message):
         init_distributed(**layout)
     assert not dist.is_initialized()
+
+
+def test_qwen3_moe_gpu_config_fits_a_qwen3_30b_a3b_geometry() -> None:
+    """configs/qwen3_moe_ep.yaml is valid and its layout fits the Qwen3-30B-A3B geometry on 8 GPUs
+    (config only: no weights or GPU here)."""
+    from transformers import Qwen3MoeConfig
+
+    from dist_lora.bridges import check_parallel_layout, parse_hf_config
+    from dist_lora.parallel.setup import check_world_layout
+    from dist_lora.train import refuse_expert_targets
+
+    config = load_train_config(os.path.join(ROOT, "configs", "qwen3_moe_ep.yaml"))
+    hf = Qwen3MoeConfig(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                        num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936, max_position_embeddings=40960)
+    arch = parse_hf_config(hf.to_dict() | {"architectures": ["Qwen3MoeForCausalLM"]})
+    p = config.parallel
+    check_parallel_layout(arch, p.tp, p.pp, p.ep, p.etp, p.sp)
+    check_world_layout(8, p.tp, p.pp, p.ep, p.etp, arch.num_experts)
+    refuse_expert_targets(config, arch)
+    assert (arch.num_experts, arch.moe_router_topk, arch.norm_topk_prob, arch.head_dim) == (128, 8, True, 128)

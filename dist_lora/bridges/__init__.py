@@ -2,7 +2,7 @@
 
 * :mod:`.table`: the form of a family table (:class:`ModelFamily`, :class:`ModuleTable`,
   :class:`Module`) and the name / geometry look-ups derived from it;
-* :mod:`.families`: the Llama, Mistral, Qwen2 and Mixtral tables;
+* :mod:`.families`: the Llama, Mistral, Qwen2, Qwen3, Mixtral and Qwen3-MoE tables;
 * :mod:`.layouts`: the fused QKV and gate/up row layouts (one implementation each);
 * :mod:`.hf_config`: an HF ``config.json`` -> checked facts -> megatron's TransformerConfig;
 * :mod:`.gpt`: a megatron GPTModel built from an HF checkpoint (base weights HF -> megatron);
@@ -21,6 +21,7 @@ from .families import (
     MISTRAL,
     MIXTRAL,
     QWEN2,
+    QWEN3_MOE,
     family_of,
     hf_module_names,
     is_megatron_name,
@@ -85,6 +86,7 @@ __all__ = [
     "Module",
     "ModuleTable",
     "QWEN2",
+    "QWEN3_MOE",
     "SUPPORTED_ARCHITECTURES",
     "UnsupportedCheckpointError",
     "build_megatron_gpt",

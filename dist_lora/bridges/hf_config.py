@@ -3,7 +3,9 @@
 Supported: ``LlamaForCausalLM`` (llama), ``MistralForCausalLM`` (mistral), ``Qwen2ForCausalLM``
 (qwen2, q/k/v biases), ``Qwen3ForCausalLM`` (qwen3, q/k RMSNorm over head_dim: megatron's
 ``qk_layernorm``, eps ``rms_norm_eps`` as every norm), ``MixtralForCausalLM`` (mixtral,
-mixture of experts); their tables are in :mod:`.families`.
+mixture of experts) and ``Qwen3MoeForCausalLM`` (qwen3_moe: Qwen3 attention, mixture of
+experts, ``decoder_sparse_step`` / ``mlp_only_layers`` as megatron's ``moe_layer_freq``);
+their tables are in :mod:`.families`.
 All are pre-norm decoders with RMSNorm, SwiGLU, grouped-query attention and rotate-half RoPE,
 which megatron's GPTModel computes with::
 
@@ -273,7 +275,8 @@ def _moe(family: ModelFamily, hf: dict[str, Any], num_layers: int) -> dict[str, 
     moe_layers = tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
     if not any(moe_layers):
         raise UnsupportedCheckpointError(
-            f"{keys.sparse_step} / {keys.dense_layers} leave no MoE layer: load it as a dense model instead."
+            f"{keys.sparse_step}={step} / {keys.dense_layers}={sorted(dense)} leave no MoE layer of "
+            f"{num_layers}: not supported as a mixture of experts."
         )
     return dict(
         num_experts=experts,
