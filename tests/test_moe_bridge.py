@@ -290,3 +290,8 @@ def test_each_expert_parallel_rank_reads_only_its_experts(mixtral: dict, layout:
     experts = sum(t.numel() * t.element_size() for k, t in state.items() if ".experts." in k)
     rest = sum(t.numel() * t.element_size() for k, t in state.items() if ".experts." not in k)
     assert run_distributed(_bytes_read, 2, ep=2, etp=1, args=(mixtral[layout], 2)) == [rest + experts // 2] * 2
+
+
+def test_grouped_gemm_experts_refused() -> None:
+    with pytest.raises(UnsupportedCheckpointError, match="moe_grouped_gemm=True is not supported"):
+        transformer_config_from_hf(_mixtral_config(), moe_grouped_gemm=True)

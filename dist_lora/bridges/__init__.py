@@ -5,6 +5,8 @@
 * :mod:`.families`: the Llama, Mistral, Qwen2, Qwen3, Mixtral and Qwen3-MoE tables;
 * :mod:`.layouts`: the fused QKV and gate/up row layouts (one implementation each);
 * :mod:`.hf_config`: an HF ``config.json`` -> checked facts -> megatron's TransformerConfig;
+* :mod:`.moe_config`: the mixture-of-experts part of that (router settings, EP layout, refusals);
+* :mod:`.errors`: :class:`UnsupportedCheckpointError`;
 * :mod:`.gpt`: a megatron GPTModel built from an HF checkpoint (base weights HF -> megatron);
 * :mod:`.adapters`: LoRA adapters between fused megatron modules and HF modules;
 * :mod:`.checkpoint_reader`: the one reader of HF safetensors checkpoints (sliced, lazy);
