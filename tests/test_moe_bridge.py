@@ -189,6 +189,32 @@ def test_moe_logits_match_hf(checkpoints: dict, kind: str, layout: str, ep: int,
         torch.testing.assert_close(logits, want, atol=1e-4, rtol=0)
 
 
+def _megatron_logits_pp2(hf_dir: str, ep: int):
+    """Two pipeline stages run by hand (stage 0's hidden states -> stage 1); logits on stage 1."""
+    from megatron.core import parallel_state
+
+    model = build_megatron_gpt(hf_dir, pp=2, ep=ep, etp=1).eval()
+    with torch.no_grad():
+        if not parallel_state.is_pipeline_first_stage():
+            hidden = torch.empty(SEQ, BATCH, model.config.hidden_size)
+            dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(hidden)
+        out = model(_ids(), None, None)
+        if not parallel_state.is_pipeline_last_stage():
+            dist.send(out.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+            return None
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe_dense_layer0"])
+def test_moe_logits_match_hf_at_pp2_ep2(checkpoints: dict, kind: str) -> None:
+    results = run_distributed(_megatron_logits_pp2, 4, pp=2, ep=2, etp=1, args=(checkpoints[kind]["per_expert"], 2))
+    got = [r for r in results if r is not None]
+    assert len(got) == 2
+    for logits in got:
+        torch.testing.assert_close(logits, checkpoints[kind]["logits"], atol=1e-4, rtol=0)
+
+
 def test_qwen3_moe_router_settings_and_dense_layers(checkpoints: dict) -> None:
     configs = {kind: json.load(open(os.path.join(checkpoints[kind]["per_expert"], "config.json")))
                for kind in ("qwen3_moe", "qwen3_moe_unnormalised", "qwen3_moe_dense_layer0")}
