@@ -82,6 +82,8 @@ def prepare(config: TrainConfig, world_size: int):
     arch = parse_hf_config(read_hf_config(hf_dir))
     check_parallel_layout(arch, tp, pp, p.ep, p.etp, p.sp)
     refuse_expert_targets(config, arch)
+    if config.model.moe_aux_loss_coeff is not None and not arch.num_experts:
+        raise ConfigError(f"model.moe_aux_loss_coeff is set but this {arch.model_type} model has no experts.")
     tokenizer = load_tokenizer(config.model.hf_dir)
     if tokenizer.vocab_size > arch.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {arch.vocab_size}.")
@@ -219,7 +221,8 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
         if moved:
             log(moved)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    base = build_megatron_gpt(hf_dir, tp=p.tp, pp=p.pp, sequence_parallel=p.sp, attention=config.model.attention, ep=p.ep,
+    moe = {} if config.model.moe_aux_loss_coeff is None else {"moe_aux_loss_coeff": config.model.moe_aux_loss_coeff}
+    base = build_megatron_gpt(hf_dir, tp=p.tp, pp=p.pp, sequence_parallel=p.sp, attention=config.model.attention, ep=p.ep, **moe,
                               **build_overrides(device), **dtype_overrides(dtype), **recompute_settings(t.recompute))
     model = get_lora_model(base, config.lora_config(), seed=t.seed)
     if t.recompute == "full":

@@ -2,6 +2,8 @@
 
     model:    {hf_dir: null,            # a local HF checkpoint (Llama / Mistral / Qwen2 / Mixtral); null = built-in
                builtin: llama,          # the built-in tiny model when hf_dir is null: llama | mixtral (MoE)
+               moe_aux_loss_coeff: null, # MoE load-balancing loss weight; null: as transformers trains the
+                                        # checkpoint (router_aux_loss_coef if output_router_logits, else 0)
                attention: sdpa,         # sdpa (torch SDPA: flash / memory-efficient kernels on GPU) | megatron
                dtype: fp32}             # the frozen base: fp32 | bf16 | fp16 (loss-scaled); fp32 adapter masters
     parallel: {tp: 2, pp: 1, sp: false,
@@ -58,6 +60,7 @@ NONFINITE_POLICIES = ("stop", "skip")
 class ModelSection:
     hf_dir: Optional[str] = None
     builtin: str = "llama"  # the built-in tiny model used when hf_dir is null (dist_lora.tiny_model.BUILTINS)
+    moe_aux_loss_coeff: Optional[float] = None  # MoE load-balancing loss weight; None: from the HF config
     attention: str = "sdpa"  # sdpa: torch's scaled_dot_product_attention; megatron: its local attention
     dtype: str = "fp32"  # the frozen base's dtype: fp32 | bf16 | fp16 (loss-scaled); adapters keep fp32 masters
 
@@ -213,6 +216,7 @@ _BETAS = Rule(
 RULES: dict[str, Rule] = {
     "model.hf_dir": _optional(_TEXT, "the built-in tiny model"),
     "model.builtin": _choice(*BUILTINS),
+    "model.moe_aux_loss_coeff": _optional(_number(">= 0", lambda v: v >= 0), "as the HF config trains it"),
     "model.attention": _choice("sdpa", "megatron"),
     "model.dtype": _choice("fp32", "bf16", "fp16"),
     "parallel.tp": _integer(1),

@@ -42,6 +42,17 @@ def test_train_at_ep2_matches_ep1_and_releases_a_peft_adapter(tmp_path) -> None:
     assert verify(out, builtin_model_dir(kind="mixtral")) == 0  # real PEFT on transformers' Mixtral
 
 
+def test_load_balancing_loss_at_ep2_matches_ep1(tmp_path) -> None:
+    """model.moe_aux_loss_coeff > 0 changes the training (its gradient reaches the attention
+    adapters through the router's input) the same way at EP=2 as at EP=1."""
+    aux = ("model.moe_aux_loss_coeff=0.5", "train.steps=3")
+    ep2 = run_distributed(_run, 2, ep=2, etp=1, args=(str(tmp_path / "ep2"), *aux))[0]
+    ep1 = run_distributed(_run, 2, ep=1, etp=1, args=(str(tmp_path / "ep1"), "parallel.ep=1", *aux))[0]
+    plain = run_distributed(_run, 2, ep=2, etp=1, args=(str(tmp_path / "plain"), "train.steps=3"))[0]
+    assert ep2 == pytest.approx(ep1, rel=1e-5)
+    assert ep2[0] == pytest.approx(plain[0], rel=1e-6) and abs(ep2[2] - plain[2]) > 1e-4
+
+
 @pytest.mark.parametrize(
     "overrides,world,message",
     [
@@ -54,6 +65,9 @@ def test_train_at_ep2_matches_ep1_and_releases_a_peft_adapter(tmp_path) -> None:
         (("lora.target_modules=all-linear",), 2, r"mixture-of-experts modules .*mlp.router"),
         (("lora.target_modules=null",), 2, r"mixture-of-experts modules"),
         (("model.builtin=llama",), 2, r"expert parallelism \(ep=2, etp=1\) needs a mixture-of-experts model"),
+        (("model.builtin=llama", "parallel.ep=1", "model.moe_aux_loss_coeff=0.1"), 2,
+         r"model.moe_aux_loss_coeff is set but this llama model has no experts"),
+        (("model.moe_aux_loss_coeff=-1",), 2, r"model.moe_aux_loss_coeff"),
     ],
 )
 def test_bad_moe_jobs_fail_before_any_process_group(overrides, world: int, message: str) -> None:
