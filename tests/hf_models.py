@@ -159,33 +159,27 @@ def tiny_mixtral(seed: int = 0, **overrides) -> MixtralForCausalLM:
 
 
 def tiny_qwen3_moe(seed: int = 0, **overrides) -> Qwen3MoeForCausalLM:
-    """2-layer Qwen3-MoE, hidden 32, GQA, head_dim 12, 4 SwiGLU experts of width 24, top-2
-    routing (renormalised: ``norm_topk_prob=True``), dense MLP width 48 for ``mlp_only_layers``;
-    the q/k norm weights are randomised as in :func:`tiny_qwen3`."""
+    """2-layer Qwen3-MoE (q/k RMSNorm), hidden 32, GQA, 4 SwiGLU experts of width 24, top-2
+    routing with ``norm_topk_prob``; every layer sparse (no ``mlp_only_layers``)."""
     kwargs = dict(
         vocab_size=VOCAB,
         hidden_size=32,
-        intermediate_size=48,
+        intermediate_size=64,
         moe_intermediate_size=24,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=12,
+        head_dim=8,
         num_experts=4,
         num_experts_per_tok=2,
         norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
         max_position_embeddings=64,
         tie_word_embeddings=False,
-        rms_norm_eps=1e-5,
     )
     kwargs.update(overrides)
-    model = _build(Qwen3MoeForCausalLM, Qwen3MoeConfig(**kwargs), seed)
-    gen = torch.Generator().manual_seed(seed + 2)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                param.copy_(1 + 0.5 * torch.randn(param.shape, generator=gen))
-    return model
+    return _build(Qwen3MoeForCausalLM, Qwen3MoeConfig(**kwargs), seed)
 
 
 FACTORIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "qwen3": tiny_qwen3, "gpt2": tiny_gpt2}
