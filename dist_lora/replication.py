@@ -37,7 +37,7 @@ from .config import ConfigError
 from .config_rules import check_layer_replication
 from .merge import MergeError
 
-# Where the decoder layers live: megatron GPTModel, HF *ForCausalLM (Llama/Qwen2, GPT-2), bare HF models.
+# Where the decoder layers live: megatron GPTModel, HF *ForCausalLM (Llama/Qwen2/Qwen3, GPT-2), bare HF models.
 LAYER_STACKS = ("decoder.layers", "model.layers", "transformer.h", "layers", "h")
 # Per-layer index attributes: megatron (1-based) and Hugging Face (0-based).
 INDEX_ATTRIBUTES = {"layer_number": 1, "layer_idx": 0}

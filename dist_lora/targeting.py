@@ -35,6 +35,7 @@ HF_DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
 }
 MEGATRON_GPT_DEFAULT_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]

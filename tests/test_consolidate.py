@@ -1,5 +1,6 @@
 """``dist-lora consolidate``: a sharded adapter checkpoint from a megatron model at TP=2 (SP on
-and off) and TP=2 × PP=2, built from a tiny HF Llama (GQA) / Qwen2 (qkv biases) and fine-tuned,
+and off) and TP=2 × PP=2, built from a tiny HF Llama (GQA) / Qwen2 (qkv biases) / Qwen3 (q/k norms,
+head_dim != hidden/heads) and fine-tuned,
 becomes one adapter that the real ``peft.PeftModel.from_pretrained`` loads onto the HF model
 with the same logits (fp32, atol 1e-4); every key names a module of the HF model with its
 shape; rank/alpha patterns survive; the megatron format reloads into a TP=2 model; bad input
@@ -30,6 +31,8 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from dist_lora import LoraConfig, get_lora_model  # noqa: E402
@@ -58,6 +61,13 @@ CASES = {
     "llama_tp2": ("llama", 2, 1, False, {}, 2),
     "qwen2_tp2_sp": ("qwen2", 2, 1, True, {"lora_bias": True}, 2),
     "llama_tp2_pp2": ("llama", 2, 2, False, {}, 0),
+    "qwen3_tp2_sp": ("qwen3", 2, 1, True, {}, 2),
+}
+# kind -> (HF class, config class, config fields besides COMMON)
+HF_MODELS = {
+    "llama": (LlamaForCausalLM, LlamaConfig, {}),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, {}),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config, {"head_dim": 12}),
 }
 
 
@@ -68,14 +78,16 @@ def _ids() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory) -> dict[str, str]:
     out = {}
-    for kind, cls, config_cls in (("llama", LlamaForCausalLM, LlamaConfig), ("qwen2", Qwen2ForCausalLM, Qwen2Config)):
+    for kind, (cls, config_cls, extra) in HF_MODELS.items():
         torch.manual_seed(0)
-        model = cls(config_cls(**COMMON))
+        model = cls(config_cls(**COMMON, **extra))
         gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():  # HF zeroes biases: give Qwen2's q/k/v biases values
+        with torch.no_grad():  # HF zeroes biases and sets q/k norms to 1: give them values
             for name, param in model.named_parameters():
                 if name.endswith("bias"):
                     param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+                elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                    param.copy_(1 + 0.5 * torch.randn(param.shape, generator=gen))
         directory = tmp_path_factory.mktemp(kind)
         model.save_pretrained(directory)
         out[kind] = str(directory)
@@ -211,8 +223,9 @@ def test_peft_loads_consolidated_adapter_with_megatron_logits(case, run, hf_dirs
     # A fused QKV factor A is shared: q, k and v get the same A; B is split per query group.
     prefix = "base_model.model.model.layers.0.self_attn."
     assert torch.equal(tensors[prefix + "q_proj.lora_A.weight"], tensors[prefix + "v_proj.lora_A.weight"])
-    assert tensors[prefix + "q_proj.lora_B.weight"].shape == (64, 4)
-    assert tensors[prefix + "k_proj.lora_B.weight"].shape == (32, 4)
+    head_dim = HF_MODELS[kind][2].get("head_dim", 8)
+    assert tensors[prefix + "q_proj.lora_B.weight"].shape == (COMMON["num_attention_heads"] * head_dim, 4)
+    assert tensors[prefix + "k_proj.lora_B.weight"].shape == (COMMON["num_key_value_heads"] * head_dim, 4)
 
 
 def test_plain_hf_model_checkpoint_is_joined_and_prefixed(hf_dirs, tmp_path) -> None:

@@ -1,7 +1,8 @@
 """Interop with the real PEFT package (the reference), both directions, plus bad-file handling.
 
 dist_lora -> files -> ``peft.PeftModel.from_pretrained`` and PEFT -> files -> dist_lora must
-give the same logits on tiny Llama (GQA), Qwen2 (qkv biases) and GPT-2 (Conv1D). PEFT only
+give the same logits on tiny Llama (GQA), Qwen2 (qkv biases), Qwen3 (q/k norms; dist_lora ->
+PEFT) and GPT-2 (Conv1D). PEFT only
 warns on missing keys and ignores unexpected ones, so every parity test also checks that the
 adapter actually changes the output (a silently ignored file would not).
 """
@@ -40,13 +41,14 @@ pytestmark = [
 ]
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TARGETS = {"llama": "all-linear", "qwen2": LLAMA_LINEAR, "gpt2": "all-linear"}
+TARGETS = {"llama": "all-linear", "qwen2": LLAMA_LINEAR, "qwen3": "all-linear", "gpt2": "all-linear"}
 PATTERNS = {
     "llama": dict(
         rank_pattern={"model.layers.1.self_attn.q_proj": 2, "down_proj": 6},
         alpha_pattern={"v_proj": 3, "layers.0.mlp.up_proj": 16},
     ),
     "qwen2": dict(rank_pattern={"k_proj": 2, "layers.0.mlp.gate_proj": 7}, alpha_pattern={"q_proj": 5}),
+    "qwen3": dict(rank_pattern={"v_proj": 3}, alpha_pattern={"o_proj": 5}, modules_to_save=["k_norm"]),
     "gpt2": dict(rank_pattern={"h.1.attn.c_attn": 2, "c_fc": 6}, alpha_pattern={"attn.c_proj": 3}),
 }
 VARIANTS = {
@@ -96,7 +98,7 @@ def _has_lora(model) -> bool:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gpt2"])
 def test_dist_lora_adapter_loads_in_peft(base_dirs, tmp_path, kind, variant):
     ours = get_lora_model(fresh(base_dirs, kind), _dl_config(kind, variant), seed=3)
     expected = hf_models.logits(ours, ids)

@@ -1,14 +1,15 @@
 """PEFT adapter -> sharded megatron model (:mod:`dist_lora.release.to_megatron`).
 
 Adapters are made with the real PEFT (``init_lora_weights=False``, so B != 0) on tiny HF Llama
-(GQA) and Qwen2 (q/k/v biases) models and saved with ``save_pretrained``: all-linear, PEFT's
-default q_proj + v_proj, rank/alpha patterns that give q, k, v different ranks and alphas with
-rsLoRA, lora_bias on Qwen2, and one edited to share A across q/k/v and gate/up (the layout
-``consolidate`` writes). Each is loaded into megatron GPTModels at TP=1, 2 (SP off and on) and
-4, whose gathered logits must equal the PEFT model's (fp32, atol 1e-4). Round trips through
-``save_sharded`` + ``consolidate``: the shared-A file comes back bit for bit, the PEFT file
-(different A's, so rank 3r fused) with the same logits in PEFT. Bad input fails with a message
-that names the key or field, before the model is touched."""
+(GQA), Qwen2 (q/k/v biases) and Qwen3 (q/k norms, head_dim 12 != hidden/heads) models and
+saved with ``save_pretrained``: all-linear, PEFT's default q_proj + v_proj, rank/alpha
+patterns that give q, k, v different ranks and alphas with rsLoRA, lora_bias on Qwen2, and one
+edited to share A across q/k/v and gate/up (the layout ``consolidate`` writes). Each is loaded
+into megatron GPTModels at TP=1, 2 (SP off and on) and 4, whose gathered logits must equal the
+PEFT model's (fp32, atol 1e-4). Round trips through ``save_sharded`` + ``consolidate``: the
+shared-A file comes back bit for bit, the PEFT file (different A's, so rank 3r fused) with the
+same logits in PEFT. Bad input fails with a message that names the key or field, before the
+model is touched (a Qwen3 adapter into a megatron model without q/k norms too)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from dist_lora.bridges import merge_gate_up, merge_qkv_rows  # noqa: E402
@@ -42,8 +45,18 @@ from tests.hf_models import MEGATRON_LLAMA  # noqa: E402
 VOCAB, BATCH, SEQ = 128, 2, 16
 COMMON = dict(MEGATRON_LLAMA, tie_word_embeddings=False)
 HEADS, GROUPS, HEAD_DIM = 8, 4, 8
-OUT_ROWS = {"self_attn.q_proj": HEADS * HEAD_DIM, "self_attn.k_proj": GROUPS * HEAD_DIM,
-            "self_attn.v_proj": GROUPS * HEAD_DIM, "mlp.gate_proj": 128, "mlp.up_proj": 128}
+# kind -> (HF class, config class, config fields besides COMMON)
+HF_MODELS = {
+    "llama": (LlamaForCausalLM, LlamaConfig, {}),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, {}),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config, {"head_dim": 12}),
+}
+
+
+def _out_rows(head_dim: int) -> dict[str, int]:
+    return {"self_attn.q_proj": HEADS * head_dim, "self_attn.k_proj": GROUPS * head_dim,
+            "self_attn.v_proj": GROUPS * head_dim, "mlp.gate_proj": 128, "mlp.up_proj": 128}
+
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # name -> (HF model, PEFT LoraConfig fields besides init_lora_weights=False)
 ADAPTERS = {
@@ -64,6 +77,7 @@ ADAPTERS = {
         "qwen2",
         dict(target_modules=ALL7[:6], r=4, lora_alpha=8, lora_bias=True, rank_pattern={"v_proj": 2}),
     ),
+    "qwen3": ("qwen3", dict(target_modules="all-linear", r=4, lora_alpha=8, rank_pattern={"k_proj": 2})),
 }
 LLAMA_ADAPTERS = ["all", "qv", "patterns", "shared"]  # "shared": "all" with A shared by q/k/v, gate/up
 LAYOUTS = [(1, False), (2, False), (2, True), (4, False)]  # (TP, sequence parallel)
@@ -79,14 +93,16 @@ def _hf_logits(model) -> torch.Tensor:
 
 
 def _build_hf(kind: str, directory, **overrides) -> str:
-    cls, config_cls = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[kind]
+    cls, config_cls, extra = HF_MODELS[kind]
     torch.manual_seed(0)
-    model = cls(config_cls(**{**COMMON, **overrides}))
+    model = cls(config_cls(**{**COMMON, **extra, **overrides}))
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # HF zeroes biases: give Qwen2's q/k/v biases values
+    with torch.no_grad():  # HF zeroes biases and sets q/k norms to 1: give them values
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.copy_(1 + 0.5 * torch.randn(param.shape, generator=gen))
     model.save_pretrained(directory)
     return str(directory)
 
@@ -120,7 +136,7 @@ def _share_a(src: str, dst: str) -> str:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("peft_to_megatron")
-    hf = {kind: _build_hf(kind, root / kind) for kind in ("llama", "qwen2")}
+    hf = {kind: _build_hf(kind, root / kind) for kind in HF_MODELS}
     adapters, logits = {}, {}
     for name, (kind, fields) in ADAPTERS.items():
         adapters[name], logits[name] = _make_peft_adapter(hf[kind], root / f"adapter_{name}", **fields)
@@ -164,6 +180,8 @@ def test_fused_delta_equals_parts(setup, name) -> None:
     translated = translate_peft_adapter(adapter_dir, setup["hf"][kind])
     tensors, config = _parts(adapter_dir)
     rslora = config["use_rslora"]
+    head_dim = HF_MODELS[kind][2].get("head_dim", HEAD_DIM)
+    out_rows = _out_rows(head_dim)
     for module, f in translated.modules.items():
         layer = module.split(".")[2]
         s_f = f.lora_alpha / f.r**0.5 if rslora else f.lora_alpha / f.r
@@ -176,9 +194,9 @@ def test_fused_delta_equals_parts(setup, name) -> None:
         for suffix in ("weight", "bias") if f.bias is not None else ("weight",):
             deltas = [_part_delta(tensors, config, f"model.layers.{layer}.{sub}", suffix) for sub in subs]
             ref = next(d for d in deltas if d is not None)
-            deltas = [torch.zeros(OUT_ROWS[sub], *ref.shape[1:]) if d is None else d for sub, d in zip(subs, deltas)]
+            deltas = [torch.zeros(out_rows[sub], *ref.shape[1:]) if d is None else d for sub, d in zip(subs, deltas)]
             if len(subs) == 3:
-                want = merge_qkv_rows(*deltas, HEADS, GROUPS, HEAD_DIM)
+                want = merge_qkv_rows(*deltas, HEADS, GROUPS, head_dim)
             elif len(subs) == 2:
                 want = merge_gate_up(*deltas)
             else:
@@ -272,6 +290,9 @@ def _megatron_run(hf: dict, adapters: dict, tp: int, sp: bool, save_dir):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
     out["qwen_bias"] = _forward(model)
+
+    gpt = build_megatron_gpt(hf["qwen3"], tp=tp, sequence_parallel=sp)
+    out["qwen3"] = _forward(load_peft_adapter_into_megatron(gpt, adapters["qwen3"], hf["qwen3"]).eval())
     return out, info, parallel_state.get_tensor_model_parallel_rank()
 
 
@@ -521,3 +542,22 @@ def test_megatron_model_mismatch_and_name_clash_leave_the_model_unchanged(setup,
     assert "ffn_hidden_size 128 (HF: 256)" in messages[0]
     assert "ffn_hidden_size 128 (HF: 256)" in messages[1]
     assert "adapter 'qv' already exists" in messages[2]
+
+
+def _qwen3_adapter_into_llama(llama_hf: str, qwen3_adapter: str, qwen3_hf: str) -> str:
+    from dist_lora.bridges import build_megatron_gpt
+
+    gpt = build_megatron_gpt(llama_hf)
+    with pytest.raises(PeftToMegatronError) as error:
+        load_peft_adapter_into_megatron(gpt, qwen3_adapter, qwen3_hf)
+    assert not hasattr(gpt, "peft_config")
+    return str(error.value)
+
+
+def test_qwen3_adapter_into_a_model_without_qk_norms_is_refused(setup, tmp_path) -> None:
+    """Same geometry (head_dim 12) but no q/k norms: the geometry alone would not tell."""
+    llama = _build_hf("llama", tmp_path / "llama12", head_dim=12)
+    message = run_distributed(
+        _qwen3_adapter_into_llama, 1, args=(llama, setup["adapters"]["qwen3"], setup["hf"]["qwen3"])
+    )[0]
+    assert "the megatron model does not match the HF model" in message and "qk_layernorm False (HF: True)" in message

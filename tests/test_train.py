@@ -95,6 +95,36 @@ def test_pipeline_parallel_matches_tp_only_and_consolidates(tmp_path, tp: int, p
     assert verify(out, builtin_model_dir()) == 0
 
 
+def test_qwen3_model_dir_trains_layout_invariantly_and_consolidates(tmp_path) -> None:
+    """A Qwen3 checkpoint (q/k norms, head_dim 12 != hidden/heads) trains through the bridge,
+    with trainable copies of the q/k norms (modules_to_save): TP=2 + SP gives TP=1's losses, which
+    needs their per-rank partial gradients (each rank normalises its own heads) summed over TP;
+    the consolidated adapter (q/k norm copies as ``self_attn.q_norm`` / ``k_norm``) loads in PEFT
+    with the megatron model's logits."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from dist_lora.demo import verify
+    from tests.hf_models import tiny_qwen3
+
+    qwen3 = str(tmp_path / "qwen3")
+    tiny_qwen3(vocab_size=256, hidden_size=64, num_attention_heads=8, num_key_value_heads=4).save_pretrained(qwen3)
+    common = (f"model.hf_dir={qwen3}", "train.steps=3", "train.eval_interval=0", "train.checkpoint_interval=3",
+              "lora.modules_to_save=[q_layernorm, k_layernorm]", "optim.lr=0.01", "optim.warmup_steps=0")
+    single = run_distributed(_run, 1, tp=1, args=(str(tmp_path / "tp1"), "parallel.tp=1", *common))[0]
+    out = str(tmp_path / "tp2")
+    split = run_distributed(_run, 2, tp=2, args=(out, "parallel.sp=true", "train.consolidate=true", *common))[0]
+    assert split == pytest.approx(single, rel=1e-5) and split[2] != split[0]
+    assert verify(out, qwen3) == 0
+    saved = json.load(open(os.path.join(out, "adapter", "adapter_config.json")))["modules_to_save"]
+    assert saved == [f"model.layers.{i}.self_attn.{n}" for i in range(2) for n in ("k_norm", "q_norm")]
+    trained = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    base = load_file(os.path.join(qwen3, "model.safetensors"))
+    for name in saved:  # the copies were trained (PEFT's logits above used them)
+        assert (trained[f"base_model.model.{name}.weight"] - base[f"{name}.weight"]).abs().max() > 1e-3, name
+
+
 def test_resume_from_another_model_says_what_differs(tmp_path) -> None:
     run_distributed(_run, 2, tp=2, args=(str(tmp_path),))
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -10,8 +10,8 @@
 * :mod:`.gpt`: a megatron GPTModel built from an HF checkpoint (base weights HF -> megatron);
 * :mod:`.adapters`: LoRA adapters between fused megatron modules and HF modules;
 * :mod:`.checkpoint_reader`: the one reader of HF safetensors checkpoints (sliced, lazy);
-* :mod:`.block_spec`: megatron's local GPT block spec with sequence-parallel torch norms
-  (imports megatron, so it is not imported here).
+* :mod:`.block_spec`: megatron's local GPT block spec with sequence-parallel torch norms and
+  per-head q/k norms (imports megatron, so it is not imported here).
 """
 
 from .adapters import incomplete_adapter, rows_to_hf
@@ -23,6 +23,7 @@ from .families import (
     MISTRAL,
     MIXTRAL,
     QWEN2,
+    QWEN3,
     QWEN3_MOE,
     family_of,
     hf_module_names,
@@ -88,6 +89,7 @@ __all__ = [
     "Module",
     "ModuleTable",
     "QWEN2",
+    "QWEN3",
     "QWEN3_MOE",
     "SUPPORTED_ARCHITECTURES",
     "UnsupportedCheckpointError",

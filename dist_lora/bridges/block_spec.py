@@ -12,11 +12,12 @@ With ``config.qk_layernorm`` (Qwen3) the attention's ``q_layernorm`` / ``k_layer
 :class:`HeadRMSNorm`: an RMSNorm over the last (head) dimension of this rank's query / key
 heads [s, b, heads_i, head_dim], with ``config.layernorm_epsilon``. They act on heads, not on
 the sequence (attention sees the whole sequence even under SP), so they carry no
-``sequence_parallel`` tag; but with the heads split over TP each rank's weight gradient
-sums over its heads only, ∂L/∂w = Σ_i Σ_{h ∈ heads_i} ..., a partial sum over TP. Their
-parameters are tagged ``head_norm_partial_grad`` (:func:`dist_lora.parallel.grads.mark_head_norm_partial_grads`)
-so that a trainable copy (``modules_to_save``) is summed over TP once per step like the
-other partial gradients.
+``sequence_parallel`` tag. Their weight w [head_dim] is shared by all heads, so
+∂L/∂w = Σ_h Σ_tokens ∂L/∂y_h ⊙ x̂_h sums over every head h; with the heads split over TP,
+rank i's gradient is the partial sum over its own heads and the full one is the sum over TP.
+The parameters are tagged ``head_norm_partial_grad`` when TP > 1
+(:func:`dist_lora.parallel.grads.mark_head_norm_partial_grads`), so that a trainable copy
+(``modules_to_save``) is summed over TP once per step like the other partial gradients.
 """
 
 from __future__ import annotations

@@ -321,8 +321,8 @@ def gpt_model_kwargs_from_hf(hf_config: Mapping[str, Any] | Any) -> dict[str, An
 
 
 def megatron_geometry_mismatch(config: Any, arch: HFLlamaArch) -> list[str]:
-    """The geometry fields in which a megatron TransformerConfig differs from a parsed HF
-    config, as ``"<megatron field> <value> (HF: <value>)"``."""
+    """The geometry fields (and the q/k norm switch ``qk_layernorm``) in which a megatron
+    TransformerConfig differs from a parsed HF config, as ``"<megatron field> <value> (HF: <value>)"``."""
     defaults = {  # megatron fills these in when a config leaves them None
         "num_query_groups": config.num_attention_heads,
         "kv_channels": config.hidden_size // config.num_attention_heads,
@@ -334,4 +334,7 @@ def megatron_geometry_mismatch(config: Any, arch: HFLlamaArch) -> list[str]:
             have = defaults[megatron]
         if have != want:
             differing.append(f"{megatron} {have} (HF: {want})")
+    qk_norm = bool(arch.family.megatron_config.get("qk_layernorm", False))
+    if bool(getattr(config, "qk_layernorm", False)) != qk_norm:
+        differing.append(f"qk_layernorm {not qk_norm} (HF: {qk_norm})")
     return differing

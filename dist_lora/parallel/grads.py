@@ -20,6 +20,11 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+# Attributes of the parameters whose partial gradients megatron's own finalize_model_grads sums
+# over TP: norm weights under sequence parallelism, and the q/k norms under qk_layernorm
+# (megatron finds those by their module name, ``q_layernorm`` / ``k_layernorm``).
+MEGATRON_SUMMED_ATTRIBUTES = ("sequence_parallel", "head_norm_partial_grad")
+
 
 def mark_tp_partial_grads(params: Iterable[torch.nn.Parameter], partial: Iterable[torch.nn.Parameter]) -> None:
     """Set ``tp_partial_grad`` on each of ``params``: True for those in ``partial`` (their gradient
@@ -28,12 +33,6 @@ def mark_tp_partial_grads(params: Iterable[torch.nn.Parameter], partial: Iterabl
     partial_ids = {id(p) for p in partial}
     for param in params:
         param.tp_partial_grad = id(param) in partial_ids
-
-
-# Attributes of the parameters whose partial gradients megatron's own finalize_model_grads sums
-# over TP: norm weights under sequence parallelism, and the q/k norms under qk_layernorm
-# (megatron finds those by their module name, ``q_layernorm`` / ``k_layernorm``).
-MEGATRON_SUMMED_ATTRIBUTES = ("sequence_parallel", "head_norm_partial_grad")
 
 
 def mark_head_norm_partial_grads(params: Iterable[torch.nn.Parameter], partial: bool) -> None:

@@ -32,7 +32,7 @@ class LayerExpansion:
 
     ranges: list[list[int]]
     source: list[int]  # base layer of each position
-    stack_prefix: str  # "model.layers." for Llama / Qwen2
+    stack_prefix: str  # "model.layers." for Llama / Qwen2 / Qwen3
     base_layers: int  # layers of the base model
     config_changes: dict[str, Any]  # config.json key -> expanded value
 
