@@ -1,6 +1,7 @@
 """The built-in models: tiny Llama-family models with random weights, created from a config
 (no downloads) and saved as Hugging Face checkpoints in a cache directory: ``llama`` (the
-default) and ``mixtral`` (a mixture of experts: 4 experts, top-2 routing, for MoE jobs on CPU)."""
+default), ``mixtral`` and ``qwen3_moe`` (mixtures of experts: 4 experts, top-2 routing, for MoE
+jobs on CPU; Qwen3-MoE with q/k norms)."""
 
 from __future__ import annotations
 
@@ -27,11 +28,20 @@ TINY_MIXTRAL = dict(
     num_experts_per_tok=2,
     sliding_window=None,
 )
+TINY_QWEN3_MOE = dict(
+    TINY_LLAMA,
+    moe_intermediate_size=128,  # each expert's width
+    head_dim=16,
+    num_experts=4,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+)
 NAME = "tiny-llama-v1"
 # kind -> (directory name, transformers config class, model class, config)
 BUILTINS = {
     "llama": (NAME, "LlamaConfig", "LlamaForCausalLM", TINY_LLAMA),
     "mixtral": ("tiny-mixtral-v1", "MixtralConfig", "MixtralForCausalLM", TINY_MIXTRAL),
+    "qwen3_moe": ("tiny-qwen3-moe-v1", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", TINY_QWEN3_MOE),
 }
 
 

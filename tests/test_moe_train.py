@@ -42,6 +42,30 @@ def test_train_at_ep2_matches_ep1_and_releases_a_peft_adapter(tmp_path) -> None:
     assert verify(out, builtin_model_dir(kind="mixtral")) == 0  # real PEFT on transformers' Mixtral
 
 
+def test_qwen3_moe_trains_at_ep2_resumes_at_ep1_and_releases(tmp_path) -> None:
+    """The built-in tiny Qwen3-MoE (q/k norms): 4 steps at EP=2 equal a run that stops at step 2
+    and resumes at EP=1 (attention adapters do not depend on the expert layout), and the
+    released adapter gives the megatron logits in PEFT on transformers' Qwen3-MoE."""
+    from dist_lora.demo import verify
+    from dist_lora.tiny_model import builtin_model_dir
+
+    qwen = ("model.builtin=qwen3_moe", "train.steps=4", "train.checkpoint_interval=2")
+    full = run_distributed(_run, 2, ep=2, etp=1, args=(str(tmp_path / "full"), *qwen, "train.consolidate=true"))[0]
+    run_distributed(_run, 2, ep=2, etp=1, args=(str(tmp_path / "cut"), *qwen))
+    resumed = run_distributed(
+        _resume, 2, ep=1, etp=1, args=(str(tmp_path / "cut"), *qwen, "parallel.ep=1"),
+    )[0]
+    assert sorted(resumed) == [2, 3]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(full[step], rel=1e-5)
+    assert verify(str(tmp_path / "full"), builtin_model_dir(kind="qwen3_moe")) == 0
+
+
+def _resume(out: str, *overrides: str) -> dict:
+    config = load_train_config(MOE_SMALL, (f"train.out_dir={out}", "train.eval_interval=0", *overrides))
+    return train(config, resume=os.path.join(out, "checkpoints", "step_00000002"))["losses"]
+
+
 def test_load_balancing_loss_at_ep2_matches_ep1(tmp_path) -> None:
     """model.moe_aux_loss_coeff > 0 changes the training (its gradient reaches the attention
     adapters through the router's input) the same way at EP=2 as at EP=1."""
