@@ -1,11 +1,15 @@
 """``dist-lora train`` on a mixture of experts (configs/moe_small.yaml: the built-in tiny Mixtral,
-LoRA on attention): at EP=2 the losses equal EP=1's, and the consolidated adapter loads in the
-real PEFT onto the transformers Mixtral with the megatron model's logits. Bad expert layouts
-and LoRA targets on experts are refused before any process group exists."""
+LoRA on attention): at EP=2 the losses equal EP=1's (also with a load-balancing loss), and the
+consolidated adapter loads in the real PEFT onto the transformers Mixtral with the megatron
+model's logits; the built-in Qwen3-MoE trains at EP=2 and resumes at EP=1. Bad expert layouts
+and LoRA targets on experts are refused before any process group exists. The torchrun launch
+of the command itself is the slow test."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -140,3 +144,17 @@ def test_qwen3_moe_gpu_config_fits_a_qwen3_30b_a3b_geometry() -> None:
     check_world_layout(8, p.tp, p.pp, p.ep, p.etp, arch.num_experts)
     refuse_expert_targets(config, arch)
     assert (arch.num_experts, arch.moe_router_topk, arch.norm_topk_prob, arch.head_dim) == (128, 8, True, 128)
+
+
+@pytest.mark.slow
+def test_dist_lora_train_command_at_ep2(tmp_path) -> None:
+    """``torchrun -m dist_lora.cli train --config configs/moe_small.yaml`` on 2 CPU processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "dist_lora.cli",
+         "train", "--config", MOE_SMALL, f"train.out_dir={tmp_path}", "train.steps=2", "train.eval_interval=0"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "EP=2 ETP=1" in result.stdout + result.stderr
+    assert os.path.isfile(tmp_path / "checkpoints" / "step_00000002" / "manifest.json")
