@@ -321,3 +321,15 @@ def test_each_expert_parallel_rank_reads_only_its_experts(mixtral: dict, layout:
 def test_grouped_gemm_experts_refused() -> None:
     with pytest.raises(UnsupportedCheckpointError, match="moe_grouped_gemm=True is not supported"):
         transformer_config_from_hf(_mixtral_config(), moe_grouped_gemm=True)
+
+
+def test_missing_expert_tensors_named_with_both_layouts(mixtral: dict, tmp_path) -> None:
+    from tests.harness import DistributedError
+
+    state = load_file(os.path.join(mixtral["v5"], "model.safetensors"))
+    del state["model.layers.0.mlp.experts.down_proj"]
+    shutil.copy(os.path.join(mixtral["v5"], "config.json"), tmp_path)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(DistributedError, match=r"block_sparse_moe.experts.0.w2.weight'\] \(per-expert layout\) nor "
+                                                r"'model.layers.0.mlp.experts.down_proj' \(transformers 5 layout\)"):
+        run_distributed(build_megatron_gpt, 2, ep=2, etp=1, args=(str(tmp_path),), kwargs=dict(ep=2))

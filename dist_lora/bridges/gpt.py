@@ -209,6 +209,11 @@ def _read_v5(reader: CheckpointReader, mapped: Mapped, suffix: str, rank: int, s
     if suffix != "weight":
         raise KeyError(f"{mapped.megatron}.{suffix}: transformers 5's {source} holds expert weights only.")
     shape = reader.shape(source)
+    if len(shape) != 3 or mapped.expert >= shape[0]:
+        raise ValueError(
+            f"{source} has shape {shape}; expected [experts, rows, columns] with expert {mapped.expert} in it "
+            "(config.json does not match the weights?)."
+        )
     experts = slice(mapped.expert, mapped.expert + 1)
     if entry.tp == "row":
         return reader.read(source, experts, slice(None), contiguous_shard(shape[2], rank, size))[0]

@@ -168,15 +168,15 @@ class ModuleTable:
                 out.extend((_expert_pattern(hf), entry, i) for i, hf in enumerate(entry.hf))
         return tuple(out)
 
-    def _layer_entry(self, sub: str, side: int) -> Optional[tuple[Module, int, Optional[int]]]:
-        """(entry, HF part, global expert) of a decoder-layer submodule on one side (-1: megatron)."""
-        if side == -1 and sub in self._by_megatron_sub and not self._by_megatron_sub[sub].per_expert:
-            return self._by_megatron_sub[sub], -1, None
-        if side != -1 and sub in self._by_hf_sub and not self._by_hf_sub[sub][0].per_expert:
-            return (*self._by_hf_sub[sub], None)
+    def _layer_entry(self, sub: str, hf: bool) -> Optional[tuple[Module, int, Optional[int]]]:
+        """(entry, HF part (-1 for a megatron name), global expert or None) of a decoder-layer
+        submodule name on the HF (``hf``) or the megatron side; None if no entry has it."""
+        plain = self._by_hf_sub.get(sub) if hf else (self._by_megatron_sub.get(sub), -1)
+        if plain is not None and plain[0] is not None and not plain[0].per_expert:
+            return (*plain, None)
         for pattern, entry, part in self._expert_patterns:
             m = pattern.fullmatch(sub)
-            if m and (part == -1) == (side == -1):
+            if m and (part != -1) == hf:
                 return entry, part, int(m[1])
         return None
 
@@ -185,7 +185,7 @@ class ModuleTable:
         is dropped; an expert-indexed module carries its GLOBAL expert index); raises
         KeyError naming the known modules."""
         parsed = split_layer_name(name)
-        found = self._layer_entry(parsed[1], -1) if parsed is not None else None
+        found = self._layer_entry(parsed[1], hf=False) if parsed is not None else None
         if found is not None:
             layer, (entry, _, expert) = parsed[0], found
             fill = (lambda n: n) if expert is None else (lambda n: n.replace(EXPERT, str(expert)))
@@ -201,7 +201,7 @@ class ModuleTable:
         """Resolve an HF module name (any prefix before ``model.`` / ``lm_head`` is dropped) to
         its megatron module and its position among that module's HF parts."""
         parsed = split_layer_name(name, HF_LAYERS)
-        found = self._layer_entry(parsed[1], 0) if parsed is not None else None
+        found = self._layer_entry(parsed[1], hf=True) if parsed is not None else None
         if found is not None:
             layer, (entry, position, expert) = parsed[0], found
             sub = entry.megatron if expert is None else entry.megatron.replace(EXPERT, str(expert))
