@@ -46,6 +46,15 @@ def test_train_at_ep2_matches_ep1_and_releases_a_peft_adapter(tmp_path) -> None:
     assert verify(out, builtin_model_dir(kind="mixtral")) == 0  # real PEFT on transformers' Mixtral
 
 
+def test_expert_tensor_parallel_matches_whole_experts(tmp_path) -> None:
+    """parallel.etp=2 (each expert split over the 2 TP ranks; the all-gather dispatcher on CPU)
+    trains as etp=1 (whole experts, all-to-all dispatcher) at TP=2 with SP."""
+    tp2 = ("parallel.tp=2", "parallel.sp=true", "parallel.ep=1")
+    split = run_distributed(_run, 2, tp=2, ep=1, etp=2, args=(str(tmp_path / "etp2"), *tp2, "parallel.etp=2"))[0]
+    whole = run_distributed(_run, 2, tp=2, ep=1, etp=1, args=(str(tmp_path / "etp1"), *tp2, "parallel.etp=1"))[0]
+    assert split == pytest.approx(whole, rel=1e-5)
+
+
 def test_qwen3_moe_trains_at_ep2_resumes_at_ep1_and_releases(tmp_path) -> None:
     """The built-in tiny Qwen3-MoE (q/k norms): 4 steps at EP=2 equal a run that stops at step 2
     and resumes at EP=1 (attention adapters do not depend on the expert layout), and the
