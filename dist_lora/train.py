@@ -69,17 +69,49 @@ def model_identity(arch) -> dict:
 
 def prepare(config: TrainConfig, world_size: int):
     """Everything that can be checked before process groups exist: (hf_dir, arch, dataset)."""
-    tp, pp = config.parallel.tp, config.parallel.pp
+    p = config.parallel
+    tp, pp = p.tp, p.pp
     if world_size % (tp * pp):
         raise ConfigError(f"parallel.tp ({tp}) x parallel.pp ({pp}) does not divide the world size ({world_size}).")
-    hf_dir = config.model.hf_dir or builtin_model_dir()
+    if world_size % (p.ep * p.etp * pp):
+        raise ConfigError(
+            f"parallel.ep ({p.ep}) x parallel.etp ({p.etp}) x parallel.pp ({pp}) does not divide the world size "
+            f"({world_size})."
+        )
+    hf_dir = config.model.hf_dir or builtin_model_dir(kind=config.model.builtin)
     arch = parse_hf_config(read_hf_config(hf_dir))
-    check_parallel_layout(arch, tp, pp)
+    check_parallel_layout(arch, tp, pp, p.ep, p.etp, p.sp)
+    refuse_expert_targets(config, arch)
+    if config.model.moe_aux_loss_coeff is not None and not arch.num_experts:
+        raise ConfigError(f"model.moe_aux_loss_coeff is set but this {arch.model_type} model has no experts.")
     tokenizer = load_tokenizer(config.model.hf_dir)
     if tokenizer.vocab_size > arch.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {arch.vocab_size}.")
     dataset = open_dataset(config.data, tokenizer, os.path.join(config.train.out_dir, "data_cache"))
     return hf_dir, arch, dataset
+
+
+def refuse_expert_targets(config: TrainConfig, arch) -> None:
+    """LoRA on a mixture of experts' router or experts is not supported by ``dist-lora train``
+    yet: refuse target_modules that would match them (checked on the family table's names,
+    before any process-group work)."""
+    if not getattr(arch, "num_experts", 0):
+        return
+    from .bridges import EXPERT, layer_module_name
+    from .targeting import MEGATRON_GPT_DEFAULT_TARGETS, is_targeted
+
+    lora = config.lora_config()
+    spec = lora.target_modules if lora.target_modules is not None else MEGATRON_GPT_DEFAULT_TARGETS
+    moe = [entry.megatron.replace(EXPERT, "0") for entry in arch.family.modules.layer
+           if entry.per_expert or entry.megatron == "mlp.router"]
+    layer = arch.moe_layers.index(True)
+    hit = [name for name in (layer_module_name(layer, sub) for sub in moe) if is_targeted(lora, name, spec)]
+    if hit:
+        raise ConfigError(
+            f"lora.target_modules={spec!r} matches the mixture-of-experts modules {hit}: LoRA on experts and "
+            "routers is not supported by dist-lora train yet; name the attention modules, e.g. "
+            "lora.target_modules=[linear_qkv,linear_proj]."
+        )
 
 
 def run_microbatches(model, batches: list, config: TrainConfig, forward_only: bool = False) -> float:
@@ -145,15 +177,22 @@ def _device(model) -> torch.device:
 
 
 def _global_numel(model, trainable: bool) -> int:
-    """Parameters of the whole model (all TP shards, all pipeline stages)."""
+    """Parameters of the whole model (all TP shards, all experts, all pipeline stages). An
+    expert parameter (megatron marks it ``allreduce=False``) is split over expert-TP and each
+    expert-parallel rank holds as many experts as the others."""
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    count = torch.tensor(sum(
-        p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
-        for p in model.parameters()
-        if p.requires_grad == trainable
-    ), device=_device(model))
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
+
+    def copies(p) -> int:
+        expert = not getattr(p, "allreduce", True)
+        split = getattr(p, "tensor_model_parallel", False)
+        return (ep * (etp if split else 1)) if expert else (tp if split else 1)
+
+    count = torch.tensor(sum(p.numel() * copies(p) for p in model.parameters() if p.requires_grad == trainable),
+                         device=_device(model))
     dist.all_reduce(count, group=parallel_state.get_pipeline_model_parallel_group())
     return int(count.item())
 
@@ -175,13 +214,15 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
     # a run owns the steps after its start: later checkpoints are refused here (every rank, no
     # process group yet) or moved aside by rank 0 once the group exists
     check_later_checkpoints(ckpt_root, start, refuse=t.on_later_checkpoints == "refuse")
-    init_distributed(tp=p.tp, pp=p.pp, seed=t.seed, backend=backend_for(device))
+    init_distributed(tp=p.tp, pp=p.pp, seed=t.seed, backend=backend_for(device), ep=p.ep,
+                     etp=p.etp if arch.num_experts else None)
     if t.on_later_checkpoints == "move_aside":  # rank 0 looks and moves, every rank learns the outcome
         moved = move_aside_together(ckpt_root, start)
         if moved:
             log(moved)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    base = build_megatron_gpt(hf_dir, tp=p.tp, pp=p.pp, sequence_parallel=p.sp, attention=config.model.attention,
+    moe = {} if config.model.moe_aux_loss_coeff is None else {"moe_aux_loss_coeff": config.model.moe_aux_loss_coeff}
+    base = build_megatron_gpt(hf_dir, tp=p.tp, pp=p.pp, sequence_parallel=p.sp, attention=config.model.attention, ep=p.ep, **moe,
                               **build_overrides(device), **dtype_overrides(dtype), **recompute_settings(t.recompute))
     model = get_lora_model(base, config.lora_config(), seed=t.seed)
     if t.recompute == "full":
@@ -199,7 +240,7 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
     speed = Throughput(tokens_per_step, model_flops_per_token(arch, config.data.seq_len, trainable), t.peak_tflops, world)
     log(
         f"dist_lora: {arch.model_type} {arch.num_layers} layers, hidden {arch.hidden_size} | layout TP={p.tp} "
-        f"PP={p.pp} DP={dp} SP={p.sp} on {device.type} in {config.model.dtype}, {config.model.attention} attention, recompute {t.recompute} | trainable {trainable:,} of {trainable + frozen:,} parameters "
+        f"PP={p.pp} DP={dp} SP={p.sp}{f' EP={p.ep} ETP={p.etp}' if arch.num_experts else ''} on {device.type} in {config.model.dtype}, {config.model.attention} attention, recompute {t.recompute} | trainable {trainable:,} of {trainable + frozen:,} parameters "
         f"({100 * trainable / (trainable + frozen):.3f}%), adapter {trainable * 4 / 2**20:.2f} MB (fp32) | "
         f"{dataset.sizes['train']} training sequences of {config.data.seq_len} tokens"
     )

@@ -1,9 +1,13 @@
 """The training job's YAML configuration: sections, defaults, validation, overrides.
 
-    model:    {hf_dir: null,            # a local HF Llama-family checkpoint; null = built-in tiny model
+    model:    {hf_dir: null,            # a local HF checkpoint (Llama / Mistral / Qwen2 / Mixtral); null = built-in
+               builtin: llama,          # the built-in tiny model when hf_dir is null: llama | mixtral (MoE)
+               moe_aux_loss_coeff: null, # MoE load-balancing loss weight; null: as transformers trains the
+                                        # checkpoint (router_aux_loss_coef if output_router_logits, else 0)
                attention: sdpa,         # sdpa (torch SDPA: flash / memory-efficient kernels on GPU) | megatron
                dtype: fp32}             # the frozen base: fp32 | bf16 | fp16 (loss-scaled); fp32 adapter masters
-    parallel: {tp: 2, pp: 1, sp: false}
+    parallel: {tp: 2, pp: 1, sp: false,
+               ep: 1, etp: 1}           # mixture of experts: expert-parallel size, expert-tensor-parallel size
     lora:     {...}                     # any LoraConfig field
     data:     {path: null, format: null, seq_len: 64, eval_fraction: 0.1, packing: true,
                train_on_prompt: false, overlong: drop, skip_invalid: false,
@@ -46,6 +50,7 @@ import yaml
 from .config import ConfigError, LoraConfig
 from .data import SftSettings
 from .data.records import Fields
+from .tiny_model import BUILTINS
 
 LATER_CHECKPOINT_POLICIES = ("move_aside", "refuse")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -54,6 +59,8 @@ NONFINITE_POLICIES = ("stop", "skip")
 @dataclass
 class ModelSection:
     hf_dir: Optional[str] = None
+    builtin: str = "llama"  # the built-in tiny model used when hf_dir is null (dist_lora.tiny_model.BUILTINS)
+    moe_aux_loss_coeff: Optional[float] = None  # MoE load-balancing loss weight; None: from the HF config
     attention: str = "sdpa"  # sdpa: torch's scaled_dot_product_attention; megatron: its local attention
     dtype: str = "fp32"  # the frozen base's dtype: fp32 | bf16 | fp16 (loss-scaled); adapters keep fp32 masters
 
@@ -63,6 +70,8 @@ class ParallelSection:
     tp: int = 1
     pp: int = 1
     sp: bool = False
+    ep: int = 1  # expert parallel: the experts of each MoE layer split over ep ranks
+    etp: int = 1  # expert tensor parallel: each expert split over etp ranks (1: whole experts)
 
 
 @dataclass
@@ -206,11 +215,15 @@ _BETAS = Rule(
 # Every key of every section but lora (LoraConfig checks its own fields): what it must be.
 RULES: dict[str, Rule] = {
     "model.hf_dir": _optional(_TEXT, "the built-in tiny model"),
+    "model.builtin": _choice(*BUILTINS),
+    "model.moe_aux_loss_coeff": _optional(_number(">= 0", lambda v: v >= 0), "as the HF config trains it"),
     "model.attention": _choice("sdpa", "megatron"),
     "model.dtype": _choice("fp32", "bf16", "fp16"),
     "parallel.tp": _integer(1),
     "parallel.pp": _integer(1),
     "parallel.sp": _BOOL,
+    "parallel.ep": _integer(1),
+    "parallel.etp": _integer(1),
     "data.path": _optional(_TEXT, "the built-in corpus"),
     "data.format": _optional(_choice("text", "prompt_completion", "messages"), "detected from the first record"),
     "data.text_field": _TEXT,
@@ -256,6 +269,8 @@ def _check_combinations(config: TrainConfig) -> None:
     p, t, d = config.parallel, config.train, config.data
     if p.sp and p.tp == 1:
         raise ConfigError("parallel.sp needs parallel.tp > 1.")
+    if p.ep > 1 and p.tp > 1 and not p.sp:
+        raise ConfigError("parallel.ep > 1 with parallel.tp > 1 needs parallel.sp: true (megatron's MoE token dispatch).")
     if t.eval_interval and t.eval_batches < 1:
         raise ConfigError(
             f"train.eval_batches must be >= 1 when evaluation is on (train.eval_interval={t.eval_interval}), "

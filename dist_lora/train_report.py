@@ -29,8 +29,16 @@ def data_summary(stats: dict) -> str:
 
 
 def model_flops_per_token(arch: Any, seq_len: int, lora_params: int) -> int:
-    """:func:`dist_lora.flops.flops_per_token` for a parsed HF architecture (bridges)."""
-    return flops_per_token(arch.num_layers, arch.hidden_size, arch.ffn_hidden_size, arch.num_attention_heads,
+    """:func:`dist_lora.flops.flops_per_token` for a parsed HF architecture (bridges). A
+    mixture of experts counts the experts a token visits: k experts of width I compute what one
+    gated MLP of width k·I does (averaged over the layers, dense ones at their own width; the
+    router's h·E is left out)."""
+    ffn = arch.ffn_hidden_size
+    if getattr(arch, "num_experts", 0):
+        moe = sum(arch.moe_layers)
+        active = arch.moe_router_topk * arch.moe_ffn_hidden_size
+        ffn = (moe * active + (arch.num_layers - moe) * arch.ffn_hidden_size) // arch.num_layers
+    return flops_per_token(arch.num_layers, arch.hidden_size, ffn, arch.num_attention_heads,
                            arch.num_query_groups, arch.head_dim, arch.vocab_size, seq_len, lora_params)
 
 

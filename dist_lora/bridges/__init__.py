@@ -2,9 +2,11 @@
 
 * :mod:`.table`: the form of a family table (:class:`ModelFamily`, :class:`ModuleTable`,
   :class:`Module`) and the name / geometry look-ups derived from it;
-* :mod:`.families`: the Llama, Mistral, Qwen2 and Qwen3 tables;
+* :mod:`.families`: the Llama, Mistral, Qwen2, Qwen3, Mixtral and Qwen3-MoE tables;
 * :mod:`.layouts`: the fused QKV and gate/up row layouts (one implementation each);
 * :mod:`.hf_config`: an HF ``config.json`` -> checked facts -> megatron's TransformerConfig;
+* :mod:`.moe_config`: the mixture-of-experts part of that (router settings, EP layout, refusals);
+* :mod:`.errors`: :class:`UnsupportedCheckpointError`;
 * :mod:`.gpt`: a megatron GPTModel built from an HF checkpoint (base weights HF -> megatron);
 * :mod:`.adapters`: LoRA adapters between fused megatron modules and HF modules;
 * :mod:`.checkpoint_reader`: the one reader of HF safetensors checkpoints (sliced, lazy);
@@ -19,8 +21,10 @@ from .families import (
     FAMILIES,
     LLAMA,
     MISTRAL,
+    MIXTRAL,
     QWEN2,
     QWEN3,
+    QWEN3_MOE,
     family_of,
     hf_module_names,
     is_megatron_name,
@@ -34,6 +38,7 @@ from .hf_config import (
     check_parallel_layout,
     gpt_model_kwargs_from_hf,
     megatron_geometry_mismatch,
+    moe_config_fields,
     parse_hf_config,
     read_hf_config,
     transformer_config_from_hf,
@@ -51,12 +56,15 @@ from .layouts import (
     split_qkv_rows,
 )
 from .table import (
+    EXPERT,
     HF_LAYERS,
     MEGATRON_LAYERS,
     Mapped,
     ModelFamily,
+    MoEKeys,
     Module,
     ModuleTable,
+    global_expert_index,
     hf_features,
     layer_module_name,
     megatron_features,
@@ -67,18 +75,22 @@ __all__ = [
     "Attention",
     "CheckpointReader",
     "DEFAULT_MODULES",
+    "EXPERT",
     "FAMILIES",
     "HFLlamaArch",
     "HF_LAYERS",
     "LLAMA",
     "MEGATRON_LAYERS",
     "MISTRAL",
+    "MIXTRAL",
     "Mapped",
     "ModelFamily",
+    "MoEKeys",
     "Module",
     "ModuleTable",
     "QWEN2",
     "QWEN3",
+    "QWEN3_MOE",
     "SUPPORTED_ARCHITECTURES",
     "UnsupportedCheckpointError",
     "build_megatron_gpt",
@@ -86,6 +98,7 @@ __all__ = [
     "contiguous_shard",
     "family_of",
     "fused_shard_ranges",
+    "global_expert_index",
     "gpt_model_kwargs_from_hf",
     "hf_features",
     "hf_module_names",
@@ -96,6 +109,7 @@ __all__ = [
     "megatron_features",
     "megatron_geometry_mismatch",
     "megatron_module_name",
+    "moe_config_fields",
     "merge_fused",
     "merge_gate_up",
     "merge_qkv_rows",

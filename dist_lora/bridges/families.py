@@ -1,12 +1,13 @@
-"""The model-family tables: Llama, Mistral, Qwen2 and Qwen3 (the form is in :mod:`.table`).
+"""The model-family tables: Llama, Mistral, Qwen2, Qwen3, Mixtral and Qwen3-MoE (the form is in :mod:`.table`).
 
-All four are pre-norm Llama decoders (RMSNorm, SwiGLU, grouped-query attention,
+All are pre-norm Llama decoders (RMSNorm, SwiGLU, grouped-query attention,
 rotate-half RoPE), so they share one config-field mapping and the Llama module table; they
 differ in their config rules (Qwen2's q/k/v biases, Mistral's and the Qwens' sliding-window
 switches) and Qwen3 adds an RMSNorm over the head dimension of every query and key head
 after the projection, before RoPE (megatron's ``qk_layernorm``), one [head_dim] weight each
-for q and k, shared by all heads. Adding a family means adding one
-:class:`~.table.ModelFamily` here (and its module table where the decoder differs).
+for q and k, shared by all heads. Mixtral and Qwen3-MoE (Qwen3's attention) replace the MLP
+by a mixture of experts (router + SwiGLU experts, below). Adding a family means adding one :class:`~.table.ModelFamily` here
+(and its module table where the decoder differs).
 
 Weight mapping (HF ``model.layers.N.`` <-> megatron ``decoder.layers.N.``, global N), with
 what TP rank i of t holds:
@@ -25,13 +26,30 @@ mlp.down_proj                              mlp.linear_fc2                      c
 model.norm                                 decoder.final_layernorm             all
 lm_head (embed_tokens when tied)           output_layer                        vocab rows i (dim 0)
 =========================================  ==================================  ===================
+
+Mixture-of-experts layers (Mixtral; Qwen3-MoE the same with the HF names in brackets),
+e = GLOBAL expert index; expert-parallel rank r of ep
+holds experts r·E/ep .. (r+1)·E/ep - 1 as its local experts J = e - r·E/ep, and splits each
+over the expert-tensor-parallel (ETP) group; the router is whole on every rank:
+
+===============================================  ==========================================  ===============
+HF (per-expert files / transformers 5 3-D)       megatron                                    ETP rank i holds
+===============================================  ==========================================  ===============
+block_sparse_moe.gate / mlp.gate [mlp.gate]      mlp.router                                  all
+block_sparse_moe.experts.e.{w1,w3} /             mlp.experts.local_experts.J.linear_fc1      rows i of each
+  mlp.experts.gate_up_proj[e] = [w1; w3]           = [w1_i; w3_i]
+  [mlp.experts.e.{gate,up}_proj / same 3-D]
+block_sparse_moe.experts.e.w2 /                  mlp.experts.local_experts.J.linear_fc2      columns i
+  mlp.experts.down_proj[e]
+  [mlp.experts.e.down_proj / same 3-D]
+===============================================  ==========================================  ===============
 """
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .table import MEGATRON_LAYERS, ModelFamily, Module, ModuleTable
+from .table import EXPERT, MEGATRON_LAYERS, ModelFamily, MoEKeys, Module, ModuleTable
 
 LLAMA_MODULES = ModuleTable(
     layer=(
@@ -119,9 +137,94 @@ QWEN3 = ModelFamily(
     **{**_LLAMA_DECODER, "modules": QWEN3_MODULES, "megatron_config": {**LLAMA_MEGATRON_CONFIG, "qk_layernorm": True}},
 )
 
-FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (LLAMA, MISTRAL, QWEN2, QWEN3)}
-# The table used where no HF config says which family: every supported family's modules
-# (the Llama table is a part of Qwen3's, and no name means two things).
+# Mixture of experts: the router (a replicated [E, H] linear) and E SwiGLU experts per layer.
+MIXTRAL_MOE = (
+    Module("mlp.router", ("block_sparse_moe.gate",), features=(("hidden", "experts"),), v5="mlp.gate"),
+    Module(
+        f"mlp.experts.local_experts.{EXPERT}.linear_fc1",
+        (f"block_sparse_moe.experts.{EXPERT}.w1", f"block_sparse_moe.experts.{EXPERT}.w3"),
+        tp="column",
+        fused="gate_up",
+        features=(("hidden", "moe_ffn"), ("hidden", "moe_ffn")),
+        v5="mlp.experts.gate_up_proj",
+    ),
+    Module(
+        f"mlp.experts.local_experts.{EXPERT}.linear_fc2",
+        (f"block_sparse_moe.experts.{EXPERT}.w2",),
+        tp="row",
+        features=(("moe_ffn", "hidden"),),
+        v5="mlp.experts.down_proj",
+    ),
+)
+MIXTRAL_MODULES = ModuleTable(
+    layer=tuple(entry for entry in LLAMA_MODULES.layer if not entry.megatron.startswith("mlp.")) + MIXTRAL_MOE,
+    model=LLAMA_MODULES.model,
+)
+
+MIXTRAL = ModelFamily(
+    "mixtral",
+    "MixtralForCausalLM",
+    modules=MIXTRAL_MODULES,
+    config_fields=LLAMA_CONFIG_FIELDS,
+    megatron_config=LLAMA_MEGATRON_CONFIG,
+    dimensions={
+        **LLAMA_DIMENSIONS,
+        "moe_ffn": (lambda arch: arch.moe_ffn_hidden_size, "intermediate_size"),
+        "experts": (lambda arch: arch.num_experts, "num_local_experts"),
+    },
+    sliding_window_size="sliding_window",
+    moe=MoEKeys(num_experts=("num_local_experts", "num_experts"), ffn="intermediate_size"),
+)
+
+# Qwen3-MoE: Qwen3's attention (q/k norms), the router ``mlp.gate`` and experts under
+# ``mlp.experts``; the dense MLP entries stay for the layers ``mlp_only_layers`` /
+# ``decoder_sparse_step`` leave dense (megatron's ``moe_layer_freq``).
+QWEN3_MOE_MOE = (
+    Module("mlp.router", ("mlp.gate",), features=(("hidden", "experts"),)),
+    Module(
+        f"mlp.experts.local_experts.{EXPERT}.linear_fc1",
+        (f"mlp.experts.{EXPERT}.gate_proj", f"mlp.experts.{EXPERT}.up_proj"),
+        tp="column",
+        fused="gate_up",
+        features=(("hidden", "moe_ffn"), ("hidden", "moe_ffn")),
+        v5="mlp.experts.gate_up_proj",
+    ),
+    Module(
+        f"mlp.experts.local_experts.{EXPERT}.linear_fc2",
+        (f"mlp.experts.{EXPERT}.down_proj",),
+        tp="row",
+        features=(("moe_ffn", "hidden"),),
+        v5="mlp.experts.down_proj",
+    ),
+)
+QWEN3_MOE_MODULES = ModuleTable(layer=QWEN3_MODULES.layer + QWEN3_MOE_MOE, model=QWEN3_MODULES.model)
+
+QWEN3_MOE = ModelFamily(
+    "qwen3_moe",
+    "Qwen3MoeForCausalLM",
+    modules=QWEN3_MOE_MODULES,
+    config_fields=LLAMA_CONFIG_FIELDS,
+    megatron_config={**LLAMA_MEGATRON_CONFIG, "qk_layernorm": True},
+    dimensions={
+        **LLAMA_DIMENSIONS,
+        "moe_ffn": (lambda arch: arch.moe_ffn_hidden_size, "moe_intermediate_size"),
+        "experts": (lambda arch: arch.num_experts, "num_experts"),
+    },
+    sliding_window_flag="use_sliding_window",
+    moe=MoEKeys(
+        num_experts=("num_experts", "num_local_experts"),
+        ffn="moe_intermediate_size",
+        norm_topk_prob="norm_topk_prob",
+        sparse_step="decoder_sparse_step",
+        dense_layers="mlp_only_layers",
+    ),
+)
+
+FAMILIES: dict[str, ModelFamily] = {
+    family.model_type: family for family in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE)
+}
+# The table used where no HF config says which family: every dense family's modules (the
+# Llama table is a part of Qwen3's, and no name means two things; MoE tables are looked up by family).
 DEFAULT_MODULES = QWEN3_MODULES
 
 

@@ -2,7 +2,10 @@
 
 Supported: ``LlamaForCausalLM`` (llama), ``MistralForCausalLM`` (mistral), ``Qwen2ForCausalLM``
 (qwen2, q/k/v biases), ``Qwen3ForCausalLM`` (qwen3, q/k RMSNorm over head_dim: megatron's
-``qk_layernorm``, eps ``rms_norm_eps`` as every norm); their tables are in :mod:`.families`.
+``qk_layernorm``, eps ``rms_norm_eps`` as every norm), ``MixtralForCausalLM`` (mixtral,
+mixture of experts) and ``Qwen3MoeForCausalLM`` (qwen3_moe: Qwen3 attention, mixture of
+experts, ``decoder_sparse_step`` / ``mlp_only_layers`` as megatron's ``moe_layer_freq``);
+their tables are in :mod:`.families`.
 All are pre-norm decoders with RMSNorm, SwiGLU, grouped-query attention and rotate-half RoPE,
 which megatron's GPTModel computes with::
 
@@ -17,6 +20,7 @@ kv heads when groups < TP, at the price of an all-gather of the QKV output per l
 supported here), ``vocab_size`` divisible by TP (no vocab padding: padded logits would change
 the softmax), RoPE types ``default``, ``linear`` and ``llama3`` (the latter only with megatron's
 fixed low/high frequency factors 1/4 and original context 8192), no sliding-window attention.
+Mixture-of-experts facts, router settings and refusals: :mod:`.moe_config`.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
+from .errors import UnsupportedCheckpointError
 from .families import FAMILIES, family_of
 from .layouts import Attention
+from .moe_config import check_expert_layout, check_moe_variant, moe_config_fields, parse_moe
 from .table import ModelFamily
 
 if TYPE_CHECKING:  # megatron is imported lazily: names and layouts work without it
@@ -44,11 +50,6 @@ _GEOMETRY_DEFAULTS = {
     "num_query_groups": lambda g: g["num_attention_heads"],
     "head_dim": lambda g: g["hidden_size"] // g["num_attention_heads"],
 }
-
-
-class UnsupportedCheckpointError(ValueError):
-    """The HF checkpoint's architecture, a feature of it, or the requested parallel layout is
-    not supported by this bridge; the message says which and what is supported."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,12 @@ class HFLlamaArch:
     rope_scaling: bool  # megatron's llama3 frequency scaling
     rope_scaling_factor: float
     seq_len_interpolation_factor: float | None  # HF "linear" RoPE scaling
+    num_experts: int = 0  # 0: a dense model (the fields below are unused)
+    moe_ffn_hidden_size: int = 0
+    moe_router_topk: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k routing probabilities to sum 1
+    moe_aux_loss_coeff: float = 0.0
+    moe_layers: tuple[bool, ...] = ()  # per layer: MoE (True) or a dense MLP
 
     @property
     def family(self) -> ModelFamily:
@@ -142,6 +149,7 @@ def _parse_rope(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _family(hf: dict[str, Any]) -> ModelFamily:
     model_type = hf.get("model_type")
+    check_moe_variant(hf, _supported())
     if model_type not in FAMILIES:
         raise UnsupportedCheckpointError(
             f"model_type {model_type!r} is not supported by the Llama-family bridge; supported: {_supported()}."
@@ -203,9 +211,11 @@ def parse_hf_config(hf_config: Mapping[str, Any] | Any) -> HFLlamaArch:
     family = _family(hf)
     max_positions = int(hf.get("max_position_embeddings", 2048))
     _check_features(family, hf, max_positions)
+    geometry = _geometry(family, hf)
     return HFLlamaArch(
         model_type=family.model_type,
-        **_geometry(family, hf),
+        **geometry,
+        **parse_moe(family, hf, geometry["num_layers"]),
         vocab_size=int(hf["vocab_size"]),
         max_position_embeddings=max_positions,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
@@ -215,17 +225,22 @@ def parse_hf_config(hf_config: Mapping[str, Any] | Any) -> HFLlamaArch:
     )
 
 
-def check_parallel_layout(arch: HFLlamaArch, tp: int, pp: int) -> None:
-    """Raise :class:`UnsupportedCheckpointError` if the model cannot be split at TP=tp, PP=pp."""
-    if tp < 1 or pp < 1:
-        raise UnsupportedCheckpointError(f"tp ({tp}) and pp ({pp}) must be >= 1.")
+def check_parallel_layout(
+    arch: HFLlamaArch, tp: int, pp: int, ep: int = 1, etp: int | None = None, sequence_parallel: bool = False
+) -> None:
+    """Raise :class:`UnsupportedCheckpointError` if the model cannot be split at TP=tp, PP=pp,
+    expert-parallel EP=ep and expert-tensor-parallel ETP=etp (None: megatron's default, TP)."""
+    etp = tp if etp is None else etp
+    if min(tp, pp, ep, etp) < 1:
+        raise UnsupportedCheckpointError(f"tp ({tp}), pp ({pp}), ep ({ep}) and etp ({etp}) must be >= 1.")
+    check_expert_layout(arch, tp, ep, etp, sequence_parallel)
     problems = [
         f"{label} ({value}) is not divisible by the tensor-parallel size {tp}"
         for label, value in (
             ("num_attention_heads", arch.num_attention_heads),
             ("num_key_value_heads (query groups)", arch.num_query_groups),
             ("vocab_size", arch.vocab_size),
-            ("intermediate_size", arch.ffn_hidden_size),
+            ("intermediate_size", arch.ffn_hidden_size if not arch.num_experts or not all(arch.moe_layers) else tp),
         )
         if value % tp
     ]
@@ -247,9 +262,12 @@ def transformer_config_from_hf(
     tp: int = 1,
     pp: int = 1,
     sequence_parallel: bool = False,
+    ep: int = 1,
+    etp: int | None = None,
     **overrides: Any,
 ) -> TransformerConfig:
-    """megatron's TransformerConfig for an HF Llama / Mistral / Qwen2 / Qwen3 config at TP=tp, PP=pp.
+    """megatron's TransformerConfig for an HF config of a supported family at TP=tp, PP=pp
+    (and for a mixture of experts EP=ep, ETP=etp: :func:`moe_config_fields`).
 
     fp32 params, CPU initialisation, no dropout, ``perform_initialization=False`` (the weights
     are loaded, not drawn). ``overrides`` are TransformerConfig fields applied last (e.g.
@@ -259,7 +277,7 @@ def transformer_config_from_hf(
     from megatron.core.transformer import TransformerConfig  # megatron (heavy) is imported on use
 
     arch = parse_hf_config(hf_config)
-    check_parallel_layout(arch, tp, pp)
+    check_parallel_layout(arch, tp, pp, ep, etp, sequence_parallel)
     family = arch.family
     fields: dict[str, Any] = {megatron: getattr(arch, field) for field, _, megatron in family.config_fields}
     fields.update(
@@ -275,7 +293,13 @@ def transformer_config_from_hf(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         sequence_parallel=sequence_parallel,
+        **moe_config_fields(arch, ep, etp),
     )
+    if overrides.get("moe_grouped_gemm"):
+        raise UnsupportedCheckpointError(
+            "moe_grouped_gemm=True is not supported: the bridge loads megatron's SequentialMLP experts "
+            "(local_experts.J.linear_fc1 / linear_fc2), not grouped-GEMM weights."
+        )
     fields.update(overrides)
     fields.setdefault("pipeline_dtype", fields["params_dtype"])
     return TransformerConfig(**fields)

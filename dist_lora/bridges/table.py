@@ -17,6 +17,25 @@ Everything else is derived from the entries: HF <-> megatron module names
 
 Decoder-layer modules are named ``<layers>.<N>.<submodule>`` on both sides with a global
 layer index N; :func:`split_layer_name` is the one parser of such names.
+
+Mixture-of-experts layers add two kinds of entry:
+
+* an *expert-indexed* entry: its names hold the placeholder ``{expert}`` (:data:`EXPERT`),
+  which stands for a GLOBAL expert index on both sides::
+
+    Module(megatron="mlp.experts.local_experts.{expert}.linear_fc1",
+           hf=("block_sparse_moe.experts.{expert}.w1", "block_sparse_moe.experts.{expert}.w3"),
+           tp="column", fused="gate_up", features=(("hidden", "moe_ffn"),) * 2,
+           v5="mlp.experts.gate_up_proj")
+
+  ``hf`` names the per-expert tensors (the layout ``save_pretrained`` writes and the Hub
+  uses); ``v5`` names transformers 5's fused 3-D parameter holding every expert's parts
+  stacked on dim 0 and concatenated along dim 1 in ``hf`` order (``gate_up_proj``
+  [E, 2·I, H] = [gate_e; up_e] per expert, ``down_proj`` [E, H, I]). megatron's local name
+  carries this rank's LOCAL expert index J; :func:`global_expert_index` gives the global one.
+  Its TP split is over megatron's expert-tensor-parallel group.
+* a plain entry with ``v5``: the module's transformers 5 name where the older checkpoints use
+  another (Mixtral's router ``block_sparse_moe.gate`` is ``mlp.gate`` in transformers 5).
 """
 
 from __future__ import annotations
@@ -30,6 +49,7 @@ MEGATRON_LAYERS = "decoder.layers"
 HF_LAYERS = "model.layers"
 TP_KINDS = ("column", "row", "vocab", "replicated")
 FUSED_LAYOUTS = ("none", "qkv", "gate_up")
+EXPERT = "{expert}"  # the global expert index in an expert-indexed entry's names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +62,8 @@ class Module:
     group, "gate_up": [gate; up] per TP shard; "none": one part), see :mod:`.layouts`.
     ``features``: per HF part, the (in, out) dimension names of the family's geometry.
     ``tied``: the HF module(s) to read instead when the word embeddings are tied.
+    ``v5``: transformers 5's name where it differs from ``hf`` (see the module docstring):
+    for an expert-indexed entry the 3-D parameter holding all experts, else the module.
     """
 
     megatron: str
@@ -50,6 +72,7 @@ class Module:
     fused: str = "none"
     features: tuple[tuple[str, str], ...] = ()
     tied: tuple[str, ...] = ()
+    v5: str = ""
 
     def __post_init__(self) -> None:
         if self.tp not in TP_KINDS or self.fused not in FUSED_LAYOUTS:
@@ -58,6 +81,13 @@ class Module:
             )
         if self.features and len(self.features) != len(self.hf):
             raise ValueError(f"{self.megatron}: one (in, out) feature pair per HF part is needed.")
+        if any((EXPERT in name) != self.per_expert for name in self.hf):
+            raise ValueError(f"{self.megatron}: {EXPERT} must be in the megatron and every HF name, or in none.")
+
+    @property
+    def per_expert(self) -> bool:
+        """An expert-indexed entry: one module per expert, split over expert parallelism."""
+        return EXPERT in self.megatron
 
     @property
     def partition(self) -> Optional[tuple[int, int]]:
@@ -69,12 +99,16 @@ class Module:
 
 class Mapped(NamedTuple):
     """A module name resolved against a table: the entry, the global megatron name, the full
-    HF names in fused order and the layer index (None for model-level modules)."""
+    HF names in fused order, the layer index (None for model-level modules), the global
+    expert index (None unless the entry is expert-indexed) and the full transformers 5 name
+    (``""`` when the entry has none)."""
 
     entry: Module
     megatron: str
     hf: tuple[str, ...]
     layer: Optional[int]
+    expert: Optional[int] = None
+    v5: str = ""
 
 
 def split_layer_name(name: str, layers: str = MEGATRON_LAYERS, anywhere: bool = True) -> Optional[tuple[int, str]]:
@@ -89,6 +123,19 @@ def split_layer_name(name: str, layers: str = MEGATRON_LAYERS, anywhere: bool = 
 def layer_module_name(index: int, submodule: str, layers: str = MEGATRON_LAYERS) -> str:
     """``<layers>.<index>.<submodule>``: the inverse of :func:`split_layer_name`."""
     return f"{layers}.{index}.{submodule}"
+
+
+def global_expert_index(local: int, num_experts: int, ep_rank: int, ep_size: int) -> int:
+    """The global index of local expert ``local`` on expert-parallel rank ``ep_rank`` of
+    ``ep_size``: rank r holds experts r·E/ep .. (r+1)·E/ep - 1, in order (megatron's MoELayer)."""
+    if num_experts % ep_size or not 0 <= local < num_experts // ep_size:
+        raise ValueError(f"local expert {local} does not exist with {num_experts} experts over EP={ep_size}.")
+    return ep_rank * (num_experts // ep_size) + local
+
+
+def _expert_pattern(template: str) -> re.Pattern[str]:
+    before, after = template.split(EXPERT)
+    return re.compile(re.escape(before) + r"(\d+)" + re.escape(after))
 
 
 def _ends_with(name: str, top: str) -> bool:
@@ -111,15 +158,40 @@ class ModuleTable:
     def _by_hf_sub(self) -> dict[str, tuple[Module, int]]:
         return {hf: (entry, i) for entry in self.layer for i, hf in enumerate(entry.hf)}
 
+    @functools.cached_property
+    def _expert_patterns(self) -> tuple[tuple[re.Pattern[str], Module, int], ...]:
+        """(pattern of a submodule name, entry, HF part or -1 for megatron) of expert entries."""
+        out = []
+        for entry in self.layer:
+            if entry.per_expert:
+                out.append((_expert_pattern(entry.megatron), entry, -1))
+                out.extend((_expert_pattern(hf), entry, i) for i, hf in enumerate(entry.hf))
+        return tuple(out)
+
+    def _layer_entry(self, sub: str, hf: bool) -> Optional[tuple[Module, int, Optional[int]]]:
+        """(entry, HF part (-1 for a megatron name), global expert or None) of a decoder-layer
+        submodule name on the HF (``hf``) or the megatron side; None if no entry has it."""
+        plain = self._by_hf_sub.get(sub) if hf else (self._by_megatron_sub.get(sub), -1)
+        if plain is not None and plain[0] is not None and not plain[0].per_expert:
+            return (*plain, None)
+        for pattern, entry, part in self._expert_patterns:
+            m = pattern.fullmatch(sub)
+            if m and (part != -1) == hf:
+                return entry, part, int(m[1])
+        return None
+
     def megatron(self, name: str) -> Mapped:
         """Resolve a global megatron module name (any prefix, ``module.`` or a PEFT wrapper's,
-        is dropped); raises KeyError naming the known modules."""
+        is dropped; an expert-indexed module carries its GLOBAL expert index); raises
+        KeyError naming the known modules."""
         parsed = split_layer_name(name)
-        if parsed is not None and parsed[1] in self._by_megatron_sub:
-            layer, sub = parsed
-            entry = self._by_megatron_sub[sub]
-            hf = tuple(layer_module_name(layer, part, HF_LAYERS) for part in entry.hf)
-            return Mapped(entry, layer_module_name(layer, sub), hf, layer)
+        found = self._layer_entry(parsed[1], hf=False) if parsed is not None else None
+        if found is not None:
+            layer, (entry, _, expert) = parsed[0], found
+            fill = (lambda n: n) if expert is None else (lambda n: n.replace(EXPERT, str(expert)))
+            hf = tuple(layer_module_name(layer, fill(part), HF_LAYERS) for part in entry.hf)
+            v5 = layer_module_name(layer, entry.v5, HF_LAYERS) if entry.v5 else ""
+            return Mapped(entry, layer_module_name(layer, fill(entry.megatron)), hf, layer, expert, v5)
         for entry in self.model:
             if _ends_with(name, entry.megatron):
                 return Mapped(entry, entry.megatron, entry.hf, None)
@@ -129,10 +201,11 @@ class ModuleTable:
         """Resolve an HF module name (any prefix before ``model.`` / ``lm_head`` is dropped) to
         its megatron module and its position among that module's HF parts."""
         parsed = split_layer_name(name, HF_LAYERS)
-        if parsed is not None and parsed[1] in self._by_hf_sub:
-            layer, sub = parsed
-            entry, position = self._by_hf_sub[sub]
-            return self.megatron(layer_module_name(layer, entry.megatron)), position
+        found = self._layer_entry(parsed[1], hf=True) if parsed is not None else None
+        if found is not None:
+            layer, (entry, position, expert) = parsed[0], found
+            sub = entry.megatron if expert is None else entry.megatron.replace(EXPERT, str(expert))
+            return self.megatron(layer_module_name(layer, sub)), position
         for entry in self.model:
             for position, hf in enumerate(entry.hf):
                 if _ends_with(name, hf):
@@ -157,6 +230,24 @@ class ModuleTable:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEKeys:
+    """Where a mixture-of-experts family's ``config.json`` keeps its MoE facts.
+
+    ``num_experts``: the keys of the expert count (the first present wins);
+    ``ffn``: one expert's intermediate size; ``norm_topk_prob``: the switch that renormalises
+    the top-k probabilities to sum 1 (None: always renormalised); ``sparse_step`` /
+    ``dense_layers``: every n-th layer is MoE / the layers with a dense MLP instead (None:
+    every layer is MoE).
+    """
+
+    num_experts: tuple[str, ...]
+    ffn: str
+    norm_topk_prob: Optional[str] = None
+    sparse_step: Optional[str] = None
+    dense_layers: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelFamily:
     """One model family: the HF ``model_type`` / architecture it serves, its config rules and
     field mapping, the named dimensions of its geometry and its module table.
@@ -167,6 +258,7 @@ class ModelFamily:
     ``sliding_window_flag`` / ``sliding_window_size``: the config key that switches sliding
     window attention on, or the key of a window size that must cover the whole context.
     ``dimensions``: name -> (size from the parsed arch, the config field it comes from).
+    ``moe``: where the config keeps the mixture-of-experts facts (None: a dense model).
     ``config_defaults``: parsed-arch field -> value for a geometry key missing from config.json
     where the family's transformers config class has its own default (else it is derived).
     """
@@ -180,6 +272,7 @@ class ModelFamily:
     qkv_bias: bool = False
     sliding_window_flag: Optional[str] = None
     sliding_window_size: Optional[str] = None
+    moe: Optional[MoEKeys] = None
     config_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def size(self, dimension: str, arch: Any) -> int:
