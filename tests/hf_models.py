@@ -21,8 +21,12 @@ from transformers import (  # noqa: E402
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 VOCAB = 96
@@ -105,6 +109,49 @@ def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
     )
     kwargs.update(overrides)
     return _build(GPT2LMHeadModel, GPT2Config(**kwargs), seed, randomise_biases=True)
+
+
+def tiny_mixtral(seed: int = 0, **overrides) -> MixtralForCausalLM:
+    """2-layer Mixtral, hidden 32, GQA, 4 SwiGLU experts of width 48, top-2 routing."""
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        sliding_window=None,
+    )
+    kwargs.update(overrides)
+    return _build(MixtralForCausalLM, MixtralConfig(**kwargs), seed)
+
+
+def tiny_qwen3_moe(seed: int = 0, **overrides) -> Qwen3MoeForCausalLM:
+    """2-layer Qwen3-MoE (q/k RMSNorm), hidden 32, GQA, 4 SwiGLU experts of width 24, top-2
+    routing with ``norm_topk_prob``; every layer sparse (no ``mlp_only_layers``)."""
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return _build(Qwen3MoeForCausalLM, Qwen3MoeConfig(**kwargs), seed)
 
 
 FACTORIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2}
