@@ -303,3 +303,16 @@ def test_init_matches_peft_defaults():
     assert a.shape == (16, 32) and a.abs().max() <= 1 / 32 ** 0.5 and a.std() > 0.5 / 32 ** 0.5 / 3 ** 0.5
     assert not layer.lora_B["default"].weight.any()
     torch.testing.assert_close(_logits(ours), _logits(base), rtol=0, atol=0)
+
+
+def test_refused_where_unsupported_deepspeed_and_state_dict_injection():
+    from dist_lora.deepspeed.engine import initialize
+    from dist_lora.peft_api import inject_adapter_in_model
+
+    config = LoraConfig(target_modules=[], target_parameters=EXPERTS)
+    ours = get_lora_model(hf_models.tiny_qwen3_moe(), config)
+    with pytest.raises(ValueError, match=r"LoRA on parameters \(target_parameters: .*not supported under DeepSpeed"):
+        initialize(ours, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}})
+    state = ours.state_dict()
+    with pytest.raises(ConfigError, match="a state_dict cannot choose the targets of a config with target_parameters"):
+        inject_adapter_in_model(config, hf_models.tiny_qwen3_moe(), state_dict=state)
