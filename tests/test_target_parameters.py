@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from dist_lora import ConfigError, LoraConfig, LoraModel, get_lora_model
-from dist_lora.expert_layout import expert_count, expert_delta, gate_up_rows, stack_experts, unstack_experts
+from dist_lora.expert_layout import (
+    expert_count, expert_delta, gate_up_rows, peft_parameter_key, stack_experts, unstack_experts,
+)
 from dist_lora.layers import LoraLayer
 from dist_lora.layers.parameter import LoraParameter
 
@@ -138,6 +140,18 @@ def test_transformers_gate_up_is_concatenated_gate_then_up():
     interleaved = gate_up_rows(rows, interleaved=True)
     assert interleaved.flatten().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
     assert torch.equal(gate_up_rows(interleaved, interleaved=True, inverse=True), rows)
+
+
+def test_peft_parameter_key_is_peft_nesting():
+    for targets in (EXPERTS, EXPERTS[::-1], EXPERTS[1:], [*EXPERTS, ROUTER]):
+        model = peft.get_peft_model(hf_models.tiny_mixtral(), peft.LoraConfig(target_modules=[], target_parameters=targets))
+        keys = set(peft.get_peft_model_state_dict(model))
+        expected = set()
+        for module, params in (("model.layers.1.mlp.experts", ["gate_up_proj", "down_proj"]), ("model.layers.1.mlp.gate", ["weight"])):
+            targeted = [p for p in params if any(f"{module}.{p}".endswith(t) for t in targets)]
+            for param in targeted:
+                expected |= {f"base_model.model.{peft_parameter_key(module, param, targeted)}.lora_{f}.weight" for f in "AB"}
+        assert expected and expected == {k for k in keys if ".layers.1." in k}
 
 
 # --- parity with PEFT, both directions ------------------------------------------------------------
@@ -312,7 +326,7 @@ def test_refused_where_unsupported_deepspeed_and_state_dict_injection():
     config = LoraConfig(target_modules=[], target_parameters=EXPERTS)
     ours = get_lora_model(hf_models.tiny_qwen3_moe(), config)
     with pytest.raises(ValueError, match=r"LoRA on parameters \(target_parameters: .*not supported under DeepSpeed"):
-        initialize(ours, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}})
+        initialize(ours, {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 0, "zero_optimization": {"stage": 0}})
     state = ours.state_dict()
     with pytest.raises(ConfigError, match="a state_dict cannot choose the targets of a config with target_parameters"):
         inject_adapter_in_model(config, hf_models.tiny_qwen3_moe(), state_dict=state)
