@@ -22,6 +22,12 @@ The two stackings differ (PEFT reshapes lora_A to [E, r, in] and lora_B to [out,
 written with the same order for both loads without error into PEFT and computes the wrong
 experts, so every conversion goes through these functions.
 
+Saved keys (:func:`peft_parameter_key`): PEFT wraps each targeted parameter of a module in its
+own ``ParamWrapper``, nesting them in the module's parameter registration order (the first
+innermost), so the adapter of ``experts.gate_up_proj`` with ``down_proj`` targeted too is saved
+as ``experts.base_layer.lora_A.weight`` and that of ``down_proj`` as ``experts.lora_A.weight``
+(transformers 5.24 Qwen3-MoE and Mixtral register gate_up_proj before down_proj).
+
 Gate and up of a gated (SwiGLU) expert: transformers 5.24's Qwen3-MoE and Mixtral experts are
 ``is_concatenated`` (``gate, up = linear(x, gate_up_proj[e]).chunk(2, dim=-1)``): rows [0, I)
 of W_e are gate, [I, 2I) up, the same [gate; up] row order as megatron's per-expert
@@ -31,7 +37,7 @@ with :func:`gate_up_rows`.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -96,6 +102,17 @@ def expert_delta(
     b = lora_b.reshape(lora_b.shape[0], r, num_experts).permute(2, 0, 1)  # [E, out, r]
     delta = torch.bmm(b, a) * scaling
     return delta.transpose(1, 2) if transposed else delta
+
+
+def peft_parameter_key(module: str, parameter: str, targeted: Sequence[str]) -> str:
+    """PEFT's module path of the adapter of ``<module>.<parameter>`` (saved keys are this +
+    ``.lora_A.weight`` / ``.lora_B.weight``): ``module`` plus one ``.base_layer`` per targeted
+    parameter registered after ``parameter``; ``targeted``: the module's targeted parameter
+    names in its registration order (``named_parameters(recurse=False)``)."""
+    if parameter not in targeted:
+        raise ValueError(f"{parameter!r} is not among the targeted parameters {list(targeted)} of {module!r}.")
+    later = len(targeted) - 1 - list(targeted).index(parameter)
+    return module + ".base_layer" * later
 
 
 def gate_up_rows(rows: torch.Tensor, interleaved: bool, inverse: bool = False) -> torch.Tensor:
