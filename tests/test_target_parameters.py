@@ -143,15 +143,19 @@ def test_transformers_gate_up_is_concatenated_gate_then_up():
 
 
 def test_peft_parameter_key_is_peft_nesting():
+    """Which saved key holds which parameter's adapter (told apart by lora_A's in_features)."""
+    in_features = {"gate_up_proj": 32, "down_proj": 48, "weight": 32}  # tiny Mixtral, r=8, 4 experts
+    experts = {"gate_up_proj": 4, "down_proj": 4, "weight": 1}
     for targets in (EXPERTS, EXPERTS[::-1], EXPERTS[1:], [*EXPERTS, ROUTER]):
         model = peft.get_peft_model(hf_models.tiny_mixtral(), peft.LoraConfig(target_modules=[], target_parameters=targets))
-        keys = set(peft.get_peft_model_state_dict(model))
-        expected = set()
+        saved = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(model).items() if ".layers.1." in k}
+        expected = {}
         for module, params in (("model.layers.1.mlp.experts", ["gate_up_proj", "down_proj"]), ("model.layers.1.mlp.gate", ["weight"])):
             targeted = [p for p in params if any(f"{module}.{p}".endswith(t) for t in targets)]
             for param in targeted:
-                expected |= {f"base_model.model.{peft_parameter_key(module, param, targeted)}.lora_{f}.weight" for f in "AB"}
-        assert expected and expected == {k for k in keys if ".layers.1." in k}
+                key = f"base_model.model.{peft_parameter_key(module, param, targeted)}.lora_A.weight"
+                expected[key] = (8 * experts[param], in_features[param])
+        assert expected and expected == {k: v for k, v in saved.items() if k.endswith("lora_A.weight")}
 
 
 # --- parity with PEFT, both directions ------------------------------------------------------------
