@@ -334,3 +334,23 @@ def test_refused_where_unsupported_deepspeed_and_state_dict_injection():
     state = ours.state_dict()
     with pytest.raises(ConfigError, match="a state_dict cannot choose the targets of a config with target_parameters"):
         inject_adapter_in_model(config, hf_models.tiny_qwen3_moe(), state_dict=state)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(target_parameters=["down_proj"]),
+        dict(target_parameters=["model.layers.1.mlp.experts.gate_up_proj", "experts.down_proj"]),
+        dict(target_modules=["q_proj"], target_parameters=EXPERTS, layers_to_transform=[0]),
+        dict(target_modules=["q_proj"], target_parameters=EXPERTS, exclude_modules=["model.layers.0.mlp.experts"]),
+    ],
+    ids=["suffix", "full-name", "layers_to_transform", "exclude_modules"],
+)
+def test_matches_the_parameters_peft_matches(kwargs):
+    """PEFT's rule: a name equal to '<module>.<param>' or its end after a '.'; layers_to_transform
+    and exclude_modules filter target_modules only."""
+    kwargs = {"target_modules": [], **kwargs}
+    theirs = peft.get_peft_model(hf_models.tiny_qwen3_moe(), peft.LoraConfig(**kwargs))
+    ours = get_lora_model(hf_models.tiny_qwen3_moe(), LoraConfig(**kwargs))
+    assert sorted(ours.targeted_parameter_names) == sorted(theirs.base_model.targeted_parameter_names)
+    assert sorted(ours.targeted_module_names) == sorted(theirs.base_model.targeted_module_names)
