@@ -76,7 +76,7 @@ def _randomise(model, seed: int = 7) -> None:
 
 
 def _lora_modules(model) -> list[str]:
-    return [type(m).__name__ for m in model.modules() if isinstance(m, LoraLayer) or "lora" in type(m).__module__]
+    return [type(m).__name__ for m in model.modules() if isinstance(m, LoraLayer) or type(m).__module__.startswith("peft")]
 
 
 # --- the stacked layout ------------------------------------------------------------------------
@@ -354,3 +354,22 @@ def test_matches_the_parameters_peft_matches(kwargs):
     ours = get_lora_model(hf_models.tiny_qwen3_moe(), LoraConfig(**kwargs))
     assert sorted(ours.targeted_parameter_names) == sorted(theirs.base_model.targeted_parameter_names)
     assert sorted(ours.targeted_module_names) == sorted(theirs.base_model.targeted_module_names)
+
+
+def _megatron_refusal() -> str:
+    from tests.models import build_tiny_gpt, tiny_gpt_config
+
+    model = build_tiny_gpt(tiny_gpt_config(tp=1, sp=False))
+    try:
+        get_lora_model(model, LoraConfig(target_modules=["linear_qkv"], target_parameters=["linear_fc1.weight"]))
+    except ConfigError as e:
+        assert not _lora_modules(model)
+        return str(e)
+    return "not refused"
+
+
+def test_megatron_parameters_are_refused():
+    from tests.harness import run_distributed
+
+    [message] = run_distributed(_megatron_refusal, 1, tp=1)
+    assert "target_parameters matched 'decoder.layers.0.mlp.linear_fc1.weight' of a megatron" in message
