@@ -373,3 +373,32 @@ def test_megatron_parameters_are_refused():
 
     [message] = run_distributed(_megatron_refusal, 1, tp=1)
     assert "target_parameters matched 'decoder.layers.0.mlp.linear_fc1.weight' of a megatron" in message
+
+
+class _TransposedExperts(torch.nn.Module):
+    """Experts stored [E, in, out] with ``is_transposed`` (as GPT-OSS-style modules say)."""
+
+    is_transposed = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ti,eio->teo", x, self.weight)
+
+
+def test_transposed_experts_follow_peft(tmp_path):
+    """An ``is_transposed`` module: PEFT takes [E, in, out] (no swap); ΔW[e] = s·(B_e A_e)ᵀ."""
+    make = lambda: torch.nn.Sequential(_TransposedExperts())  # noqa: E731
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(r=2, target_modules=[], target_parameters=["0.weight"]))
+    _randomise(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = LoraModel.from_pretrained(make(), tmp_path)
+    layer = ours.model[0]
+    assert (layer.in_features, layer.out_features, layer.num_experts) == (5, 7, 3)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = theirs(x)
+        assert (expected - make()(x)).abs().max() > 1e-2
+        torch.testing.assert_close(ours(x), expected, rtol=0, atol=ATOL)
