@@ -236,6 +236,9 @@ def test_two_adapters_share_the_wrappers_and_switch_like_peft(tmp_path):
         peft_model.set_adapter(name)
         ours.set_adapter(name)
         torch.testing.assert_close(_logits(ours), _logits(peft_model), rtol=0, atol=ATOL)
+    peft_model.base_model.set_adapter(["default", "other"])
+    ours.set_adapter(["default", "other"])
+    torch.testing.assert_close(_logits(ours), _logits(peft_model), rtol=0, atol=ATOL)  # both active: deltas add
     with pytest.raises(ConfigError, match="must all target the same parameters"):
         ours.add_adapter("third", LoraConfig(target_modules=[], target_parameters=EXPERTS[:1]))
 
