@@ -44,6 +44,18 @@ import torch
 ExpertFactors = Mapping[int, tuple[torch.Tensor, torch.Tensor]]  # {e: (A_e [r, in], B_e [out, r])}
 
 
+def parameter_geometry(shape: Sequence[int], transposed: bool = False) -> tuple[int, int, int]:
+    """(E, in, out) of an adapted parameter as PEFT reads its shape: [E, out, in] (3-D; [E, in,
+    out] when its module ``is_transposed``) or [out, in] (2-D, E = 1). Its adapter of per-expert
+    rank r has lora_A [r·E, in] and lora_B [out, r·E]. ValueError for other ranks."""
+    if len(shape) == 3:
+        experts, rows, cols = shape
+        return (experts, rows, cols) if transposed else (experts, cols, rows)
+    if len(shape) == 2:
+        return 1, shape[1], shape[0]
+    raise ValueError(f"only 2-D [out, in] and 3-D [experts, out, in] parameters can be adapted (as in PEFT), got shape {tuple(shape)}.")
+
+
 def stack_experts(factors: ExpertFactors) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-expert factors ``{e: (A_e [r, in], B_e [out, r])}`` for e = 0..E-1 -> PEFT's
     ``(lora_A [r·E, in], lora_B [out, r·E])`` (see the module docstring for the order)."""

@@ -34,10 +34,12 @@ from typing import Iterator, Optional, Union
 from torch import nn
 
 from .config import ConfigError, LoraConfig
+from .expert_layout import parameter_geometry
 from .layers.base import LoraLayer
 from .layers.kinds import base_module, is_linear_layer, is_supported_layer, transformer_engine_linear
 from .layers.parameter import LoraParameter, innermost_module
 from .naming import global_module_name
+from .parallel import zero
 
 # PEFT's defaults for Hugging Face architectures (model.config.model_type).
 HF_DEFAULT_TARGETS = {
@@ -203,12 +205,16 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[s
     found, candidates = [], []
     for name, module in _parameter_owners(model):
         key_module = global_module_name(model, name) if name else ""
-        for pname, _ in module.named_parameters(recurse=False):
+        for pname, param in module.named_parameters(recurse=False):
             key = f"{key_module}.{pname}" if name else pname
             candidates.append(key)
             if not (key in names or any(key.endswith(f".{n}") for n in names)):
                 continue
             _check_parameter_target(model, name, key, module, config)
+            try:
+                parameter_geometry(zero.full_shape(param))
+            except ValueError as e:
+                raise ConfigError(f"target_parameters matched {key!r}: {e}") from None
             found.append((name, pname))
     if not found:
         shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dist_lora.expert_layout import (
-    expert_count, expert_delta, gate_up_rows, peft_parameter_key, stack_experts, unstack_experts,
+    expert_count, expert_delta, gate_up_rows, parameter_geometry, peft_parameter_key, stack_experts, unstack_experts,
 )
 
 try:
@@ -99,3 +99,11 @@ def test_peft_parameter_key_is_peft_nesting():
                 key = f"base_model.model.{peft_parameter_key(module, param, targeted)}.lora_A.weight"
                 expected[key] = (8 * experts[param], in_features[param])
         assert expected and expected == {k: v for k, v in saved.items() if k.endswith("lora_A.weight")}
+
+
+def test_parameter_geometry_reads_shapes_as_peft():
+    assert parameter_geometry((4, 48, 32)) == (4, 32, 48)  # [E, out, in]: gate_up_proj [E, 2I, H]
+    assert parameter_geometry((4, 48, 32), transposed=True) == (4, 48, 32)  # [E, in, out]
+    assert parameter_geometry((6, 32)) == (1, 32, 6)  # a router weight [E, H]
+    with pytest.raises(ValueError, match="only 2-D"):
+        parameter_geometry((8,))

@@ -217,6 +217,7 @@ def test_peft_config_file_round_trips(tmp_path):
     [
         (dict(target_modules=[], target_parameters=["experts.up_proj"]), r"matched no parameter .* Parameters it has: "),
         (dict(target_modules=["q_proj"], target_parameters=["q_proj.weight"]), "cannot be targeted by both"),
+        (dict(target_modules=[], target_parameters=[*EXPERTS, "q_norm.weight"]), r"'model\.layers\.0\.self_attn\.q_norm\.weight': only 2-D"),
     ],
 )
 def test_bad_targets_are_refused_and_model_untouched(kwargs, message):

@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..config import ConfigError, InitKind
-from ..expert_layout import expert_delta
+from ..expert_layout import expert_delta, parameter_geometry
 from ..parallel import zero
 from . import math as lm
 from .base import LoraLayer
@@ -53,17 +53,11 @@ class LoraParameter(LoraLayer):
             raise ConfigError(f"{type(owner).__name__} has no parameter {parameter_name!r} to adapt.")
         if zero.is_zero3_param(param):
             raise NotImplementedError(f"target_parameters on a ZeRO-3 partitioned parameter ({parameter_name!r}) is not supported.")
-        transposed = bool(getattr(owner, "is_transposed", False))
-        if param.dim() == 3:
-            experts, rows, cols = param.shape
-            in_features, out_features = (rows, cols) if transposed else (cols, rows)
-        elif param.dim() == 2:
-            experts, (out_features, in_features), transposed = 1, param.shape, False
-        else:
-            raise ConfigError(
-                f"target_parameters: {type(owner).__name__}.{parameter_name} has shape {tuple(param.shape)}; only 2-D "
-                "[out, in] and 3-D [experts, out, in] parameters can be adapted (as in PEFT)."
-            )
+        transposed = param.dim() == 3 and bool(getattr(owner, "is_transposed", False))
+        try:
+            experts, in_features, out_features = parameter_geometry(param.shape, transposed)
+        except ValueError as e:
+            raise ConfigError(f"target_parameters: {type(owner).__name__}.{parameter_name}: {e}") from None
         super().__init__(base_layer, in_features, out_features)
         self.parameter_name = parameter_name
         self.num_experts = experts
