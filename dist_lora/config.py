@@ -44,7 +44,6 @@ CONFIG_NAME = "adapter_config.json"
 # config is built or loaded. The init methods only decide a new adapter's first weights: a
 # config may name them (a trained adapter's file loads), get_lora_model refuses them.
 NOT_YET_SUPPORTED: dict[str, str] = {
-    "target_parameters": "LoRA on nn.Parameter targets, coming with the MoE support",
     "trainable_token_indices": "trainable tokens",
     "ensure_weight_tying": "tying the adapters of tied weights",
     "use_qalora": "QALoRA",
@@ -98,6 +97,7 @@ class LoraConfig:
     layer_replication: Optional[list[tuple[int, int]]] = None
     runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
     lora_bias: bool = False
+    target_parameters: Optional[list[str]] = None
     # PEFT 0.21 fields of features not implemented here (see NOT_YET_SUPPORTED): defaults only.
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
     lora_ga_config: Optional[Any] = None
@@ -106,7 +106,6 @@ class LoraConfig:
     use_qalora: bool = False
     qalora_group_size: int = 16
     monteclora_config: Optional[Any] = None
-    target_parameters: Optional[list[str]] = None
     use_bdlora: Optional[Any] = None
     arrow_config: Optional[Any] = None
     kasa_config: Optional[Any] = None
@@ -122,6 +121,7 @@ class LoraConfig:
         self.modules_to_save = as_list(self.modules_to_save)
         self.layers_to_transform = as_list(self.layers_to_transform)
         self.layers_pattern = as_list(self.layers_pattern)
+        self.target_parameters = as_list(self.target_parameters)
         self.rank_pattern = _pattern_dict(self.rank_pattern, "rank_pattern")
         self.alpha_pattern = _pattern_dict(self.alpha_pattern, "alpha_pattern")
         self.init_lora_weights = canonical_init_lora_weights(self.init_lora_weights)

@@ -59,6 +59,7 @@ def check_lora_fields(config: "LoraConfig") -> None:
         raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {config.bias!r}.")
     _check_module_names(config)
     _check_layers(config)
+    _check_target_parameters(config)
     if config.lora_bias and config.use_dora:
         raise ConfigError("lora_bias=True is not supported together with use_dora=True.")
     if config.lora_bias and config.init_lora_weights not in (True, False):
@@ -156,6 +157,38 @@ def _check_module_names(config: "LoraConfig") -> None:
     saved = config.modules_to_save
     if saved is not None and (not isinstance(saved, list) or not all(isinstance(v, str) for v in saved)):
         raise ConfigError(f"modules_to_save must be a list of module names, e.g. ['lm_head'], got {saved!r}.")
+
+
+def _check_target_parameters(config: "LoraConfig") -> None:
+    """target_parameters: a list of parameter names (PEFT: ``<module>.<param>`` or a suffix of one,
+    no regex); with it, what PEFT's ParamWrapper refuses is refused here too (lora_dropout,
+    use_dora, lora_bias, fan_in_fan_out), and what dist_lora cannot do with it (inits that read
+    or rewrite the base weight, layer_replication)."""
+    value = config.target_parameters
+    if value is None:
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip(".") for v in value):
+        raise ConfigError(
+            f"target_parameters must be a list of parameter names (e.g. ['mlp.experts.gate_up_proj', "
+            f"'mlp.experts.down_proj']; a name matches a full '<module>.<parameter>' name or its end after a '.', "
+            f"no regex), got {value!r}."
+        )
+    if not value:
+        return
+    refused = [
+        text for text, bad in (
+            (f"lora_dropout={config.lora_dropout} (set 0: the dropout of a weight delta has no input to act on)",
+             config.lora_dropout != 0),
+            ("use_dora=True", config.use_dora),
+            ("lora_bias=True", config.lora_bias),
+            ("fan_in_fan_out=True", config.fan_in_fan_out),
+            ("layer_replication", config.layer_replication is not None),
+            (f"init_lora_weights={config.init_lora_weights!r} (use True, False or 'gaussian')",
+             config.init_lora_weights not in (True, False, "gaussian")),
+        ) if bad
+    ]
+    if refused:
+        raise ConfigError(f"target_parameters={value!r} cannot be combined with {'; '.join(refused)}.")
 
 
 def _check_layers(config: "LoraConfig") -> None:

@@ -21,10 +21,11 @@ from .layers import math as lm
 from .layers.kinds import embedding_kind, parallel_linear_kind
 from .layers.parallel import LoraColumnParallelLinear, LoraRowParallelLinear
 from .layers.parallel_embedding import LoraVocabParallelEmbedding
+from .layers.parameter import LoraParameter
 from .modules_to_save import ModulesToSaveWrapper
 from .naming import global_module_name
 from .parallel.setup import pipeline_group
-from .targeting import find_targets, is_saved_module
+from .targeting import find_parameter_targets, find_targets, is_saved_module
 
 if TYPE_CHECKING:
     from .model import LoraModel
@@ -39,6 +40,7 @@ class Target:
     r: int
     alpha: float
     seed: int
+    parameter: Optional[str] = None  # target_parameters: the parameter of module ``name`` adapted
 
 
 def check_new_adapter(configs: dict[str, LoraConfig], adapter_name: str, config: LoraConfig) -> None:
@@ -49,6 +51,13 @@ def check_new_adapter(configs: dict[str, LoraConfig], adapter_name: str, config:
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}.")
     refuse_unsupported(config)
+    params = set(config.target_parameters or ())
+    for name, other in configs.items():  # PEFT's rule: the nesting of parameter wrappers decides the saved keys
+        if params and other.target_parameters and set(other.target_parameters) != params:
+            raise ConfigError(
+                f"adapters with target_parameters must all target the same parameters (as in PEFT): adapter "
+                f"{adapter_name!r} has {sorted(params)}, adapter {name!r} has {sorted(other.target_parameters)}."
+            )
     with_bias = [name for name, c in configs.items() if c.bias != "none"]
     if config.bias != "none" and with_bias:
         raise ConfigError(  # PEFT's rule and words: both adapters would train the same base biases
@@ -83,13 +92,21 @@ def shared_seed(seed: Optional[int]) -> int:
 def plan_targets(model: nn.Module, adapter_name: str, config: LoraConfig, seed: int) -> list[Target]:
     """This stage's targets with their rank, alpha and init seed (patterns are applied
     here, so a bad one fails before any module is touched)."""
+    modules = _find_targets_on_all_stages(model, config)
+    parameters = find_parameter_targets(model, config)
+    both = sorted(set(modules) & {name for name, _ in parameters})
+    if both:
+        raise ConfigError(
+            f"modules {both} are targeted by target_modules={config.target_modules!r} and own parameters of "
+            f"target_parameters={config.target_parameters!r}; a module cannot be targeted by both (as in PEFT)."
+        )
     targets = []
-    for name in _find_targets_on_all_stages(model, config):
+    for name, parameter in [(n, None) for n in modules] + parameters:
         global_name = global_module_name(model, name)  # patterns and seeds see global layer indices
+        key = global_name if parameter is None else f"{global_name}.{parameter}"  # PEFT: patterns see module.param
         targets.append(
             Target(
-                name, global_name, config.rank_for(global_name), config.alpha_for(global_name),
-                lm.init_seed(seed, global_name, adapter_name),
+                name, key, config.rank_for(key), config.alpha_for(key), lm.init_seed(seed, key, adapter_name), parameter
             )
         )
     return targets
@@ -162,7 +179,9 @@ def inject(
     rewrites = config.init_kind.rewrites_base and not low_cpu_mem_usage
     for target in targets:
         layer = host.model.get_submodule(target.name)
-        if not isinstance(layer, LoraLayer):
+        if target.parameter is not None:
+            layer = _parameter_layer(host, target, layer)
+        elif not isinstance(layer, LoraLayer):
             layer = make_lora_layer(layer, config)
             host.replace_module(target.name, layer)
         if rewrites:
@@ -182,6 +201,20 @@ def inject(
         )
         if not autocast:
             _cast_to_base_dtype(layer, adapter_name)
+
+
+def _parameter_layer(host: "LoraModel", target: Target, module: nn.Module) -> LoraParameter:
+    """The :class:`LoraParameter` of ``target.parameter`` at ``target.name``: the existing one
+    (a later adapter), else a new one wrapping what is there (nested over the wrappers of the
+    module's other parameters, as PEFT nests them)."""
+    layer = module
+    while isinstance(layer, LoraParameter):
+        if layer.parameter_name == target.parameter:
+            return layer
+        layer = layer.base_layer
+    layer = LoraParameter(module, target.parameter)
+    host.replace_module(target.name, layer)
+    return layer
 
 
 def _cast_to_base_dtype(layer: LoraLayer, adapter_name: str) -> None:

@@ -74,6 +74,7 @@ class LoraModel(PeftModelApi, nn.Module):
         self._seed = shared_seed(seed)  # read through adapter_seed
         self._replication: Optional[Replication] = None  # set by the first adapter with layer_replication
         self.targeted_module_names: list[str] = []  # as PEFT: every adapter's targets, first seen first
+        self.targeted_parameter_names: list[str] = []  # as PEFT: every adapter's target_parameters matches
         self._snapshots: list[ModelSnapshot] = []  # one per open rollback_on_error block
 
     @classmethod
@@ -98,6 +99,7 @@ class LoraModel(PeftModelApi, nn.Module):
         snapshot = ModelSnapshot(self.model)
         configs, active = dict(self.peft_config), list(self._active_adapters)
         replication, targeted = self._replication, list(self.targeted_module_names)
+        targeted_parameters = list(self.targeted_parameter_names)
         self._snapshots.append(snapshot)
         try:
             yield
@@ -108,6 +110,7 @@ class LoraModel(PeftModelApi, nn.Module):
             self.peft_config.clear()
             self.peft_config.update(configs)
             self._active_adapters, self._replication, self.targeted_module_names = active, replication, targeted
+            self.targeted_parameter_names = targeted_parameters
             raise
         finally:
             self._snapshots.pop()
@@ -181,14 +184,16 @@ class LoraModel(PeftModelApi, nn.Module):
                 self.model, self._replication, config.layer_replication, list(self.peft_config)
             )
             targets = plan_targets(self.model, adapter_name, config, self._seed)
-            check_embedding_targets(self.model, [t.name for t in targets], config)  # lora_bias / inits embeddings cannot take
+            module_names = [t.name for t in targets if t.parameter is None]
+            check_embedding_targets(self.model, module_names, config)  # lora_bias / inits embeddings cannot take
             save_names = modules_to_save_names(self.model, config)
             if not low_cpu_mem_usage:  # PiSSA/OLoRA/CorDA/LoftQ rewrite base weights: refuse before the first
-                check_init_targets(self.model, [t.name for t in targets], config)
+                check_init_targets(self.model, module_names, config)
             inject(self, adapter_name, config, targets, low_cpu_mem_usage, autocast_adapter_dtype)
             wrap_modules_to_save(self, save_names, adapter_name)
             self.peft_config[adapter_name] = config
-            extend_unique(self.targeted_module_names, (t.name for t in targets))
+            extend_unique(self.targeted_module_names, module_names)
+            extend_unique(self.targeted_parameter_names, (f"{t.name}.{t.parameter}" for t in targets if t.parameter))
             self.mark_trainable()
 
     def _unreplicate(self) -> None:
@@ -263,7 +268,7 @@ class LoraModel(PeftModelApi, nn.Module):
         """Undo a failed load: delete the adapter and unwrap the layers left with no adapter,
         so the module tree (and state-dict keys) are as before."""
         self.delete_adapter(adapter_name)
-        for name, layer in list(self.lora_layers()):
+        for name, layer in reversed(list(self.lora_layers())):  # nested parameter wrappers: innermost first
             if not layer.lora_A:
                 self.replace_module(name, layer.base_layer)
         for name, module in list(self.model.named_modules()):
@@ -331,7 +336,7 @@ class LoraModel(PeftModelApi, nn.Module):
 
     def unload(self) -> nn.Module:
         """The base model with every LoRA layer replaced by its base layer (no merge)."""
-        for name, layer in list(self.lora_layers()):
+        for name, layer in reversed(list(self.lora_layers())):  # nested parameter wrappers: innermost first
             self.replace_module(name, layer.base_layer)
         for name, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper):

@@ -38,6 +38,11 @@ def inject_adapter_in_model(
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists in this model; choose another name.")
     if state_dict is not None:
+        if peft_config.target_parameters:  # PEFT refuses it too: the nesting of parameter wrappers is not in the keys
+            raise ConfigError(
+                "inject_adapter_in_model: a state_dict cannot choose the targets of a config with target_parameters; "
+                "inject without state_dict, then load it with set_peft_model_state_dict."
+            )
         peft_config = _targets_from_state_dict(peft_config, state_dict)
     lora_model = LoraModel(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     model.peft_config = {**configs, **lora_model.peft_config}

@@ -14,6 +14,13 @@ Rules (as PEFT):
 
 :func:`is_targeted` is this rule for one module name; :func:`find_targets` applies it to a
 model's modules, the consolidation checks and the PEFT -> megatron loader to module names.
+``target_parameters`` (PEFT's rule, :func:`find_parameter_targets`): a parameter ``<module>.<param>``
+(its module's own parameters, ``recurse=False``) matches an entry equal to that full name or to
+its end after a ``"."``; as in PEFT no other filter applies to it (exclude_modules,
+layers_to_transform, layers_pattern act on target_modules only). With target_parameters and
+``target_modules=None`` the model type's default target modules still apply (PEFT's rule; pass
+``target_modules=[]`` for none); a model type without defaults then gets no module targets.
+
 One deliberate difference from PEFT 0.21: a list entry equal to a whole module name still
 obeys ``layers_to_transform`` here (PEFT lets it through; ``full_name_skips_layers`` asks
 for PEFT's behaviour where a check predicts what PEFT will target).
@@ -27,8 +34,12 @@ from typing import Iterator, Optional, Union
 from torch import nn
 
 from .config import ConfigError, LoraConfig
+from .expert_layout import parameter_geometry
+from .layers.base import LoraLayer
 from .layers.kinds import base_module, is_linear_layer, is_supported_layer, transformer_engine_linear
+from .layers.parameter import LoraParameter, innermost_module
 from .naming import global_module_name
+from .parallel import zero
 
 # PEFT's defaults for Hugging Face architectures (model.config.model_type).
 HF_DEFAULT_TARGETS = {
@@ -36,6 +47,7 @@ HF_DEFAULT_TARGETS = {
     "mistral": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
     "qwen3": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
 }
 MEGATRON_GPT_DEFAULT_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
@@ -142,8 +154,12 @@ def default_targets(model: nn.Module) -> list[str]:
 
 def find_targets(model: nn.Module, config: LoraConfig, allow_empty: bool = False) -> list[str]:
     """Names of the modules that get an adapter; raises if there are none (unless
-    ``allow_empty``: a pipeline stage may hold none of the targeted layers)."""
-    spec = config.target_modules if config.target_modules is not None else default_targets(model)
+    ``allow_empty``: a pipeline stage may hold none of the targeted layers, or the config has
+    target_parameters and target_modules is [] or None without a default for the model)."""
+    spec = config.target_modules
+    if config.target_parameters and (spec == [] or (spec is None and not _has_default_targets(model))):
+        return []  # only parameters are targeted (find_parameter_targets)
+    spec = spec if spec is not None else default_targets(model)
     spec = ALL_LINEAR if is_all_linear(spec) else spec
     heads = output_head_names(model) if spec == ALL_LINEAR else set()
     found = []
@@ -175,6 +191,77 @@ def find_targets(model: nn.Module, config: LoraConfig, allow_empty: bool = False
             + f". Linear modules it has: {shown or 'none'}."
         )
     return found
+
+
+def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, str]]:
+    """(module name, parameter name) of every parameter ``config.target_parameters`` names
+    (module names layout-independent, as patterns and seeds see them; LoRA layers looked
+    through), in module order and each module's parameter registration order (PEFT nests the
+    wrappers of one module's parameters in that order). ConfigError if it names none, or a
+    parameter that cannot be adapted (a megatron module's, one of a module targeted by
+    target_modules or saved by modules_to_save)."""
+    names = config.target_parameters
+    if not names:
+        return []
+    found, candidates = [], []
+    for name, module in _parameter_owners(model):
+        key_module = global_module_name(model, name) if name else ""
+        for pname, param in module.named_parameters(recurse=False):
+            key = f"{key_module}.{pname}" if name else pname
+            candidates.append(key)
+            if not (key in names or any(key.endswith(f".{n}") for n in names)):
+                continue
+            _check_parameter_target(model, name, key, module, config)
+            try:
+                parameter_geometry(zero.full_shape(param))
+            except ValueError as e:
+                raise ConfigError(f"target_parameters matched {key!r}: {e}") from None
+            found.append((name, pname))
+    if not found:
+        shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
+        raise ConfigError(
+            f"target_parameters={names!r} matched no parameter of {type(model).__name__} (an entry must equal a "
+            f"full '<module>.<parameter>' name or its end after a '.'). Parameters it has: {shown or 'none'}."
+        )
+    return found
+
+
+def _check_parameter_target(model: nn.Module, name: str, key: str, owner: nn.Module, config: LoraConfig) -> None:
+    """ConfigError for a matched parameter dist_lora cannot adapt through target_parameters."""
+    if type(owner).__module__.startswith("megatron"):
+        raise ConfigError(
+            f"target_parameters matched {key!r} of a megatron {type(owner).__name__}: target_parameters is for plain "
+            "PyTorch / Hugging Face modules; on a megatron model target its layers with target_modules."
+        )
+    wrapper = model.get_submodule(name) if name else model
+    if isinstance(wrapper, LoraLayer) and not isinstance(wrapper, LoraParameter):
+        raise ConfigError(
+            f"target_parameters matched {key!r}, but {name!r} is a LoRA layer of target_modules; a module cannot be "
+            "targeted by both (as in PEFT). Remove it from one of them."
+        )
+    if not name:
+        raise ConfigError(f"target_parameters matched {key!r} on the top-level module, which cannot be wrapped (as in PEFT).")
+    if in_saved_module(name, config.modules_to_save):
+        raise ConfigError(f"target_parameters matched {key!r}, inside modules_to_save={config.modules_to_save!r}.")
+
+
+def _parameter_owners(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every module that may own parameters; a LoRA layer stands for the
+    module it wraps (innermost, for nested parameter wrappers), its internals skipped."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in skip):
+            continue
+        if isinstance(module, LoraLayer):
+            skip.append(name + ".")
+            module = innermost_module(module) if isinstance(module, LoraParameter) else module.base_layer
+        yield name, module
+
+
+def _has_default_targets(model: nn.Module) -> bool:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    is_gpt = type(model).__name__ == "GPTModel" and type(model).__module__.startswith("megatron.core")
+    return (isinstance(model_type, str) and model_type in HF_DEFAULT_TARGETS) or is_gpt
 
 
 def _layer_filter_note(config: LoraConfig, layers: Optional[list[int]]) -> str:

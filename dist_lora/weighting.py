@@ -130,6 +130,9 @@ def _check_arguments(model, adapters, weights, adapter_name, combination_type, s
         raise ValueError(f"unknown adapter(s) {missing}; existing: {sorted(model.peft_config)}.")
     if len(set(adapters)) != len(adapters):
         raise ValueError(f"adapters must be distinct, got {adapters}.")
+    with_parameters = [a for a in adapters if model.peft_config[a].target_parameters]
+    if with_parameters:  # as PEFT
+        raise ValueError(f"add_weighted_adapter does not support target_parameters (adapters {with_parameters}).")
     if len(list(weights)) != len(adapters):
         raise ValueError(f"got {len(list(weights))} weights for {len(adapters)} adapters; give one weight per adapter.")
     for w in weights:

@@ -556,7 +556,7 @@ def test_peft_saved_file_loads_here(tmp_path, variant):
 
 @pytest.mark.parametrize(
     "key, value",
-    [("use_qalora", True), ("target_parameters", ["mlp.experts.gate_up_proj"]), ("trainable_token_indices", [1, 2]),
+    [("use_qalora", True), ("trainable_token_indices", [1, 2]),
      ("alora_invocation_tokens", [5]), ("use_bdlora", {"nblocks": 2})],
 )
 def test_from_dict_refuses_peft_only_features(key, value):
@@ -864,14 +864,14 @@ def _default_of(name):
 
 
 def _set_value(name):
-    return {"use_qalora": True, "ensure_weight_tying": True, "target_parameters": ["mlp.experts.gate_up_proj"],
+    return {"use_qalora": True, "ensure_weight_tying": True,
             "trainable_token_indices": [0, 1], "alora_invocation_tokens": [7]}.get(name, {"some": "config"})
 
 
 def test_not_yet_supported_fields_exist_and_default_is_accepted():
     from dist_lora.config import NOT_YET_SUPPORTED
 
-    assert {"target_parameters", "trainable_token_indices", "ensure_weight_tying"} <= set(NOT_YET_SUPPORTED)
+    assert {"trainable_token_indices", "ensure_weight_tying"} <= set(NOT_YET_SUPPORTED)
     for name in NOT_YET_SUPPORTED:
         assert getattr(LoraConfig(**{name: _default_of(name)}), name) == _default_of(name)
 
@@ -883,8 +883,6 @@ def test_not_yet_supported_fields_refused_when_set():
         with pytest.raises(ConfigError, match=rf"does not support: {name}=.*\({re.escape(feature)}\)\. "
                                               rf"Use {name}={re.escape(repr(_default_of(name)))}"):
             LoraConfig(**{name: _set_value(name)})
-    with pytest.raises(ConfigError, match=r"target_parameters=.*coming with the MoE support"):
-        LoraConfig(target_parameters=["experts.down_proj"])
 
 
 def test_qalora_group_size_checked_and_kept():

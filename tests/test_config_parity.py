@@ -81,7 +81,6 @@ def test_peft_default_file_loads_and_round_trips(tmp_path):
 
 # One non-default value per PEFT feature dist_lora does not implement.
 _UNSUPPORTED = [
-    ("target_parameters", ["mlp.experts.gate_up_proj"]),
     ("trainable_token_indices", [0, 3]),
     ("ensure_weight_tying", True),
     ("use_qalora", True),

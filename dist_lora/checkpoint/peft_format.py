@@ -161,7 +161,7 @@ def load_adapter(
     with model.rollback_on_error():
         redo_init = config.init_kind.rewrites_base
         model.add_adapter(adapter, config, low_cpu_mem_usage=not redo_init, autocast_adapter_dtype=autocast_adapter_dtype)
-        assign_tensors(model, tensors, adapter, source=directory)
+        assign_tensors(model, tensors, adapter, source=os.path.join(directory, WEIGHTS_NAME))
     if not is_trainable:
         model.eval()
     return IncompatibleKeys([], [])
@@ -214,7 +214,8 @@ def check_reproducible(model: torch.nn.Module, config: LoraConfig, directory: st
 
 
 def load_adapter_weights(model: "LoraModel", directory: str | os.PathLike, adapter: str) -> None:
-    assign_tensors(model, read_adapter_file(os.path.join(directory, WEIGHTS_NAME)), adapter, source=str(directory))
+    path = os.path.join(directory, WEIGHTS_NAME)
+    assign_tensors(model, read_adapter_file(path), adapter, source=path)
 
 
 def expected_keys(
@@ -286,7 +287,7 @@ def assign_tensors(model: "LoraModel", tensors: dict[str, torch.Tensor], adapter
     for key, (module, path) in keys.items():
         value = tensors[key]
         if isinstance(module, LoraLayer):
-            value = _shard_for(module, path, value, key)
+            value = _shard_for(module, path, value, f"{source}: {key}", adapter)
         sub, pname = resolve_parameter(module, path, adapter)
         expected = tuple(getattr(sub, pname).shape)
         if tuple(value.shape) != expected:
@@ -316,12 +317,10 @@ def _without_saved_embeddings(model: "LoraModel", tensors: dict[str, torch.Tenso
     return out
 
 
-def _shard_for(layer: LoraLayer, path: str, value: torch.Tensor, key: str) -> torch.Tensor:
+def _shard_for(layer: LoraLayer, path: str, value: torch.Tensor, key: str, adapter: str) -> torch.Tensor:
     """The part of a full factor that lives on this rank."""
     if path == layer.factor_keys[0]:
-        if value.shape[1] != layer.in_features:
-            raise ConfigError(f"{key}: in_features {value.shape[1]} in the file, the model has {layer.in_features}.")
+        layer.check_saved_factor(0, value, key, adapter)
         return layer.shard_a(value)
-    if value.shape[0] != layer.out_features:
-        raise ConfigError(f"{key}: out_features {value.shape[0]} in the file, the model has {layer.out_features}.")
+    layer.check_saved_factor(1, value, key, adapter)
     return layer.shard_b(value)

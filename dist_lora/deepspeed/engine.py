@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from ..layers.embedding import LoraEmbedding
+from ..layers.parameter import LoraParameter
 from .config import check_ds_config, load_ds_config
 from .setup import prepare_deepspeed
 
@@ -36,6 +37,7 @@ def initialize(
     import deepspeed
 
     _refuse_embedding_adapters(model)
+    _refuse_parameter_adapters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: inject adapters (get_lora_model) before initialize.")
@@ -51,4 +53,16 @@ def _refuse_embedding_adapters(model: torch.nn.Module) -> None:
         raise ValueError(
             f"LoRA on embeddings ({', '.join(names[:3])}) is not supported under DeepSpeed yet: its checkpoints "
             "could not be consolidated into a PEFT adapter. Leave embeddings out of target_modules."
+        )
+
+
+def _refuse_parameter_adapters(model: torch.nn.Module) -> None:
+    """target_parameters adapters swap a whole (expert) parameter into their module's forward,
+    which ZeRO-3's per-module gathering does not know, and DeepSpeed checkpoints do not record
+    the stacked expert layout: refused under DeepSpeed until both are handled."""
+    names = [name for name, module in model.named_modules() if isinstance(module, LoraParameter)]
+    if names:
+        raise ValueError(
+            f"LoRA on parameters (target_parameters: {', '.join(names[:3])}) is not supported under DeepSpeed yet; "
+            "train it without DeepSpeed, or on the megatron path (expert LoRA on linear_fc1 / linear_fc2)."
         )

@@ -5,5 +5,6 @@ from .base import LoraLayer
 from .embedding import LoraEmbedding
 from .kinds import is_conv1d
 from .linear import LoraLinear
+from .parameter import LoraParameter
 
-__all__ = ["LoraEmbedding", "LoraLayer", "LoraLinear", "is_conv1d"]
+__all__ = ["LoraEmbedding", "LoraLayer", "LoraLinear", "LoraParameter", "is_conv1d"]

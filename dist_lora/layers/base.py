@@ -13,7 +13,7 @@ from typing import Iterable, NamedTuple, Optional
 import torch
 from torch import nn
 
-from ..config import InitKind, InitValue
+from ..config import ConfigError, InitKind, InitValue
 from ..factors.checks import check_base_dtype, check_rank_fits
 from ..factors.corda_math import corda_factors
 from ..factors.loftq import loftq_factors
@@ -120,8 +120,9 @@ class LoraLayer(nn.Module):
         dtype = self._adapter_dtype()
         on_meta = device is not None and torch.device(device).type == "meta"
         if on_meta:
-            a = torch.empty(r, self.in_features, device="meta")
-            b = torch.empty(self.out_features, r, device="meta")
+            shape_a, shape_b = self.factor_shapes(r)
+            a = torch.empty(shape_a, device="meta")
+            b = torch.empty(shape_b, device="meta")
             bias = torch.empty(self.out_features, device="meta") if lora_bias else None
         else:
             a, b, bias = self._init_factors(r, kind.value, seed, lora_bias)
@@ -171,6 +172,18 @@ class LoraLayer(nn.Module):
         if adapter_name not in self._active_adapters and not self._active_adapters:
             self._active_adapters = [adapter_name]
         self._set_requires_grad()
+
+    def factor_shapes(self, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The full (unsharded) shapes of A and B of a rank-``r`` adapter: [r, in], [out, r]."""
+        return (r, self.in_features), (self.out_features, r)
+
+    def check_saved_factor(self, factor: int, value: torch.Tensor, key: str, adapter_name: str) -> None:
+        """ConfigError if the full saved ``value`` of adapter ``adapter_name``'s A (``factor`` 0)
+        or B (1), under ``key``, does not fit this layer's features."""
+        if factor == 0 and value.shape[1] != self.in_features:
+            raise ConfigError(f"{key}: in_features {value.shape[1]} in the file, the model has {self.in_features}.")
+        if factor == 1 and value.shape[0] != self.out_features:
+            raise ConfigError(f"{key}: out_features {value.shape[0]} in the file, the model has {self.out_features}.")
 
     def _init_factors(
         self, r: int, init: InitValue, seed: int, lora_bias: bool

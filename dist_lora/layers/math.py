@@ -48,6 +48,7 @@ def init_lora_factors(
     init: InitValue,
     seed: int,
     lora_bias: bool = False,
+    stack: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Full (unsharded) fp32 factors A [r, in], B [out, r] and B's bias, from one seed.
 
@@ -55,10 +56,13 @@ def init_lora_factors(
       True       A ~ kaiming-uniform(a=√5) (bound 1/√in), B = 0    (PEFT's default)
       "gaussian" A ~ N(0, 1/r),                            B = 0
       False      A and B as nn.Linear's default init (the update is not zero)
+    ``stack`` > 1: ``stack`` adapters of rank r stacked along the rank (A [r·stack, in],
+    B [out, r·stack], :mod:`dist_lora.expert_layout`), drawn as PEFT draws them (one tensor each,
+    the gaussian std still 1/r).
     """
     gen = torch.Generator().manual_seed(seed)
-    a = torch.empty(r, in_features)
-    b = torch.zeros(out_features, r)
+    a = torch.empty(r * stack, in_features)
+    b = torch.zeros(out_features, r * stack)
     bias = torch.zeros(out_features) if lora_bias else None
     if init == "gaussian":
         torch.nn.init.normal_(a, std=1.0 / r, generator=gen)
