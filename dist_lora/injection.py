@@ -18,9 +18,10 @@ from .config import ConfigError, LoraConfig, refuse_unsupported_features
 from .config_rules import import_megatron_core
 from .layers import LoraEmbedding, LoraLayer, LoraLinear
 from .layers import math as lm
-from .layers.kinds import embedding_kind, parallel_linear_kind
+from .layers.kinds import embedding_kind, is_router, parallel_linear_kind
 from .layers.parallel import LoraColumnParallelLinear, LoraRowParallelLinear
 from .layers.parallel_embedding import LoraVocabParallelEmbedding
+from .layers.router import LoraRouter
 from .modules_to_save import ModulesToSaveWrapper
 from .naming import global_module_name, is_expert_name, shared_expert_name
 from .parallel import grads
@@ -143,6 +144,8 @@ def make_lora_layer(module: nn.Module, config: LoraConfig) -> LoraLayer:
         return LoraEmbedding(module)
     if embedding == "vocab_parallel":
         return LoraVocabParallelEmbedding(module)
+    if is_router(module):
+        return LoraRouter(module)
     kind = parallel_linear_kind(module)
     if kind is None:
         return LoraLinear(module, fan_in_fan_out=config.fan_in_fan_out)

@@ -103,7 +103,12 @@ def _assert_same(got: dict, want: dict) -> None:
     assert len(got["routing"]) == len(want["routing"])
     for g, w in zip(got["routing"], want["routing"]):
         assert torch.equal(g, w), "the routing differs from the (1, 1) model's"
-    for part, tolerance in (("grads", 1e-5), ("adapters", 1e-4)):  # relative to the tensor's largest value
+    # Relative to the tensor's largest value. Step-0 gradients agree to ~1e-6 (fp32 rounding of a
+    # different summation order); AdamW's normalised steps amplify that to up to ~3e-4 in the
+    # adapters after 3 steps (measured: attention B with a router LoRA, even at TP = 1, EP = 1,
+    # expert-TP = 2, where only the experts' summation order differs). A wrong reduction or seed
+    # gives errors of order 1.
+    for part, tolerance in (("grads", 1e-5), ("adapters", 1e-3)):
         assert got[part].keys() == want[part].keys()
         for key, value in want[part].items():
             error = (got[part][key] - value).abs().max().item() / max(value.abs().max().item(), 1e-12)
