@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
 from dist_lora import LoraConfig, get_lora_model

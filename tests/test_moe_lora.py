@@ -1,5 +1,5 @@
 """LoRA on mixture-of-experts layers is layout-invariant: the same losses, gathered adapter
-gradients and adapters after 3 AdamW steps at (EP, TP) = (2, 1), (1, 2), (2, 2) — SP on where
+gradients (and their global norm) and adapters after 3 AdamW steps at (EP, TP) = (2, 1), (1, 2), (2, 2) — SP on where
 TP > 1, expert-TP 1 with the all-to-all dispatcher — and at expert-TP = TP = 2 with the
 all-gather dispatcher, as at (1, 1); per-expert adapters, one adapter shared by the experts of
 a layer, and a router LoRA. Routing is checked identical (the top-k routing map of every layer
@@ -21,7 +21,7 @@ from dist_lora import LoraConfig, get_lora_model
 from dist_lora.config import LoraRuntimeConfig
 from dist_lora.naming import global_module_name
 from dist_lora.parallel import tp
-from dist_lora.parallel.grads import allreduce_data_parallel_grads, finalize_lora_grads
+from dist_lora.parallel.grads import allreduce_data_parallel_grads, clip_grad_norm_, finalize_lora_grads
 from tests.harness import run_distributed
 from tests.models import build_tiny_gpt, fill_weights_by_global_name, gpt_loss, moe_config, random_batch
 
@@ -91,6 +91,7 @@ def _train(ep: int, tp_size: int, etp: int, dispatcher: str, targets: list, expe
         allreduce_data_parallel_grads(lora)
         if step == 0:
             out["grads"] = gathered_adapters(lora, "grad")
+            out["norm"] = clip_grad_norm_(lora, None)  # the global norm over every rank's adapters
             out["routing"] = [m.clone() for m in maps]
         optimizer.step()
         out["losses"].append(loss.item())
@@ -100,6 +101,7 @@ def _train(ep: int, tp_size: int, etp: int, dispatcher: str, targets: list, expe
 
 def _assert_same(got: dict, want: dict) -> None:
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-5, atol=1e-6)
+    assert got["norm"] == pytest.approx(want["norm"], rel=1e-5)
     assert len(got["routing"]) == len(want["routing"])
     for g, w in zip(got["routing"], want["routing"]):
         assert torch.equal(g, w), "the routing differs from the (1, 1) model's"

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from ..config import CONFIG_NAME, ConfigError
 from ..io import AtomicDirectory, atomic_path, atomic_write_text
-from ..naming import global_module_name
+from ..parallel.grads import is_expert_parameter
 from .manifest import (  # noqa: F401  (MANIFEST, FORMAT, read_manifest, sha256_file: this module's public face too)
     FORMAT,
     LEGACY_FORMATS,
@@ -45,76 +45,20 @@ from .manifest import (  # noqa: F401  (MANIFEST, FORMAT, read_manifest, sha256_
     read_manifest,
     rng_file_name,
     sha256_file,
-    shard_file_name,
 )
-from ..parallel.grads import is_expert_parameter
-from .peft_format import expected_keys, resolve_parameter, set_tensor
+from .ownership import (  # noqa: F401  (parallel_ranks, owned_parameters, param_tp_rank_size: this module's public face too)
+    layout_record,
+    local_tensors,
+    owned_parameters,
+    param_tp_rank_size,
+    parallel_ranks,
+    shard_file_of,
+)
+from .peft_format import resolve_parameter, set_tensor
 from .pieces import Scratch, ShardFiles, StoredTensor, assemble, check_coverage, index_tensors, shard_pieces, tp_boxes
 
 if TYPE_CHECKING:
     from ..model import LoraModel
-
-
-def parallel_ranks() -> dict[str, int]:
-    """This process's TP / PP / DP (and expert TP / EP / DP) coordinates and sizes (all 0/1
-    without megatron state)."""
-    try:
-        from megatron.core import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():
-            return {
-                "tp": ps.get_tensor_model_parallel_rank(),
-                "tp_size": ps.get_tensor_model_parallel_world_size(),
-                "pp": ps.get_pipeline_model_parallel_rank(),
-                "pp_size": ps.get_pipeline_model_parallel_world_size(),
-                "dp": ps.get_data_parallel_rank(),
-                "etp": ps.get_expert_tensor_parallel_rank(),
-                "etp_size": ps.get_expert_tensor_parallel_world_size(),
-                "ep": ps.get_expert_model_parallel_rank(),
-                "ep_size": ps.get_expert_model_parallel_world_size(),
-                "edp": ps.get_expert_data_parallel_rank(),
-            }
-    except ImportError:
-        pass
-    return {"tp": 0, "tp_size": 1, "pp": 0, "pp_size": 1, "dp": 0, "etp": 0, "etp_size": 1, "ep": 0, "ep_size": 1, "edp": 0}
-
-
-def param_tp_rank_size(param: torch.Tensor, ranks: dict) -> tuple[int, int]:
-    """(rank, size) of the TP group ``param`` is split over: expert-TP for a MoE expert adapter
-    (:func:`dist_lora.parallel.grads.is_expert_parameter`), else TP."""
-    if is_expert_parameter(param):
-        return ranks.get("etp", 0), ranks.get("etp_size", 1)
-    return ranks["tp"], ranks["tp_size"]
-
-
-def shard_file_of(kind: str, param: torch.Tensor, ranks: dict) -> str:
-    """The file this rank writes ``param``'s pieces to (an expert's: its expert-TP and EP ranks)."""
-    if is_expert_parameter(param):
-        return shard_file_name(kind, ranks["pp"], ranks.get("etp", 0), ranks.get("ep", 0))
-    return shard_file_name(kind, ranks["pp"], ranks["tp"])
-
-
-def _local_tensors(model: "LoraModel", adapter: str) -> dict[str, tuple[torch.nn.Module, str]]:
-    return expected_keys(model, adapter, module_key=lambda name: global_module_name(model.model, name))
-
-
-def owned_parameters(model: "LoraModel", adapter: str, ranks: dict) -> list[tuple[str, torch.nn.Parameter]]:
-    """(global key, parameter) of every adapter tensor this rank writes (``ranks``:
-    :func:`parallel_ranks`): none on data-parallel ranks > 0, a replicated tensor only on TP
-    rank 0, a TP-sharded one on every TP rank (its pieces: :func:`~.pieces.shard_pieces`).
-    MoE expert adapters: the same over expert-DP and expert-TP, on every EP rank (each holds
-    its own experts)."""
-    owned = []
-    for key, (module, path) in _local_tensors(model, adapter).items():
-        sub, pname = resolve_parameter(module, path, adapter)
-        param = getattr(sub, pname)
-        if ranks["edp" if is_expert_parameter(param) else "dp"] != 0:
-            continue
-        rank, size = param_tp_rank_size(param, ranks)
-        sharded = getattr(param, "tensor_model_parallel", False) and size > 1
-        if sharded or rank == 0:
-            owned.append((key, param))
-    return owned
 
 
 def _is_rank0() -> bool:
@@ -175,7 +119,7 @@ def save_sharded(
         manifest = {
             "format": FORMAT,
             "adapter_name": adapter,
-            "layout": _layout(model, ranks, len(records)),
+            "layout": layout_record(model, ranks, len(records)),
             "files": dict(item for r in records for item in r["shard"] if item[1]),
             "config": {CONFIG_NAME: {"sha256": sha256_file(config_path)}},
         }
@@ -191,14 +135,6 @@ def save_sharded(
         atomic_write_text(os.path.join(staging, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
         target.commit()  # the previous checkpoint goes only after the new one is in place
     _barrier()
-
-
-def _layout(model: "LoraModel", ranks: dict, world: int) -> dict:
-    """The manifest's layout: TP, PP, world size (and EP, expert-TP for a model with expert adapters)."""
-    layout = {"tp": ranks["tp_size"], "pp": ranks["pp_size"], "world": world}
-    if any(is_expert_parameter(p) for p in model.parameters()):
-        layout.update(ep=ranks.get("ep_size", 1), etp=ranks.get("etp_size", 1))
-    return layout
 
 
 def _write_rank_files(
@@ -358,7 +294,7 @@ def load_sharded(
         with ShardFiles(directory) as files:
             tensors = index_tensors(directory, manifest["files"])
             updates = []
-            for key, (module, path) in _local_tensors(model, adapter).items():
+            for key, (module, path) in local_tensors(model, adapter).items():
                 sub, pname = resolve_parameter(module, path, adapter)
                 updates.append((key, sub, pname, _read_local(files, tensors, key, getattr(sub, pname), ranks)))
             optim_states = _read_optimizer_states(files, manifest, optimizer, updates, ranks) if optimizer else {}
