@@ -104,7 +104,12 @@ class _CpuEvent:
 
 
 class _CpuStream:
-    """The one "stream" of the CPU: waiting on it or recording on it is a no-op."""
+    """The one "stream" of the CPU: waiting on it or recording on it is a no-op. It stands in
+    for the class ``torch.cuda.Stream`` too: a class, so that annotations like
+    ``torch.cuda.Stream | None`` (transformers' continuous batching, evaluated at import) still work."""
+
+    def __init__(self, *_args: object, **_kwargs: object) -> None:
+        pass
 
     def wait_stream(self, _stream: object) -> None:
         pass
@@ -163,7 +168,7 @@ def apply_cpu_compat() -> bool:
     fused_softmax.get_default_causal_mask = _default_causal_mask
     torch.cuda.synchronize = _synchronize
     schedules.torch = _CpuFactories(torch)
-    torch.cuda.Stream = _stream
+    torch.cuda.Stream = _CpuStream
     torch.cuda.current_stream = _stream
     torch.cuda.stream = lambda _stream: contextlib.nullcontext()
     token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
