@@ -140,3 +140,27 @@ def test_moe_lora_is_layout_invariant(case: str) -> None:
         )
         for result in results:
             _assert_same(result, reference)
+
+
+def _expert_names() -> list:
+    from dist_lora.naming import local_module_name
+
+    model = build_tiny_gpt(moe_config(1, 2))
+    out = []
+    for name, _ in model.named_modules():
+        if name.endswith("local_experts.1.linear_fc2"):
+            global_name = global_module_name(model, name)
+            out.append((name, global_name, local_module_name(model, global_name)))
+    out.append(("other rank's expert", local_module_name(model, "decoder.layers.0.mlp.experts.local_experts.0.linear_fc2" if
+                                                          parallel_state.get_expert_model_parallel_rank() else
+                                                          "decoder.layers.0.mlp.experts.local_experts.2.linear_fc2")))
+    return out
+
+
+def test_expert_names_use_global_expert_indices() -> None:
+    rank0, rank1 = run_distributed(_expert_names, 2, ep=2, etp=1)
+    assert rank0[0] == ("decoder.layers.0.mlp.experts.local_experts.1.linear_fc2",) * 3
+    assert rank1[0] == ("decoder.layers.0.mlp.experts.local_experts.1.linear_fc2",
+                        "decoder.layers.0.mlp.experts.local_experts.3.linear_fc2",
+                        "decoder.layers.0.mlp.experts.local_experts.1.linear_fc2")
+    assert rank0[-1][1] is None and rank1[-1][1] is None  # held by the other EP rank
