@@ -164,3 +164,20 @@ def test_expert_names_use_global_expert_indices() -> None:
                         "decoder.layers.0.mlp.experts.local_experts.3.linear_fc2",
                         "decoder.layers.0.mlp.experts.local_experts.1.linear_fc2")
     assert rank0[-1][1] is None and rank1[-1][1] is None  # held by the other EP rank
+
+
+def _dora_on_experts_at_expert_tp2() -> tuple[str, int]:
+    model = build_tiny_gpt(moe_config(2, 1, 2, "allgather"))
+    before = sorted(n for n, _ in model.named_parameters())
+    try:
+        get_lora_model(model, LoraConfig(r=4, target_modules=EXPERT_TARGETS, use_dora=True), seed=7)
+    except NotImplementedError as e:
+        assert sorted(n for n, _ in model.named_parameters()) == before, "the refused adapter left modules behind"
+        return str(e), sum(p.requires_grad for p in model.parameters())
+    return "", 0
+
+
+def test_dora_on_experts_at_expert_tp2_is_refused_model_untouched() -> None:
+    for message, trainable in run_distributed(_dora_on_experts_at_expert_tp2, 2, tp=2, etp=2):
+        assert "use_dora and lora_bias are not supported on MoE experts at expert-TP > 1" in message
+        assert trainable > 0  # unfrozen again
