@@ -104,9 +104,9 @@ class _CpuEvent:
 
 
 class _CpuStream:
-    """The one "stream" of the CPU: waiting on it or recording on it is a no-op. It stands in
-    for the class ``torch.cuda.Stream`` too: a class, so that annotations like
-    ``torch.cuda.Stream | None`` (transformers' continuous batching, evaluated at import) still work."""
+    """The CPU's "stream": waiting on it or recording on it is a no-op. A class (not a factory
+    function) because it replaces ``torch.cuda.Stream``, which libraries imported later use in
+    annotations such as ``torch.cuda.Stream | None`` (transformers' generation utilities)."""
 
     def __init__(self, *_args: object, **_kwargs: object) -> None:
         pass

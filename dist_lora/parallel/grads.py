@@ -8,24 +8,6 @@ parallelism, and any trainable parameter megatron marks ``sequence_parallel`` (i
 weights under SP). The layers tag theirs ``tp_partial_grad = True`` (:func:`mark_tp_partial_grads`),
 so this module finds them by that attribute and knows no layer class. :func:`finalize_lora_grads`
 sums all of them in one flattened all-reduce per step — never one collective per layer.
-
-Mixture-of-experts adapters (:func:`mark_expert_parameters`) carry ``is_expert = True``: their
-layer's TP group is megatron's expert-TP group, so their partial sums go over expert-TP, and
-their data-parallel reduction over the expert-data-parallel group (megatron's own marker for
-that, ``allreduce = False``, is set too, so megatron's DDP puts them in its expert buckets).
-An adapter shared by all experts of a layer also carries ``ep_partial_grad = True``: each EP
-rank holds the sum over its own experts, so the gradient is summed over EP as well. Per step,
-one flattened all-reduce per group that has partial gradients:
-
-    dense, tp_partial_grad / sequence_parallel   TP group
-    expert, tp_partial_grad                      expert-TP group
-    expert, ep_partial_grad                      EP group
-    expert, tp_partial_grad and ep_partial_grad  expert-TP × EP group
-
-Data parallel (:func:`allreduce_data_parallel_grads`): dense gradients are averaged over DP;
-expert gradients are summed over the expert-DP group and divided by the DP size (the expert-DP
-ranks hold disjoint tokens: other data-parallel batches, or under SP other sequence shards of
-the same batch, which a dense layer would sum over TP), as megatron's DDP does.
 """
 
 from __future__ import annotations
@@ -46,8 +28,37 @@ def mark_tp_partial_grads(params: Iterable[torch.nn.Parameter], partial: Iterabl
         param.tp_partial_grad = id(param) in partial_ids
 
 
+def tp_partial_grad_parameters(model: torch.nn.Module, include_sequence_parallel: bool = True) -> list[torch.nn.Parameter]:
+    """Trainable parameters whose gradient is a per-rank partial sum over TP: those tagged
+    ``tp_partial_grad`` (the LoRA layers' replicated factors, :func:`mark_tp_partial_grads`)
+    and (``include_sequence_parallel``) those megatron marks ``sequence_parallel``."""
+    attributes = ("tp_partial_grad", "sequence_parallel") if include_sequence_parallel else ("tp_partial_grad",)
+    return [p for p in model.parameters() if p.requires_grad and any(getattr(p, a, False) for a in attributes)]
+
+
+# --- Mixture-of-experts adapters ------------------------------------------------------------
+#
+# Expert adapters (:func:`mark_expert_parameters`) carry ``is_expert = True``: their layer's TP
+# group is megatron's expert-TP group, so their partial sums go over expert-TP, and their
+# data-parallel reduction over the expert-data-parallel group (megatron's own marker for that,
+# ``allreduce = False``, is set too, so megatron's DDP puts them in its expert buckets). An
+# adapter shared by all experts of a layer also carries ``ep_partial_grad = True``: each EP rank
+# holds the sum over its own experts, so the gradient is summed over EP as well. Per step,
+# :func:`finalize_lora_grads` does one flattened all-reduce per group with partial gradients:
+#
+#     dense, tp_partial_grad (and megatron's SP-summed)   TP group
+#     expert, tp_partial_grad                              expert-TP group
+#     expert, ep_partial_grad                              EP group
+#     expert, tp_partial_grad and ep_partial_grad          expert-TP x EP group
+#
+# Data parallel (:func:`allreduce_data_parallel_grads`): dense gradients are averaged over DP;
+# expert gradients are summed over the expert-DP group and divided by the DP size (expert-DP
+# ranks hold disjoint tokens: other data-parallel batches, or under SP other sequence shards of
+# the same batch, which a dense layer sums over TP), as megatron's DDP does.
+
+
 def mark_expert_parameters(params: Iterable[torch.nn.Parameter], shared: bool = False) -> None:
-    """Mark the adapter parameters of an expert layer (see the module docstring); ``shared``:
+    """Mark the adapter parameters of an expert layer (see the section comment above); ``shared``:
     one adapter used by every expert of the layer, so its gradient is also a partial sum over EP."""
     for param in params:
         param.is_expert = True
@@ -57,31 +68,6 @@ def mark_expert_parameters(params: Iterable[torch.nn.Parameter], shared: bool = 
 
 def is_expert_parameter(param: torch.Tensor) -> bool:
     return bool(getattr(param, "is_expert", False))
-
-
-def tp_partial_grad_parameters(model: torch.nn.Module, include_sequence_parallel: bool = True) -> list[torch.nn.Parameter]:
-    """Trainable parameters whose gradient is a per-rank partial sum over TP: those tagged
-    ``tp_partial_grad`` (the LoRA layers' replicated factors, :func:`mark_tp_partial_grads`)
-    and (``include_sequence_parallel``) those megatron marks ``sequence_parallel``."""
-    attributes = ("tp_partial_grad", "sequence_parallel") if include_sequence_parallel else ("tp_partial_grad",)
-    return [p for p in model.parameters() if p.requires_grad and any(getattr(p, a, False) for a in attributes)]
-
-
-def _grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
-    """The gradient as the training loop keeps it: megatron's DDP accumulates into ``main_grad``."""
-    main_grad = getattr(param, "main_grad", None)
-    return main_grad if main_grad is not None else param.grad
-
-
-def _partial_groups(param: torch.nn.Parameter, include_sequence_parallel: bool) -> Optional[tuple[bool, bool, bool]]:
-    """(expert, partial over (expert-)TP, partial over EP) for a parameter with a partial gradient, else None."""
-    if not param.requires_grad:
-        return None
-    tp_partial = bool(getattr(param, "tp_partial_grad", False))
-    tp_partial |= include_sequence_parallel and bool(getattr(param, "sequence_parallel", False))
-    expert = is_expert_parameter(param)
-    ep_partial = expert and bool(getattr(param, "ep_partial_grad", False))
-    return (expert, tp_partial, ep_partial) if tp_partial or ep_partial else None
 
 
 def _partial_sum_group(expert: bool, tp_partial: bool, ep_partial: bool):
@@ -104,18 +90,26 @@ def _all_reduce_flat(grads: list[torch.Tensor], group: Optional[dist.ProcessGrou
         grad.copy_(synced)
 
 
+def _grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    """The gradient as the training loop keeps it: megatron's DDP accumulates into ``main_grad``."""
+    main_grad = getattr(param, "main_grad", None)
+    return main_grad if main_grad is not None else param.grad
+
+
 def finalize_lora_grads(
     model: torch.nn.Module, group: Optional[dist.ProcessGroup] = None, include_sequence_parallel: bool = True
 ) -> int:
-    """Sum the partial gradients over their groups (module docstring), one flattened collective
-    per group; returns how many tensors were reduced. Call after backward (and gradient
-    accumulation), before clipping and the optimizer step. Every rank must call it. ``group``
-    replaces the TP group of dense parameters. With megatron's own finalize_model_grads (which
+    """Sum the partial gradients over their groups, one flattened collective per group (dense
+    ones over TP, or ``group``; MoE expert adapters: see the section above); returns how many
+    tensors were reduced. Call after backward (and gradient accumulation), before clipping and
+    the optimizer step. Every rank must call it. With megatron's own finalize_model_grads (which
     already sums ``sequence_parallel`` parameters) use :func:`make_finalize_model_grads_func`."""
+    tp_partial = {id(p) for p in tp_partial_grad_parameters(model, include_sequence_parallel)}
     buckets: dict[tuple[bool, bool, bool], list[torch.Tensor]] = {}
     for param in model.parameters():
-        key = _partial_groups(param, include_sequence_parallel)
-        grad = _grad(param) if key is not None else None
+        expert = is_expert_parameter(param)
+        key = (expert, id(param) in tp_partial, expert and bool(getattr(param, "ep_partial_grad", False)))
+        grad = _grad(param) if param.requires_grad and (key[1] or key[2]) else None
         if grad is not None:
             buckets.setdefault(key, []).append(grad)
     if not dist.is_initialized():
