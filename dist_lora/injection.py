@@ -18,13 +18,13 @@ from .config import ConfigError, LoraConfig, refuse_unsupported_features
 from .config_rules import import_megatron_core
 from .layers import LoraEmbedding, LoraLayer, LoraLinear
 from .layers import math as lm
+from .layers.experts import share_expert_targets, tie_shared_expert_adapters
 from .layers.kinds import embedding_kind, is_router, parallel_linear_kind
 from .layers.parallel import LoraColumnParallelLinear, LoraRowParallelLinear
 from .layers.parallel_embedding import LoraVocabParallelEmbedding
 from .layers.router import LoraRouter
 from .modules_to_save import ModulesToSaveWrapper
-from .naming import global_module_name, is_expert_name, shared_expert_name
-from .parallel import grads
+from .naming import global_module_name
 from .parallel.setup import pipeline_group
 from .targeting import find_targets, is_saved_module
 
@@ -37,11 +37,10 @@ class Target:
     """One module an adapter is added to, with everything derived from the config for it."""
 
     name: str  # in this model (this pipeline stage)
-    global_name: str  # PP- and EP-independent: what patterns and seeds see
+    global_name: str  # PP- and EP-independent (global layer and expert indices): what patterns and seeds see
     r: int
     alpha: float
     seed: int
-    shared_name: Optional[str] = None  # an expert adapter shared by every expert of its layer: that name
 
 
 def check_new_adapter(configs: dict[str, LoraConfig], adapter_name: str, config: LoraConfig) -> None:
@@ -87,18 +86,15 @@ def plan_targets(model: nn.Module, adapter_name: str, config: LoraConfig, seed: 
     """This stage's targets with their rank, alpha and init seed (patterns are applied
     here, so a bad one fails before any module is touched)."""
     targets = []
-    shared = config.runtime_config.expert_adapters == "shared"
     for name in _find_targets_on_all_stages(model, config):
-        global_name = global_module_name(model, name)  # patterns and seeds see global layer and expert indices
-        shared_name = shared_expert_name(global_name) if shared and is_expert_name(global_name) else None
-        key = shared_name or global_name
+        global_name = global_module_name(model, name)  # patterns and seeds see global layer indices
         targets.append(
             Target(
-                name, global_name, config.rank_for(key), config.alpha_for(key),
-                lm.init_seed(seed, key, adapter_name), shared_name,
+                name, global_name, config.rank_for(global_name), config.alpha_for(global_name),
+                lm.init_seed(seed, global_name, adapter_name),
             )
         )
-    return targets
+    return share_expert_targets(targets, config, seed, adapter_name)  # runtime_config.expert_adapters="shared"
 
 
 def _find_targets_on_all_stages(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -190,27 +186,7 @@ def inject(
         )
         if not autocast:
             _cast_to_base_dtype(layer, adapter_name)
-    _tie_shared_expert_adapters(host, adapter_name, targets)
-
-
-def _tie_shared_expert_adapters(host: "LoraModel", adapter_name: str, targets: list[Target]) -> None:
-    """``expert_adapters="shared"``: every local expert of a layer uses the first one's adapter
-    modules (the same parameters, drawn from the shared name's seed), marked as partial over EP."""
-    first: dict[str, LoraLayer] = {}
-    for target in targets:
-        if target.shared_name is None:
-            continue
-        layer = host.model.get_submodule(target.name)
-        owner = first.setdefault(target.shared_name, layer)
-        if owner is not layer:
-            for store in ("lora_A", "lora_B", "lora_magnitude_vector"):
-                if adapter_name in getattr(owner, store):
-                    getattr(layer, store)[adapter_name] = getattr(owner, store)[adapter_name]
-        grads.mark_expert_parameters(
-            [p for store in owner.adapter_layer_names if adapter_name in getattr(owner, store)
-             for p in getattr(owner, store)[adapter_name].parameters()],
-            shared=True,
-        )
+    tie_shared_expert_adapters(host.model, targets, config, adapter_name)
 
 
 def _cast_to_base_dtype(layer: LoraLayer, adapter_name: str) -> None:
