@@ -9,7 +9,8 @@ numbered locally: ``mlp.experts.local_experts.J`` is global expert
 ``e = ep_rank · num_local_experts + J`` (megatron's own mapping, see its
 ``SequentialMLP.sharded_state_dict``). Global names carry ``e``, so patterns, init seeds and
 checkpoint keys are the same at any EP size (:func:`global_expert_index` /
-:func:`local_expert_index` are the one home of that mapping).
+:func:`local_expert_index` are the one home of that mapping; :func:`global_module_name` /
+:func:`local_module_name` apply it to module names).
 """
 
 from __future__ import annotations
@@ -40,17 +41,26 @@ def expert_parallel_rank_size(experts: nn.Module) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def global_expert_index(experts: nn.Module, local: int) -> int:
-    """Global index of local expert ``local`` of ``experts`` (a SequentialMLP)."""
-    rank, _ = expert_parallel_rank_size(experts)
-    return rank * experts.num_local_experts + local
+def global_expert_index(local: int, num_experts: int, ep_rank: int, ep_size: int) -> int:
+    """The global index of local expert ``local`` on expert-parallel rank ``ep_rank`` of
+    ``ep_size``: rank r holds experts r·E/ep .. (r+1)·E/ep - 1, in order (megatron's MoELayer)."""
+    if num_experts % ep_size or not 0 <= local < num_experts // ep_size:
+        raise ValueError(f"local expert {local} does not exist with {num_experts} experts over EP={ep_size}.")
+    return ep_rank * (num_experts // ep_size) + local
 
 
-def local_expert_index(experts: nn.Module, global_index: int) -> Optional[int]:
-    """Local index of global expert ``global_index`` in ``experts``, None if another EP rank owns it."""
-    rank, _ = expert_parallel_rank_size(experts)
-    local = global_index - rank * experts.num_local_experts
-    return local if 0 <= local < experts.num_local_experts else None
+def local_expert_index(global_index: int, num_experts: int, ep_rank: int, ep_size: int) -> Optional[int]:
+    """The inverse of :func:`global_expert_index`: the local index of global expert
+    ``global_index`` on EP rank ``ep_rank``, None when another EP rank holds it."""
+    local = global_index - ep_rank * (num_experts // ep_size)
+    return local if 0 <= local < num_experts // ep_size else None
+
+
+def expert_placement(experts: nn.Module) -> tuple[int, int, int]:
+    """(number of experts, EP rank, EP size) of an expert container (a SequentialMLP), the last
+    three arguments of :func:`global_expert_index`."""
+    rank, size = expert_parallel_rank_size(experts)
+    return experts.num_local_experts * size, rank, size
 
 
 _EXPERT_IN_NAME = re.compile(rf"\.{EXPERTS_LIST}\.\d+(?=\.|$)")
@@ -84,7 +94,8 @@ def _rename(model: nn.Module, name: str, to_global: bool) -> Optional[str]:
     module, parent, parts = model, None, []
     for part in name.split("."):
         if part.isdigit() and parts and parts[-1] == EXPERTS_LIST and is_expert_container(parent):
-            index = global_expert_index(parent, int(part)) if to_global else local_expert_index(parent, int(part))
+            convert = global_expert_index if to_global else local_expert_index
+            index = convert(int(part), *expert_placement(parent))
             if index is None:
                 return None
             local = part if to_global else str(index)
