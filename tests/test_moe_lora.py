@@ -181,3 +181,25 @@ def test_dora_on_experts_at_expert_tp2_is_refused_model_untouched() -> None:
     for message, trainable in run_distributed(_dora_on_experts_at_expert_tp2, 2, tp=2, etp=2):
         assert "use_dora and lora_bias are not supported on MoE experts at expert-TP > 1" in message
         assert trainable > 0  # unfrozen again
+
+
+def _merged_losses() -> tuple[float, float, float]:
+    model = build_tiny_gpt(moe_config(1, 1))
+    fill_weights_by_global_name(model)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["router", "linear_fc1"], init_lora_weights=False)
+    lora = get_lora_model(model, config, seed=7)
+    batch = random_batch(3)
+    with torch.no_grad():
+        adapted = gpt_loss(lora, *batch).item()
+        lora.merge_adapter()
+        merged = gpt_loss(lora, *batch).item()
+        lora.unmerge_adapter()
+        with lora.disable_adapter():
+            base = gpt_loss(lora, *batch).item()
+    return adapted, merged, base
+
+
+def test_router_and_expert_adapters_merge_into_the_base_weights() -> None:
+    adapted, merged, base = run_distributed(_merged_losses, 1)[0]
+    assert merged == pytest.approx(adapted, rel=1e-5)
+    assert abs(adapted - base) > 1e-3, "the adapters changed nothing: the merge check tests nothing"
