@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+import torch.distributed as dist
 from torch import nn
 
 EXPERTS_LIST = "local_experts"  # megatron SequentialMLP's list of this EP rank's experts
@@ -32,11 +33,7 @@ def is_expert_container(module: nn.Module) -> bool:
 def expert_parallel_rank_size(experts: nn.Module) -> tuple[int, int]:
     """(EP rank, EP size) of an expert container (0, 1 without a process group)."""
     group = getattr(experts, "ep_group", None)
-    if group is None:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
+    if group is None or not dist.is_initialized():
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
 
