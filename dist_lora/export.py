@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from .checkpoint.peft_format import PREFIX
 from .checkpoint.pieces import tp_boxes
-from .checkpoint.sharded import owned_parameters, parallel_ranks
+from .checkpoint.sharded import owned_parameters, parallel_ranks, param_tp_rank_size
 from .config import ConfigError, LoraConfig
 from .release.checks import CONVERSION_HINT, check_factors, check_releasable
 from .release.hf_model import check_against_hf_model
@@ -148,7 +148,7 @@ def _local_pieces(owned: list, ranks: dict) -> Iterator[tuple[tuple, torch.Tenso
     """This rank's pieces (:func:`~dist_lora.checkpoint.pieces.tp_boxes`, as ``save_sharded``
     writes them): (layout entry, the piece as a view of the parameter)."""
     for key, param in owned:
-        global_shape, boxes = tp_boxes(param, ranks["tp"], ranks["tp_size"])
+        global_shape, boxes = tp_boxes(param, *param_tp_rank_size(param, ranks))
         dtype = str(param.dtype).removeprefix("torch.")
         for index, offsets, shape in boxes:
             yield (key, tuple(global_shape), dtype, list(offsets), list(shape)), param.detach()[index]

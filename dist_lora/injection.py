@@ -18,10 +18,12 @@ from .config import ConfigError, LoraConfig, refuse_unsupported_features
 from .config_rules import import_megatron_core
 from .layers import LoraEmbedding, LoraLayer, LoraLinear
 from .layers import math as lm
-from .layers.kinds import embedding_kind, parallel_linear_kind
+from .layers.experts import share_expert_targets, tie_shared_expert_adapters
+from .layers.kinds import embedding_kind, is_router, parallel_linear_kind
 from .layers.parallel import LoraColumnParallelLinear, LoraRowParallelLinear
 from .layers.parallel_embedding import LoraVocabParallelEmbedding
 from .layers.parameter import LoraParameter
+from .layers.router import LoraRouter
 from .modules_to_save import ModulesToSaveWrapper
 from .naming import global_module_name
 from .parallel.setup import pipeline_group
@@ -36,7 +38,7 @@ class Target:
     """One module an adapter is added to, with everything derived from the config for it."""
 
     name: str  # in this model (this pipeline stage)
-    global_name: str  # PP-independent: what patterns and seeds see
+    global_name: str  # PP- and EP-independent (global layer and expert indices): what patterns and seeds see
     r: int
     alpha: float
     seed: int
@@ -109,7 +111,7 @@ def plan_targets(model: nn.Module, adapter_name: str, config: LoraConfig, seed: 
                 name, key, config.rank_for(key), config.alpha_for(key), lm.init_seed(seed, key, adapter_name), parameter
             )
         )
-    return targets
+    return share_expert_targets(targets, config, seed, adapter_name)  # runtime_config.expert_adapters="shared"
 
 
 def _find_targets_on_all_stages(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -155,6 +157,8 @@ def make_lora_layer(module: nn.Module, config: LoraConfig) -> LoraLayer:
         return LoraEmbedding(module)
     if embedding == "vocab_parallel":
         return LoraVocabParallelEmbedding(module)
+    if is_router(module):
+        return LoraRouter(module)
     kind = parallel_linear_kind(module)
     if kind is None:
         return LoraLinear(module, fan_in_fan_out=config.fan_in_fan_out)
@@ -201,6 +205,7 @@ def inject(
         )
         if not autocast:
             _cast_to_base_dtype(layer, adapter_name)
+    tie_shared_expert_adapters(host.model, targets, config, adapter_name)
 
 
 def _parameter_layer(host: "LoraModel", target: Target, module: nn.Module) -> LoraParameter:

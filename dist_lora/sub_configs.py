@@ -14,6 +14,9 @@ from .config_rules import check_bools
 from .errors import ConfigError
 
 
+EXPERT_ADAPTERS = ("per_expert", "shared")
+
+
 @dataclass
 class LoraRuntimeConfig:
     """Runtime-only settings (never saved).
@@ -24,16 +27,29 @@ class LoraRuntimeConfig:
     (PEFT's design, one r-sized collective per LoRA path); ``keep_gathered_input`` keeps the
     sequence-gathered input of column-parallel layers under sequence parallelism instead of
     re-gathering it in backward (more memory, one all-gather less per layer).
+
+    ``expert_adapters`` (megatron MoE experts): "per_expert" (default) gives every expert of a
+    MoE layer its own adapter on ``linear_fc1`` / ``linear_fc2``; "shared" gives all experts of
+    a layer one adapter per projection (as Megatron-Bridge offers), initialised from the layer's
+    expert-free name (``decoder.layers.N.mlp.experts.linear_fc1``, which rank/alpha patterns
+    also see) and trained on the tokens of every expert (its gradient is summed over the
+    experts and the expert-parallel ranks). Files stay per-expert: a shared adapter is saved
+    as identical per-expert copies, which is exactly what it computes.
     """
 
     ephemeral_gpu_offload: bool = False
     tp_comm: str = "fused"
     keep_gathered_input: bool = False
+    expert_adapters: str = "per_expert"
 
     def __post_init__(self) -> None:
         check_bools(self)
         if self.tp_comm not in ("fused", "reference"):
             raise ConfigError(f"runtime_config.tp_comm must be 'fused' or 'reference', got {self.tp_comm!r}.")
+        if self.expert_adapters not in EXPERT_ADAPTERS:
+            raise ConfigError(
+                f"runtime_config.expert_adapters must be one of {EXPERT_ADAPTERS}, got {self.expert_adapters!r}."
+            )
 
 
 @dataclass

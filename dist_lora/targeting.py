@@ -179,7 +179,7 @@ def find_targets(model: nn.Module, config: LoraConfig, allow_empty: bool = False
             raise ConfigError(
                 f"target module {name!r} is a {type(module).__name__}; LoRA here supports nn.Linear, "
                 "transformers Conv1D and megatron Column/RowParallelLinear (and embeddings: nn.Embedding, "
-                "megatron VocabParallelEmbedding)."
+                "megatron VocabParallelEmbedding; a megatron MoE TopKRouter)."
             )
         found.append(name)
     if not found and not allow_empty:

@@ -91,3 +91,45 @@ def train_lora(model: torch.nn.Module, steps: int, seed: int = 100, lr: float = 
         finalize_lora_grads(model)
         optimizer.step()
     return optimizer
+
+
+def moe_config(tp: int, ep: int, etp: int = 1, dispatcher: str = "alltoall", **overrides: Any) -> TransformerConfig:
+    """The tiny model as a mixture of experts: 4 experts (SequentialMLP, width 96) top-2 in
+    every layer, dropless, no load-balancing loss; SP on where TP > 1."""
+    fields: dict[str, Any] = dict(
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=96,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+        moe_token_dispatcher_type=dispatcher,
+        moe_aux_loss_coeff=0.0,
+    )
+    fields.update(overrides)
+    return tiny_gpt_config(tp, tp > 1, **fields)
+
+
+@torch.no_grad()
+def fill_weights_by_global_name(model: torch.nn.Module, seed: int = 5, std: float = 0.05) -> None:
+    """Give every matrix weight (linears, experts, routers, embeddings) its slice of one full
+    tensor drawn from a seed keyed by its global name (GLOBAL layer and expert indices), so the
+    model is the same at any TP / EP / expert-TP size: megatron's CPU init draws experts per EP
+    rank, which also shifts the random stream of every later layer."""
+    from dist_lora.layers.math import init_seed
+    from dist_lora.naming import global_module_name
+    from dist_lora.parallel import tp
+
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 2 or hasattr(module, "base_layer"):
+            continue
+        shape = list(weight.shape)
+        rank, size = 0, 1
+        if getattr(weight, "tensor_model_parallel", False):
+            rank, size = tp.group_rank_size(tp.tp_group_of(module))
+            shape[weight.partition_dim] *= size
+        generator = torch.Generator().manual_seed(init_seed(seed, global_module_name(model, name), "base"))
+        full = torch.randn(shape, generator=generator) * std
+        if size > 1:
+            full = tp.shard(full, weight.partition_dim, rank, size, tp.partition_stride(weight))
+        weight.copy_(full)

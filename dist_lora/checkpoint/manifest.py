@@ -4,8 +4,9 @@
 Format ``dist_lora.sharded/2``::
 
     {"format": "dist_lora.sharded/2", "adapter_name": "default",
-     "layout": {"tp": 2, "pp": 1, "world": 2},
+     "layout": {"tp": 2, "pp": 1, "world": 2},                   (MoE: also "ep", "etp")
      "files":  {"shard-pp000-tp000.safetensors": {"sha256": "<hex>", "tensors": {<file key>: <entry>}}},
+               (MoE experts: "shard-pp000-tp000-ep001.safetensors", tp = the expert-TP rank)
      "config": {"adapter_config.json": {"sha256": "<hex>"}},
      "rng":    {"rng-rank00000.pt": {"sha256": "<hex>"}},            (with trainer_state)
      "optimizer": {"files": {...as "files"...}, "scalars": {...}, "param_groups": [...]},  (optional)
@@ -46,7 +47,7 @@ FORMAT = "dist_lora.sharded/2"
 LEGACY_FORMATS = ("dist_lora.sharded/1",)
 # Parts of a checkpoint a reader may need. "adapter" (shards + adapter_config.json) is always read.
 PARTS = ("adapter", "optimizer", "rng")
-_SHARD_NAME = re.compile(r"(shard|optim)-pp(\d+)-tp(\d+)\.safetensors")
+_SHARD_NAME = re.compile(r"(shard|optim)-pp(\d+)-tp(\d+)(?:-ep(\d+))?\.safetensors")
 _RNG_NAME = re.compile(r"rng-rank\d{5}\.pt")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FIX = "the manifest is corrupt or was edited: restore the checkpoint from a copy, or re-save it"
@@ -56,21 +57,31 @@ _FIX = "the manifest is corrupt or was edited: restore the checkpoint from a cop
 # File names and checksums
 
 
-def shard_file_name(kind: str, pp: int, tp: int) -> str:
-    """``shard-pp000-tp001.safetensors`` (kind "shard": adapter) or ``optim-...`` (optimizer)."""
-    return f"{kind}-pp{pp:03d}-tp{tp:03d}.safetensors"
+def shard_file_name(kind: str, pp: int, tp: int, ep: Optional[int] = None) -> str:
+    """``shard-pp000-tp001.safetensors`` (kind "shard": adapter) or ``optim-...`` (optimizer);
+    MoE expert adapters of expert-parallel rank ``ep`` go to ``shard-pp000-tp001-ep002.safetensors``
+    (``tp``: the expert-TP rank), so dense and expert pieces never share a writer."""
+    suffix = "" if ep is None else f"-ep{ep:03d}"
+    return f"{kind}-pp{pp:03d}-tp{tp:03d}{suffix}.safetensors"
 
 
 class ShardName(NamedTuple):
     kind: str  # "shard" (adapter) or "optim"
     pp: int
-    tp: int
+    tp: int  # the expert-TP rank in an expert file
+    ep: Optional[int] = None  # expert files only
+
+    def describe(self) -> str:
+        """``PP stage 0, TP rank 1`` (expert files: ``..., expert-TP rank 1, EP rank 2``)."""
+        if self.ep is None:
+            return f"PP stage {self.pp}, TP rank {self.tp}"
+        return f"PP stage {self.pp}, expert-TP rank {self.tp}, EP rank {self.ep}"
 
 
 def parse_shard_name(name: str) -> Optional[ShardName]:
-    """The kind, PP stage and TP rank of a :func:`shard_file_name`; None for other names."""
+    """The kind, PP stage, TP rank (and EP rank) of a :func:`shard_file_name`; None for other names."""
     m = _SHARD_NAME.fullmatch(name)
-    return ShardName(m[1], int(m[2]), int(m[3])) if m else None
+    return ShardName(m[1], int(m[2]), int(m[3]), None if m[4] is None else int(m[4])) if m else None
 
 
 def rng_file_name(rank: int) -> str:
@@ -168,6 +179,9 @@ def check_schema(manifest: Any, path: str) -> None:
     _need(isinstance(layout, dict), path, "layout", "an object (tp, pp, world)", layout)
     for key in ("tp", "pp", "world"):
         _need(_is_count(layout.get(key), 1), path, f"layout.{key}", "an integer >= 1", layout.get(key))
+    for key in ("ep", "etp"):  # MoE checkpoints
+        if key in layout:
+            _need(_is_count(layout.get(key), 1), path, f"layout.{key}", "an integer >= 1", layout.get(key))
     _check_shards(path, "files", manifest.get("files"))
     if "optimizer" in manifest:
         section = manifest["optimizer"]
@@ -222,7 +236,7 @@ def _load_json(directory: str, path: str) -> Any:
 
 def _missing(directory: str, name: str, info: dict) -> ConfigError:
     shard = parse_shard_name(name)
-    where = f" (PP stage {shard.pp}, TP rank {shard.tp})" if shard else ""
+    where = f" ({shard.describe()})" if shard else ""
     keys = sorted({entry["key"] for entry in info.get("tensors", {}).values()})
     holds = f"; it holds {len(keys)} tensors, e.g. {', '.join(keys[:3])}" if keys else ""
     return ConfigError(

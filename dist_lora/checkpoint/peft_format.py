@@ -23,6 +23,7 @@ from ..io import atomic_path
 from ..layers.base import LoraLayer
 from ..layers.embedding import SAVED_BASE_WEIGHT, LoraEmbedding
 from ..modules_to_save import ModulesToSaveWrapper
+from ..naming import expert_parallel_rank_size, is_expert_container
 
 if TYPE_CHECKING:
     from ..model import LoraModel
@@ -85,7 +86,10 @@ def adapter_state_dict(model: "LoraModel", adapter: str, keep_vars: bool = False
 
 
 def _tensor_parallel(model: "LoraModel") -> bool:
-    return any(getattr(layer, "tp_size", 1) > 1 for _, layer in model.lora_layers())
+    """Whether the adapter is split over ranks: tensor parallel, or MoE experts spread over EP ranks."""
+    if any(getattr(layer, "tp_size", 1) > 1 for _, layer in model.lora_layers()):
+        return True
+    return any(is_expert_container(m) and expert_parallel_rank_size(m)[1] > 1 for m in model.modules())
 
 
 def save_adapter(
@@ -97,7 +101,7 @@ def save_adapter(
     ``save_pretrained(path_initial_model_for_weight_conversion=...)``); it runs on every rank."""
     if _tensor_parallel(model):
         raise ValueError(
-            "save_pretrained writes one unsharded PEFT file, but this model is tensor parallel. "
+            "save_pretrained writes one unsharded PEFT file, but this model is tensor (or expert) parallel. "
             "Use dist_lora.checkpoint.sharded.save_sharded (per rank), then consolidate."
         )
     # ZeRO-3: the full tensors gathered from their partitions (every rank must call this)

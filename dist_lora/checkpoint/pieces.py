@@ -24,7 +24,7 @@ import torch
 
 from ..config import ConfigError
 from ..parallel.tp import partition_stride
-from .manifest import parse_shard_name, shard_file_name
+from .manifest import ShardName, parse_shard_name, shard_file_name
 from .safetensors_stream import SafetensorsFormatError, ShardReader
 
 
@@ -143,7 +143,8 @@ def index_tensors(directory: str | os.PathLike, files: dict[str, dict]) -> dict[
 
 def check_coverage(tensor: StoredTensor, tp_size: int) -> None:
     """The pieces of ``tensor`` cover it exactly once (no overlap, nothing missing); an
-    incomplete tensor's error names the shard files (and ranks) that hold no piece of it."""
+    incomplete tensor's error names the shard files (and ranks) that hold no piece of it
+    (``tp_size``: the TP size it was saved at; the expert-TP size for an expert tensor)."""
     boxes = [(p.offsets, p.shape) for p in tensor.pieces]
     for i, (o1, s1) in enumerate(boxes):
         for o2, s2 in boxes[i + 1 :]:
@@ -154,12 +155,12 @@ def check_coverage(tensor: StoredTensor, tp_size: int) -> None:
     if covered == total:
         return
     found = [shard for p in tensor.pieces if (shard := parse_shard_name(p.file)) is not None]
-    kind, ranks = (found[0].kind if found else "shard"), {(s.pp, s.tp) for s in found}
+    kind, ranks = (found[0].kind if found else "shard"), {(s.pp, s.tp, s.ep) for s in found}
     missing = [
-        f"{shard_file_name(kind, pp, tp)} (PP stage {pp}, TP rank {tp})"
-        for pp in sorted({pp for pp, _ in ranks})
+        f"{shard_file_name(kind, pp, tp, ep)} ({ShardName(kind, pp, tp, ep).describe()})"
+        for pp, ep in sorted({(pp, ep) for pp, _, ep in ranks}, key=str)
         for tp in range(tp_size)
-        if (pp, tp) not in ranks
+        if (pp, tp, ep) not in ranks
     ]
     raise ConfigError(
         f"tensor {tensor.key} is incomplete: its pieces cover {covered} of {total} values"

@@ -12,8 +12,11 @@ Layout of a checkpoint directory::
                                     and their assembly: :mod:`.pieces`)
 
 Tensor keys are layout-independent: ``<global module name>.lora_A.weight`` (megatron layer
-indices are global, see :mod:`dist_lora.naming`). A replicated tensor is written once (by TP
-rank 0), a TP-sharded one once per TP rank. The directory is written under a temporary name
+and MoE expert indices are global, see :mod:`dist_lora.naming`). A replicated tensor is written
+once (by TP rank 0), a TP-sharded one once per TP rank. MoE expert adapters live on the EP rank
+that owns the expert and are split over expert-TP: expert-data-parallel rank 0 of each
+(expert-TP, EP) position writes them to its own file ``shard-ppP-tpT-epE.safetensors``
+(T the expert-TP rank), so a checkpoint saved at one EP size loads at another. The directory is written under a temporary name
 and renamed when complete, so a crash leaves the previous checkpoint untouched. The loader
 cuts each rank's slice out of whatever pieces cover it, so a checkpoint saved at one TP size
 loads at another.
@@ -32,7 +35,7 @@ from safetensors.torch import save_file
 
 from ..config import CONFIG_NAME, ConfigError
 from ..io import AtomicDirectory, atomic_path, atomic_write_text
-from ..naming import global_module_name
+from ..parallel.grads import is_expert_parameter
 from .manifest import (  # noqa: F401  (MANIFEST, FORMAT, read_manifest, sha256_file: this module's public face too)
     FORMAT,
     LEGACY_FORMATS,
@@ -42,51 +45,20 @@ from .manifest import (  # noqa: F401  (MANIFEST, FORMAT, read_manifest, sha256_
     read_manifest,
     rng_file_name,
     sha256_file,
-    shard_file_name,
 )
-from .peft_format import expected_keys, resolve_parameter, set_tensor
+from .ownership import (  # noqa: F401  (parallel_ranks, owned_parameters, param_tp_rank_size: this module's public face too)
+    layout_record,
+    local_tensors,
+    owned_parameters,
+    param_tp_rank_size,
+    parallel_ranks,
+    shard_file_of,
+)
+from .peft_format import resolve_parameter, set_tensor
 from .pieces import Scratch, ShardFiles, StoredTensor, assemble, check_coverage, index_tensors, shard_pieces, tp_boxes
 
 if TYPE_CHECKING:
     from ..model import LoraModel
-
-
-def parallel_ranks() -> dict[str, int]:
-    """This process's TP / PP / DP coordinates and sizes (all 0/1 without megatron state)."""
-    try:
-        from megatron.core import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():
-            return {
-                "tp": ps.get_tensor_model_parallel_rank(),
-                "tp_size": ps.get_tensor_model_parallel_world_size(),
-                "pp": ps.get_pipeline_model_parallel_rank(),
-                "pp_size": ps.get_pipeline_model_parallel_world_size(),
-                "dp": ps.get_data_parallel_rank(),
-            }
-    except ImportError:
-        pass
-    return {"tp": 0, "tp_size": 1, "pp": 0, "pp_size": 1, "dp": 0}
-
-
-def _local_tensors(model: "LoraModel", adapter: str) -> dict[str, tuple[torch.nn.Module, str]]:
-    return expected_keys(model, adapter, module_key=lambda name: global_module_name(model.model, name))
-
-
-def owned_parameters(model: "LoraModel", adapter: str, ranks: dict) -> list[tuple[str, torch.nn.Parameter]]:
-    """(global key, parameter) of every adapter tensor this rank writes (``ranks``:
-    :func:`parallel_ranks`): none on data-parallel ranks > 0, a replicated tensor only on TP
-    rank 0, a TP-sharded one on every TP rank (its pieces: :func:`~.pieces.shard_pieces`)."""
-    if ranks["dp"] != 0:
-        return []
-    owned = []
-    for key, (module, path) in _local_tensors(model, adapter).items():
-        sub, pname = resolve_parameter(module, path, adapter)
-        param = getattr(sub, pname)
-        sharded = getattr(param, "tensor_model_parallel", False) and ranks["tp_size"] > 1
-        if sharded or ranks["tp"] == 0:
-            owned.append((key, param))
-    return owned
 
 
 def _is_rank0() -> bool:
@@ -147,13 +119,13 @@ def save_sharded(
         manifest = {
             "format": FORMAT,
             "adapter_name": adapter,
-            "layout": {"tp": ranks["tp_size"], "pp": ranks["pp_size"], "world": len(records)},
-            "files": dict(r["shard"] for r in records if r["shard"][1]),
+            "layout": layout_record(model, ranks, len(records)),
+            "files": dict(item for r in records for item in r["shard"] if item[1]),
             "config": {CONFIG_NAME: {"sha256": sha256_file(config_path)}},
         }
         if optimizer is not None:
             manifest["optimizer"] = {
-                "files": dict(r["optim"] for r in records if r["optim"][1]),
+                "files": dict(item for r in records for item in r["optim"] if item[1]),
                 "scalars": {k: v for r in records for k, v in r["scalars"].items()},
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
             }
@@ -170,18 +142,23 @@ def _write_rank_files(
 ) -> dict:
     """Write this rank's adapter / optimizer shards (and ``rng``: its RNG states); its manifest
     records: ``shard`` / ``optim`` / ``rng`` as (file name, record), ``scalars``."""
-    adapter_pieces, optim_pieces, optim_scalars = [], [], {}
+    pieces: dict[str, dict[str, list]] = {"shard": {}, "optim": {}}  # kind -> file name -> pieces
+    optim_scalars = {}
     for key, param in owned_parameters(model, adapter, ranks):
-        adapter_pieces += shard_pieces(key, param, param, ranks["tp"], ranks["tp_size"])
+        rank, size = param_tp_rank_size(param, ranks)
+        pieces["shard"].setdefault(shard_file_of("shard", param, ranks), []).extend(
+            shard_pieces(key, param, param, rank, size)
+        )
         for name, value in (optimizer.state.get(param, {}) if optimizer is not None else {}).items():
             if torch.is_tensor(value) and value.shape == param.shape:
-                optim_pieces += shard_pieces(f"{key}::{name}", value, param, ranks["tp"], ranks["tp_size"])
+                pieces["optim"].setdefault(shard_file_of("optim", param, ranks), []).extend(
+                    shard_pieces(f"{key}::{name}", value, param, rank, size)
+                )
             else:
                 optim_scalars[f"{key}::{name}"] = value.item() if torch.is_tensor(value) else value
     record = {"scalars": optim_scalars}
-    for kind, pieces in (("shard", adapter_pieces), ("optim", optim_pieces)):
-        name = shard_file_name(kind, ranks["pp"], ranks["tp"])
-        record[kind] = (name, _write_file(staging, name, pieces))
+    for kind, files in pieces.items():
+        record[kind] = [(name, _write_file(staging, name, file_pieces)) for name, file_pieces in sorted(files.items())]
     if rng:
         name = rng_file_name(dist.get_rank() if dist.is_initialized() else 0)
         with atomic_path(os.path.join(staging, name)) as tmp:
@@ -278,12 +255,12 @@ def _read_local(
             f"checkpoint {files.directory} has no tensor {key}: it was saved from a different model or config."
         )
     stored = tensors[key]
-    global_shape, boxes = tp_boxes(param, ranks["tp"], ranks["tp_size"])
+    global_shape, boxes = tp_boxes(param, *param_tp_rank_size(param, ranks))
     if list(stored.global_shape) != global_shape:
         raise ConfigError(
             f"{key}: global shape {list(stored.global_shape)} in the checkpoint, the model has {global_shape}."
         )
-    check_coverage(stored, ranks["saved_tp"])
+    check_coverage(stored, ranks["saved_etp" if is_expert_parameter(param) else "saved_tp"])
     value, scratch = torch.empty(param.shape, dtype=stored.dtype), Scratch()
     for index, offsets, _ in boxes:
         assemble(stored, files, value[index], offsets, scratch)
@@ -311,15 +288,17 @@ def load_sharded(
     created = adapter not in model.peft_config
     if created:
         model.add_adapter(adapter, read_adapter_config(directory), low_cpu_mem_usage=True)
-    ranks = {**parallel_ranks(), "saved_tp": manifest["layout"]["tp"]}
+    layout = manifest["layout"]
+    ranks = {**parallel_ranks(), "saved_tp": layout["tp"], "saved_etp": layout.get("etp", layout["tp"])}
     try:
         with ShardFiles(directory) as files:
             tensors = index_tensors(directory, manifest["files"])
             updates = []
-            for key, (module, path) in _local_tensors(model, adapter).items():
+            for key, (module, path) in local_tensors(model, adapter).items():
                 sub, pname = resolve_parameter(module, path, adapter)
                 updates.append((key, sub, pname, _read_local(files, tensors, key, getattr(sub, pname), ranks)))
             optim_states = _read_optimizer_states(files, manifest, optimizer, updates, ranks) if optimizer else {}
+        _check_shared_values(updates, directory)
     except Exception:
         if created:
             model.discard_adapter(adapter)
@@ -333,6 +312,21 @@ def load_sharded(
         for group, saved in zip(optimizer.param_groups, manifest["optimizer"]["param_groups"]):
             group.update(saved)
     return manifest.get("trainer_state", {})
+
+
+def _check_shared_values(updates: list, directory: str) -> None:
+    """A parameter several keys load into (an adapter shared by the experts of a layer, saved as
+    per-expert copies) must get the same value from each: a checkpoint of per-expert adapters
+    does not fit a shared-adapter model."""
+    first: dict[int, tuple[str, torch.Tensor]] = {}
+    for key, sub, pname, value in updates:
+        seen = first.setdefault(id(getattr(sub, pname)), (key, value))
+        if seen[1] is not value and not torch.equal(seen[1], value):
+            raise ConfigError(
+                f"checkpoint {directory}: {seen[0]} and {key} load into one shared expert adapter "
+                "(runtime_config.expert_adapters='shared') but differ: the checkpoint holds per-expert adapters; "
+                "load it with expert_adapters='per_expert'."
+            )
 
 
 def _read_optimizer_states(files: ShardFiles, manifest: dict, optimizer, updates: list, ranks: dict) -> dict:

@@ -60,14 +60,20 @@ def embedding_kind(module: nn.Module) -> Optional[str]:
     return "embedding" if isinstance(module, nn.Embedding) else None
 
 
+def is_router(module: nn.Module) -> bool:
+    """megatron's MoE ``TopKRouter`` (and subclasses): a replicated linear map to expert logits,
+    adapted only when ``target_modules`` names it (never by ``all-linear``)."""
+    return any(c.__name__ == "TopKRouter" and c.__module__.startswith("megatron.core") for c in type(module).__mro__)
+
+
 def is_linear_layer(module: nn.Module) -> bool:
     """nn.Linear, Conv1D or a megatron parallel linear: what ``all-linear`` targets."""
     return isinstance(module, nn.Linear) or is_conv1d(module) or parallel_linear_kind(module) is not None
 
 
 def is_supported_layer(module: nn.Module) -> bool:
-    """A layer LoRA can wrap: a linear one, or an embedding (targeted by name only, as in PEFT)."""
-    return is_linear_layer(module) or embedding_kind(module) is not None
+    """A layer LoRA can wrap: a linear one, or an embedding or a MoE router (targeted by name only)."""
+    return is_linear_layer(module) or embedding_kind(module) is not None or is_router(module)
 
 
 def base_module(module: nn.Module) -> nn.Module:

@@ -21,6 +21,18 @@ Two implementations of the communication, chosen per layer by ``tp_comm``:
     Row: h = Σ_i s·A_i x_i by one r-sized all-reduce; y = base + B h. SP off: dB is complete.
       SP on: h is split along the sequence before B, so dB covers this rank's tokens only and
       is summed per step like the fused path's partial gradients.
+
+Experts (megatron's expert linears, built with ``is_expert=True``): their TP group is the
+expert-TP group, and the base layer does no collective of its own (``explicit_expert_comm``):
+the token dispatcher all-gathers the expert's tokens over expert-TP before fc1 and
+reduce-scatters fc2's partial output after it, and their backwards carry the input gradient.
+So an expert's LoRA path is the fused one with no collective at all: column y_i = W_i x +
+B_i h (dx partial, summed by the dispatcher), row y_partial = W_i x_i + B h_i (summed by the
+dispatcher); the replicated factor's gradient (column A, row B) is a partial sum over
+expert-TP, summed per step over that group (:mod:`dist_lora.parallel.grads`, which finds expert
+parameters by ``is_expert``). The reference path would add its own r-sized all-reduce on top of
+the dispatcher's and count the LoRA term expert-TP times, so it (and DoRA, which uses it) is
+refused on experts at expert-TP > 1.
 """
 
 from __future__ import annotations
@@ -51,8 +63,9 @@ class ParallelLoraLayer(LoraLayer):
 
     def __init__(self, base_layer: torch.nn.Module, tp_comm: str = "fused", keep_gathered_input: bool = False) -> None:
         super().__init__(base_layer, base_layer.input_size, base_layer.output_size)
-        self.tp_group = tp.tp_group_of(base_layer)
+        self.tp_group = tp.tp_group_of(base_layer)  # an expert's: the expert-TP group
         self.tp_rank, self.tp_size = tp.group_rank_size(self.tp_group)
+        self.is_expert = bool(getattr(base_layer, "is_expert", False))
         # Factors are split exactly like the base weight, including megatron's strided
         # split of a gated fc1 ([gate; up] per shard), so a full factor means the same
         # thing at every TP size.
@@ -79,17 +92,31 @@ class ParallelLoraLayer(LoraLayer):
         re-gathering it in backward."""
         if mode not in TP_COMM_MODES:
             raise ValueError(f"tp_comm must be one of {TP_COMM_MODES}, got {mode!r}.")
+        if mode != "fused" and self.is_expert and self.tp_size > 1:
+            raise NotImplementedError(
+                f"tp_comm={mode!r} is not supported on MoE experts at expert-TP > 1 (their collectives belong to the "
+                "token dispatcher); use runtime_config.tp_comm='fused'."
+            )
         self.tp_comm = mode
         self.keep_gathered_input = keep_gathered_input
         self._tag_partial_grads()  # the mode decides which gradients are partial sums
 
     @property
     def sequence_parallel(self) -> bool:
-        return bool(getattr(self.base_layer, "sequence_parallel", False)) and self.tp_size > 1
+        """Whether the base layer gathers / scatters the sequence (never an expert's: its
+        tokens come from the dispatcher)."""
+        return bool(getattr(self.base_layer, "sequence_parallel", False)) and self.tp_size > 1 and not self.is_expert
 
     def _tag_parameters(self, adapter_name: str) -> None:
+        if self.is_expert and self.tp_size > 1 and (self.lora_magnitude_vector or self.lora_B[adapter_name].bias is not None):
+            raise NotImplementedError(
+                "use_dora and lora_bias are not supported on MoE experts at expert-TP > 1; target the experts "
+                "without them, or use expert_tensor_parallel_size=1."
+            )
         self._tag_sharded(adapter_name)
         self._tag_partial_grads()  # a DoRA adapter changes the path (so the partial sums) of every adapter
+        if self.is_expert:
+            grads.mark_expert_parameters(self.adapter_parameters())
 
     def _tag_sharded(self, adapter_name: str) -> None:
         """TP attributes of the new adapter's sharded parameters."""
@@ -114,7 +141,7 @@ class ParallelLoraLayer(LoraLayer):
             and not base.weight.requires_grad
             and not self.lora_magnitude_vector  # DoRA layers take the reference path
             and x.dtype == base.weight.dtype  # adapters compute in it (lm.in_compute_dtype)
-            and not getattr(base, "explicit_expert_comm", False)
+            and (self.is_expert or not getattr(base, "explicit_expert_comm", False))
             and not getattr(base, "disable_grad_reduce", False)
         )
 
@@ -139,7 +166,7 @@ class ParallelLoraLayer(LoraLayer):
     def _spec(self, adapters: list[str]) -> FusedSpec:
         return FusedSpec(
             group=self.tp_group,
-            tp_size=self.tp_size,
+            tp_size=1 if self.is_expert else self.tp_size,  # an expert's collectives are the dispatcher's
             sequence_parallel=self.sequence_parallel,
             scalings=tuple(self.scaling[n] for n in adapters),
             keep_gathered_input=self.keep_gathered_input,
