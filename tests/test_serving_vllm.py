@@ -48,6 +48,9 @@ REFUSED = {
     "bias": dict(bias="all"),
     "layer_replication": dict(layer_replication=[[0, 2], [0, 2]]),
     "loftq": dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 1}),
+    "pissa": dict(init_lora_weights="pissa"),  # unconverted (PEFT's own file; ours are converted)
+    "olora": dict(init_lora_weights="olora"),
+    "corda": dict(init_lora_weights="corda", corda_config={}),
 }
 
 

@@ -12,8 +12,9 @@ The engines read a PEFT adapter with rules of their own (one table per engine, :
 * ``r`` and every module's rank at most the server's ``max_lora_rank``, one of
   :data:`MAX_LORA_RANKS` (vLLM's choices; we assume the same bound for SGLang);
 * refused: DoRA, ``modules_to_save``, ``bias != "none"`` and ``lora_bias``, layer replication
-  (the adapter names layers the served model does not have), LoftQ (only right on the LoftQ
-  base); SGLang also refuses MoE expert adapters (it expects its own layout).
+  (the adapter names layers the served model does not have), unconverted PiSSA / OLoRA / CorDA
+  and LoftQ (only right on the base their init rewrote); SGLang also refuses MoE expert
+  adapters (it expects its own layout).
 
 :func:`fold_scaling` makes the global scaling exact: ``B' = B · s_module / s_global`` with
 ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) per module and ``s_global = lora_alpha /
@@ -76,6 +77,11 @@ def _feature_rules(engine: Engine) -> list[tuple[Callable[[LoraConfig, list[str]
         (lambda c, m: bool(c.layer_replication),
          f"{e} applies the adapter to the original model's layers, but layer_replication names layers that model "
          f"does not have; {MERGE_ADVICE}."),
+        (lambda c, m: c.init_kind.convertible,
+         f"{e} serves the adapter on the original base, but a PiSSA / OLoRA / CorDA adapter (unconverted) is only "
+         "right on the base its init rewrote; release it converted to a plain LoRA of rank 2r (dist-lora "
+         "consolidate --initial INITIAL_CHECKPOINT, or PEFT's save_pretrained(..., "
+         "path_initial_model_for_weight_conversion=...))."),
         (lambda c, m: c.init_kind.method == "loftq" or bool(c.loftq_config),
          f"{e} serves the adapter on the original base, but a LoftQ adapter is only right on its LoftQ-quantised "
          "base; serve it with PEFT on that base."),
