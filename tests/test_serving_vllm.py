@@ -1,7 +1,8 @@
 """The ``--for vllm`` release checked against vLLM's OWN adapter code (not our reading of it).
 
-vLLM (installed without its dependencies into a side directory, see launch/setup_vllm_side.sh;
-``DIST_LORA_VLLM_SIDE`` names it, default ``.venv-side/vllm``) is run in one subprocess
+vLLM (installed without its dependencies into a side directory by launch/setup_vllm_side.sh, or
+``DIST_LORA_VLLM_SIDE=1 bash launch/setup_env.sh``; ``DIST_LORA_VLLM_SIDE_DIR`` names it,
+default ``.venv-side/vllm``) is run in one subprocess
 (tests/vllm_probe.py): ``PEFTHelper.from_local_dir`` + ``validate_legal(LoRAConfig(max_lora_rank))``
 + ``LoRAModel.from_local_checkpoint(device="cpu")``, then per module ``scaling · lora_b @ lora_a``.
 Checked here: it accepts every folded release at the ``max_lora_rank`` we report (and not at the
@@ -36,7 +37,7 @@ from tests.vllm_probe import IMPORT_FAILED
 from tests.test_serving import CASES, TARGETS, _checkpoint, hf_dir  # noqa: F401  (hf_dir: fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIDE = os.path.join(ROOT, os.environ.get("DIST_LORA_VLLM_SIDE", os.path.join(".venv-side", "vllm")))
+SIDE = os.path.join(ROOT, os.environ.get("DIST_LORA_VLLM_SIDE_DIR", os.path.join(".venv-side", "vllm")))
 PROBE = os.path.join(ROOT, "tests", "vllm_probe.py")
 QKV = dict(target_modules=["q_proj", "k_proj", "v_proj"], r=4, lora_alpha=8,
            rank_pattern={"k_proj": 2, "model.layers.1.self_attn.v_proj": 6}, alpha_pattern={"v_proj": 3})
@@ -82,7 +83,7 @@ def _with_config(src: str, dst, **changes) -> str:
 def served(hf_dir, tmp_path_factory) -> dict:  # noqa: F811
     """Every release of this file, and what vLLM's code made of each (one subprocess)."""
     if not os.path.isfile(os.path.join(SIDE, "vllm", "lora", "peft_helper.py")):
-        pytest.skip(f"vLLM side install not found in {SIDE} (DIST_LORA_VLLM_SIDE=1 bash launch/setup_env.sh)")
+        pytest.skip(f"no vLLM side install in {SIDE} (bash launch/setup_vllm_side.sh installs it)")
     root = tmp_path_factory.mktemp("serving_vllm")
     releases, adapters = {}, {}
     for case, lora in CASES.items():
