@@ -61,7 +61,11 @@ def main(side_dir: str, request_path: str, out_dir: str) -> None:
         if deltas:
             save_file({k: v.contiguous() for k, v in deltas.items()}, os.path.join(out_dir, f"{name}.safetensors"))
 
-    json.dump({"vllm": vllm.__version__, "adapters": results}, open(os.path.join(out_dir, "result.json"), "w"))
+    from vllm.lora.peft_helper import PEFTHelper
+
+    patterns = hasattr(PEFTHelper, "get_rank_and_scaling")  # per-module rank/alpha (vLLM >= 0.32)
+    json.dump({"vllm": vllm.__version__, "patterns": patterns, "adapters": results},
+              open(os.path.join(out_dir, "result.json"), "w"))
 
 
 if __name__ == "__main__":
