@@ -3,8 +3,10 @@ the engines' rules (``dist-lora consolidate --for ENGINE``, ``dist-lora inspect 
 
 The engines read a PEFT adapter with rules of their own (one table per engine, :data:`ENGINES`):
 
-* one global scaling ``lora_alpha / r`` (vLLM: ``alpha / sqrt(r)`` with ``use_rslora``); both
-  ignore ``rank_pattern`` / ``alpha_pattern`` (vLLM's ``PEFTHelper`` has no such fields). Each
+* one global scaling ``lora_alpha / r`` (vLLM: ``alpha / sqrt(r)`` with ``use_rslora``): SGLang
+  and vLLM up to 0.31 ignore ``rank_pattern`` / ``alpha_pattern`` (their ``PEFTHelper`` has no
+  such fields); vLLM 0.32+ resolves them per module as PEFT does (tests/test_serving_vllm.py
+  checks both against vLLM's own code), so the fold is what makes one release right for all. Each
   module's rank is read from its tensors' shapes (vLLM copies ``lora_a[:rank]`` into its
   ``max_lora_rank``-wide slots), so vLLM does NOT need uniform ranks; we still pad every module
   with zeros to the largest rank (exact) so that the release, having no ``rank_pattern``, also
@@ -47,11 +49,15 @@ class Engine:
     """One serving engine's rules for PEFT adapters."""
 
     name: str
+    one_scaling: str  # which versions apply one lora_alpha / r to every module (ignore the patterns)
     max_lora_ranks: tuple[int, ...] = MAX_LORA_RANKS
     refuses_moe: bool = False
 
 
-ENGINES = {"vllm": Engine("vLLM"), "sglang": Engine("SGLang", refuses_moe=True)}
+ENGINES = {
+    "vllm": Engine("vLLM", one_scaling="vLLM up to 0.31 (0.32+ reads the patterns)"),
+    "sglang": Engine("SGLang", one_scaling="SGLang", refuses_moe=True),
+}
 TARGETS = ("peft", *ENGINES)
 
 
