@@ -117,7 +117,8 @@ def served(hf_dir, tmp_path_factory) -> dict:  # noqa: F811
         pytest.skip(f"{done.stderr.strip().splitlines()[-1]} (from {SIDE})")
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.load(open(out / "result.json"))
-    deltas = {name: load_file(out / f"{name}.safetensors") for name in adapters if (out / f"{name}.safetensors").exists()}
+    files = {name: out / f"{name}.safetensors" for name in adapters}
+    deltas = {name: load_file(path) for name, path in files.items() if path.exists()}
     return {"releases": releases, "adapters": adapters, "vllm": result, "deltas": deltas}
 
 
