@@ -23,4 +23,7 @@ fi
 if "$VENV/bin/python" -m pip list 2>/dev/null | grep -qi '^nvidia'; then
   echo "[setup] warning: CUDA packages were installed into $VENV" >&2
 fi
+if [ "${DIST_LORA_VLLM_SIDE:-0}" = "1" ]; then  # opt-in: vLLM's adapter code for tests/test_serving_vllm.py
+  bash launch/setup_vllm_side.sh
+fi
 echo "[setup] environment ready: $VENV"

@@ -156,3 +156,17 @@ def test_sglang_refuses_moe_expert_adapters() -> None:
     check_servable(LoraConfig(r=4), ENGINES["vllm"], experts)  # vLLM: no such rule
     with pytest.raises(ConsolidationError, match="SGLang expects MoE expert adapters in its own layout"):
         check_servable(LoraConfig(r=4), ENGINES["sglang"], experts)
+
+
+def test_unconverted_pissa_adapter_is_not_served(hf_dir, tmp_path) -> None:
+    """A PEFT-written PiSSA/OLoRA/CorDA adapter (not converted) is only right on its rewritten
+    base: inspect says so and the engine release is refused (vLLM refuses it too)."""
+    from dist_lora.release.serving import ENGINES, write_for_engine
+
+    ckpt = _checkpoint(hf_dir, tmp_path / "ckpt", dict(r=4, lora_alpha=8))
+    peft_out = consolidate(ckpt, tmp_path / "peft", show_progress=False)
+    _edit_config(peft_out, init_lora_weights="pissa")
+    assert any("PiSSA / OLoRA / CorDA" in p and "--initial" in p for p in inspect_adapter(peft_out, "vllm").problems)
+    with pytest.raises(ConsolidationError, match="PiSSA / OLoRA / CorDA"):
+        write_for_engine(peft_out, str(tmp_path / "out"), ENGINES["vllm"])
+    assert not (tmp_path / "out").exists()

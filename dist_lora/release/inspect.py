@@ -11,6 +11,7 @@ from ..checkpoint.peft_format import WEIGHTS_NAME
 from ..config import LoraConfig
 from .errors import ConsolidationError, as_consolidation_error
 from .serving import (
+    Engine,
     engine_for,
     global_scaling,
     max_lora_rank,
@@ -67,7 +68,7 @@ def inspect_adapter(adapter_dir: str | os.PathLike, target: Optional[str] = None
     if engine is None:
         return report
     report.engine = engine.name
-    report.problems = unservable(config, engine, list(ranks)) + _scaling_problems(config, scalings, engine.name, target)
+    report.problems = unservable(config, engine, list(ranks)) + _scaling_problems(config, scalings, engine, target)
     try:
         report.max_lora_rank = max_lora_rank(config, ranks, engine)
     except ConsolidationError as e:
@@ -75,14 +76,15 @@ def inspect_adapter(adapter_dir: str | os.PathLike, target: Optional[str] = None
     return report
 
 
-def _scaling_problems(config: LoraConfig, scalings: dict[str, float], engine: str, target: str) -> list[str]:
+def _scaling_problems(config: LoraConfig, scalings: dict[str, float], engine: Engine, target: str) -> list[str]:
     """The modules whose trained scaling differs from the engine's one global scaling."""
     applied = global_scaling(config)
     wrong = sorted(m for m, s in scalings.items() if abs(s - applied) > 1e-12 * max(1.0, abs(applied)))
     if not wrong:
         return []
     return [
-        f"{engine} applies one scaling lora_alpha/r = {applied:g} to every module (no rank_pattern/alpha_pattern); "
+        f"{engine.one_scaling} applies one scaling lora_alpha/r = {applied:g} to every module (no "
+        "rank_pattern/alpha_pattern); "
         f"{len(wrong)} modules were trained with another (e.g. {wrong[0]}: {scalings[wrong[0]]:g}): release the "
         f"checkpoint with dist-lora consolidate --for {target}, which folds each module's scaling into its B."
     ]

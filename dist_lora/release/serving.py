@@ -3,8 +3,10 @@ the engines' rules (``dist-lora consolidate --for ENGINE``, ``dist-lora inspect 
 
 The engines read a PEFT adapter with rules of their own (one table per engine, :data:`ENGINES`):
 
-* one global scaling ``lora_alpha / r`` (vLLM: ``alpha / sqrt(r)`` with ``use_rslora``); both
-  ignore ``rank_pattern`` / ``alpha_pattern`` (vLLM's ``PEFTHelper`` has no such fields). Each
+* one global scaling ``lora_alpha / r`` (vLLM: ``alpha / sqrt(r)`` with ``use_rslora``): SGLang
+  and vLLM up to 0.31 ignore ``rank_pattern`` / ``alpha_pattern`` (their ``PEFTHelper`` has no
+  such fields); vLLM 0.32+ resolves them per module as PEFT does (tests/test_serving_vllm.py
+  checks both against vLLM's own code), so the fold is what makes one release right for all. Each
   module's rank is read from its tensors' shapes (vLLM copies ``lora_a[:rank]`` into its
   ``max_lora_rank``-wide slots), so vLLM does NOT need uniform ranks; we still pad every module
   with zeros to the largest rank (exact) so that the release, having no ``rank_pattern``, also
@@ -12,8 +14,9 @@ The engines read a PEFT adapter with rules of their own (one table per engine, :
 * ``r`` and every module's rank at most the server's ``max_lora_rank``, one of
   :data:`MAX_LORA_RANKS` (vLLM's choices; we assume the same bound for SGLang);
 * refused: DoRA, ``modules_to_save``, ``bias != "none"`` and ``lora_bias``, layer replication
-  (the adapter names layers the served model does not have), LoftQ (only right on the LoftQ
-  base); SGLang also refuses MoE expert adapters (it expects its own layout).
+  (the adapter names layers the served model does not have), unconverted PiSSA / OLoRA / CorDA
+  and LoftQ (only right on the base their init rewrote); SGLang also refuses MoE expert
+  adapters (it expects its own layout).
 
 :func:`fold_scaling` makes the global scaling exact: ``B' = B · s_module / s_global`` with
 ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) per module and ``s_global = lora_alpha /
@@ -46,11 +49,15 @@ class Engine:
     """One serving engine's rules for PEFT adapters."""
 
     name: str
+    one_scaling: str  # which versions apply one lora_alpha / r to every module (ignore the patterns)
     max_lora_ranks: tuple[int, ...] = MAX_LORA_RANKS
     refuses_moe: bool = False
 
 
-ENGINES = {"vllm": Engine("vLLM"), "sglang": Engine("SGLang", refuses_moe=True)}
+ENGINES = {
+    "vllm": Engine("vLLM", one_scaling="vLLM up to 0.31 (0.32+ reads the patterns)"),
+    "sglang": Engine("SGLang", one_scaling="SGLang", refuses_moe=True),
+}
 TARGETS = ("peft", *ENGINES)
 
 
@@ -76,6 +83,11 @@ def _feature_rules(engine: Engine) -> list[tuple[Callable[[LoraConfig, list[str]
         (lambda c, m: bool(c.layer_replication),
          f"{e} applies the adapter to the original model's layers, but layer_replication names layers that model "
          f"does not have; {MERGE_ADVICE}."),
+        (lambda c, m: c.init_kind.convertible,
+         f"{e} serves the adapter on the original base, but a PiSSA / OLoRA / CorDA adapter (unconverted) is only "
+         "right on the base its init rewrote; release it converted to a plain LoRA of rank 2r (dist-lora "
+         "consolidate --initial INITIAL_CHECKPOINT, or PEFT's save_pretrained(..., "
+         "path_initial_model_for_weight_conversion=...))."),
         (lambda c, m: c.init_kind.method == "loftq" or bool(c.loftq_config),
          f"{e} serves the adapter on the original base, but a LoftQ adapter is only right on its LoftQ-quantised "
          "base; serve it with PEFT on that base."),
