@@ -1,0 +1,86 @@
+"""Small FSDP2 training runs shared by the FSDP2 tests: one tiny Llama with LoRA, a fixed global
+batch per step split evenly over the data-parallel ranks, AdamW with gradient clipping."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dist_lora import LoraConfig, get_lora_model
+from dist_lora.fsdp import shard_lora_model, trainable_parameters
+from dist_lora.parallel.zero import full_tensors
+from dist_lora.checkpoint.peft_format import adapter_state_dict
+from tests.hf_models import sample_ids, tiny_llama
+
+GLOBAL_BATCH = 4
+SEQ = 8
+MAX_NORM = 0.05  # below the tiny model's gradient norms: every step clips
+LR = 1e-2
+
+
+def lora_config(**overrides) -> LoraConfig:
+    kwargs = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="gaussian")
+    kwargs.update(overrides)
+    return LoraConfig(**kwargs)
+
+
+def build(config: LoraConfig | None = None, dtype: torch.dtype = torch.float32, **model_overrides):
+    """The same LoRA model on every rank (fixed seeds; gaussian B so gradients reach A at step 1)."""
+    base = tiny_llama(seed=0, **model_overrides).to(dtype)
+    return get_lora_model(base, config or lora_config(), seed=7)
+
+
+def batch(step: int) -> torch.Tensor:
+    return sample_ids(GLOBAL_BATCH, SEQ, seed=100 + step)
+
+
+def local_batch(step: int) -> torch.Tensor:
+    """This rank's share of step ``step``'s global batch (the whole batch without a process group)."""
+    ids = batch(step)
+    if not dist.is_initialized():
+        return ids
+    return ids.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def make_optimizer(model) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(trainable_parameters(model), lr=LR, weight_decay=0.01)
+
+
+def train(model, optimizer, steps: range, clip=torch.nn.utils.clip_grad_norm_) -> list[tuple[float, float]]:
+    """(global mean loss, gradient norm before clipping) per step."""
+    out = []
+    for step in steps:
+        ids = local_batch(step)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        norm = clip(trainable_parameters(model), MAX_NORM)
+        optimizer.step()
+        optimizer.zero_grad()
+        value = loss.detach().float().clone()
+        if dist.is_initialized():
+            dist.all_reduce(value)
+            value /= dist.get_world_size()
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        out.append((value.item(), float(norm)))
+    return out
+
+
+def adapter(model) -> dict[str, torch.Tensor]:
+    """The full adapter tensors (gathered from the shards under FSDP2; every rank calls it)."""
+    return full_tensors(adapter_state_dict(model, "default", keep_vars=True))
+
+
+def fsdp_run(steps: int = 3, mp_policy=None, dtype=torch.float32, activation_checkpointing=False, clip=None):
+    """On every rank: build, shard, train ``steps`` steps; returns (losses and norms, adapter)."""
+    model = shard_lora_model(build(dtype=dtype), mp_policy=mp_policy, activation_checkpointing=activation_checkpointing)
+    model.train()
+    history = train(model, make_optimizer(model), range(steps), **({} if clip is None else {"clip": clip}))
+    return history, adapter(model)
+
+
+def reference_run(steps: int = 3) -> tuple[list, dict]:
+    """One process, no FSDP, the whole global batch per step."""
+    model = build()
+    model.train()
+    history = train(model, make_optimizer(model), range(steps))
+    return history, adapter(model)
