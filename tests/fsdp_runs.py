@@ -84,3 +84,22 @@ def reference_run(steps: int = 3) -> tuple[list, dict]:
     model.train()
     history = train(model, make_optimizer(model), range(steps))
     return history, adapter(model)
+
+
+def resumed_run(root: str, start: int, stop: int, save_every: int = 1, keep_last=2, config=None):
+    """Shard, resume from ``root`` when ``start`` > 0, train steps [start, stop) saving a DCP
+    checkpoint after each ``save_every`` steps; returns the losses."""
+    from dist_lora.fsdp.checkpoint import load_fsdp_checkpoint, save_fsdp_checkpoint
+
+    model = shard_lora_model(build(config))
+    model.train()
+    optimizer = make_optimizer(model)
+    if start:
+        state = load_fsdp_checkpoint(root, model, optimizer)
+        assert state["step"] == start, state
+    losses = []
+    for step in range(start, stop):
+        losses.append(train(model, optimizer, range(step, step + 1))[0][0])
+        if (step + 1) % save_every == 0:
+            save_fsdp_checkpoint(root, step + 1, model, optimizer, keep_last=keep_last)
+    return losses

@@ -1,0 +1,173 @@
+"""DCP checkpoints of an FSDP2 LoRA model: adapters and optimizer state only, sharded.
+
+    save_fsdp_checkpoint(root, step, model, optimizer, keep_last=2)   # every rank
+    state = load_fsdp_checkpoint(root, model, optimizer)             # any world size; state["step"]
+
+Format: :mod:`dist_lora.checkpoint.dcp_format`. The tensors come from
+``get_model_state_dict(model, StateDictOptions(ignore_frozen_params=True))`` (the trainable
+adapter parameters only, never the frozen base) and ``get_optimizer_state_dict`` (state keyed
+by parameter name), each rank writing its own shards. DCP reshards on load, so a run saved at
+DP=2 resumes at DP=1 or DP=4.
+
+Atomic: the ranks write into ``<root>/.step_N.partial``; when every rank is done rank 0 adds
+``adapter_config.json`` and ``manifest.json`` and renames it to ``step_N``
+(:class:`~dist_lora.io.AtomicDirectory`), then ``latest`` and pruning follow the megatron path's
+rules (:func:`~dist_lora.checkpoint.training.publish_checkpoint`). A ``kill -9`` of any rank
+during a save leaves the previous checkpoint and ``latest`` as they were.
+
+Loading checks, on every rank and before the model or optimizer changes, that the checkpoint
+is for this model: the adapter config (every field but ``inference_mode``), the base model
+(class and sizes) and every adapter tensor's name and global shape; a mismatch names the
+first difference. RNG states are not saved (the FSDP2 path has no dropout-free guarantee to
+keep; dropout masks after a resume differ from an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..checkpoint.dcp_format import read_dcp_manifest, safe_reader, write_manifest
+from ..checkpoint.training import check_keep_last, publish_checkpoint, resolve_checkpoint, step_directory
+from ..config import ConfigError
+from ..io import AtomicDirectory
+from ..model import LoraModel
+from ..parallel.collectives import raise_together
+
+_BASE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "n_embd", "n_layer", "n_head")
+
+
+def _options(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def _state(model: LoraModel, optimizer: Optional[torch.optim.Optimizer]) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model, options=_options())}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer, options=_options())
+    return state
+
+
+def base_model_description(model: LoraModel) -> dict:
+    """The base model's class and sizes, as recorded in a checkpoint and compared on load."""
+    config = getattr(model.model, "config", None)
+    fields = {f: getattr(config, f) for f in _BASE_FIELDS if getattr(config, f, None) is not None}
+    return {"class": type(model.model).__name__, **fields}
+
+
+def _global_shapes(state: dict) -> dict[str, list[int]]:
+    return {f"model.{k}": list(v.shape) for k, v in state["model"].items()}
+
+
+def _adapter_name(model: LoraModel) -> str:
+    trained = [n for n in model.active_adapters if not model.peft_config[n].inference_mode]
+    if len(trained) != 1:
+        raise ValueError(f"an FSDP2 checkpoint holds one trained adapter; {trained or 'none'} are active and trainable.")
+    return trained[0]
+
+
+def save_fsdp_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    model: LoraModel,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    trainer_state: Optional[dict] = None,
+    keep_last: Optional[int] = 2,
+) -> str:
+    """Save step ``step`` under ``root`` (every rank calls this); returns its directory."""
+    check_keep_last(keep_last)
+    import torch.distributed.checkpoint as dcp
+
+    adapter = _adapter_name(model)
+    path = step_directory(root, step)
+    target = AtomicDirectory(path, staging_name=f".{os.path.basename(path)}.partial")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        target.create()
+    if dist.is_initialized():
+        dist.barrier()
+    state = _state(model, optimizer)
+    dcp.save(state, checkpoint_id=target.staging)  # collective: every rank writes its shards
+    error = None
+    if rank0:
+        try:
+            model.peft_config[adapter].save_pretrained(target.staging)
+            write_manifest(target.staging, {
+                "adapter_name": adapter,
+                "world": dist.get_world_size() if dist.is_initialized() else 1,
+                "base_model": base_model_description(model),
+                "tensors": _global_shapes(state),
+                "optimizer": optimizer is not None,
+                "trainer_state": {"step": step, **(trainer_state or {})},
+            })
+            target.commit()
+        except (OSError, ValueError) as e:
+            target.discard()
+            error = e
+    if dist.is_initialized():
+        raise_together(error)
+    elif error is not None:
+        raise error
+    publish_checkpoint(root, step, keep_last)
+    return path
+
+
+def check_compatible(manifest: dict, model: LoraModel, shapes: dict[str, list[int]], path: str) -> None:
+    """Raise ConfigError naming the first difference between the checkpoint and this model."""
+    adapter = _adapter_name(model)
+    if manifest["adapter_name"] != adapter:
+        raise ConfigError(f"checkpoint {path} holds adapter {manifest['adapter_name']!r}, the model trains {adapter!r}.")
+    from ..checkpoint.manifest import read_adapter_config
+
+    saved = read_adapter_config(path).to_dict()
+    ours = model.peft_config[adapter].to_dict()
+    for key in sorted(set(saved) | set(ours)):
+        if key != "inference_mode" and saved.get(key) != ours.get(key):
+            raise ConfigError(f"checkpoint {path} was trained with another adapter config: {key}={saved.get(key)!r} "
+                              f"there, {ours.get(key)!r} here. Resume with the run's config.")
+    base = base_model_description(model)
+    for key in sorted(set(base) | set(manifest["base_model"])):
+        if base.get(key) != manifest["base_model"].get(key):
+            raise ConfigError(f"checkpoint {path} is from another base model: {key}={manifest['base_model'].get(key)!r} "
+                              f"there, {base.get(key)!r} here.")
+    if shapes != manifest["tensors"]:
+        diff = sorted(set(shapes) ^ set(manifest["tensors"])) or [k for k in shapes if shapes[k] != manifest["tensors"][k]]
+        raise ConfigError(f"checkpoint {path} does not fit this model's adapter tensors (first difference: {diff[0]}).")
+
+
+def load_fsdp_checkpoint(
+    path: str | os.PathLike, model: LoraModel, optimizer: Optional[torch.optim.Optimizer] = None, verify: bool = True
+) -> dict:
+    """Load a DCP checkpoint (a step directory, or a root with ``latest``) into the sharded
+    ``model`` (and ``optimizer``) at this world size; returns its trainer state (``step``, ``path``)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    error, manifest = None, None
+    try:
+        path = resolve_checkpoint(path)
+        manifest = read_dcp_manifest(path, verify=verify)
+        if optimizer is not None and not manifest.get("optimizer"):
+            raise ConfigError(f"checkpoint {path} has no optimizer state (it was saved without one).")
+        model_state = _state(model, None)
+        check_compatible(manifest, model, _global_shapes(model_state), path)
+    except (ConfigError, ValueError, OSError) as e:
+        error = e
+    if dist.is_initialized():
+        raise_together(error)
+    elif error is not None:
+        raise error
+    state = _state(model, optimizer)
+    dcp.load(state, storage_reader=safe_reader(path))
+    set_model_state_dict(model, state["model"], options=_options(strict=False))
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=_options(strict=False))
+    return {**manifest.get("trainer_state", {}), "path": path}
