@@ -103,3 +103,19 @@ def resumed_run(root: str, start: int, stop: int, save_every: int = 1, keep_last
         if (step + 1) % save_every == 0:
             save_fsdp_checkpoint(root, step + 1, model, optimizer, keep_last=keep_last)
     return losses
+
+
+def released_run(root: str, adapter_dir: str, world_steps: int = 3, config=None):
+    """Train, save a DCP checkpoint and a PEFT adapter (save_pretrained on every rank); returns
+    the trained model's logits on :func:`batch` (0) in eval mode."""
+    from dist_lora.fsdp.checkpoint import save_fsdp_checkpoint
+
+    model = shard_lora_model(build(config))
+    model.train()
+    optimizer = make_optimizer(model)
+    train(model, optimizer, range(world_steps))
+    save_fsdp_checkpoint(root, world_steps, model, optimizer)
+    model.save_pretrained(adapter_dir)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=batch(0)).logits
