@@ -3,7 +3,8 @@
     model:    {hf_dir: null,            # a local HF Llama-family checkpoint; null = built-in tiny model
                attention: sdpa,         # sdpa (torch SDPA: flash / memory-efficient kernels on GPU) | megatron
                dtype: fp32}             # the frozen base: fp32 | bf16 | fp16 (loss-scaled); fp32 adapter masters
-    parallel: {tp: 2, pp: 1, sp: false}
+    parallel: {backend: megatron,       # megatron (TP/PP/SP/DP) | fsdp2 (an HF model under FSDP2, DP = world size)
+               tp: 2, pp: 1, sp: false}
     lora:     {...}                     # any LoraConfig field
     data:     {path: null, format: null, seq_len: 64, eval_fraction: 0.1, packing: true,
                train_on_prompt: false, overlong: drop, skip_invalid: false,
@@ -60,6 +61,7 @@ class ModelSection:
 
 @dataclass
 class ParallelSection:
+    backend: str = "megatron"  # megatron: megatron-core TP/PP/SP x DP | fsdp2: the HF model under torch FSDP2
     tp: int = 1
     pp: int = 1
     sp: bool = False
@@ -208,6 +210,7 @@ RULES: dict[str, Rule] = {
     "model.hf_dir": _optional(_TEXT, "the built-in tiny model"),
     "model.attention": _choice("sdpa", "megatron"),
     "model.dtype": _choice("fp32", "bf16", "fp16"),
+    "parallel.backend": _choice("megatron", "fsdp2"),
     "parallel.tp": _integer(1),
     "parallel.pp": _integer(1),
     "parallel.sp": _BOOL,
@@ -256,6 +259,8 @@ def _check_combinations(config: TrainConfig) -> None:
     p, t, d = config.parallel, config.train, config.data
     if p.sp and p.tp == 1:
         raise ConfigError("parallel.sp needs parallel.tp > 1.")
+    if p.backend == "fsdp2":
+        _check_fsdp2(config)
     if t.eval_interval and t.eval_batches < 1:
         raise ConfigError(
             f"train.eval_batches must be >= 1 when evaluation is on (train.eval_interval={t.eval_interval}), "
@@ -266,6 +271,23 @@ def _check_combinations(config: TrainConfig) -> None:
             "evaluation needs held-out data but data.eval_fraction is 0; set data.eval_fraction > 0 "
             "or train.eval_interval=0."
         )
+
+
+def _check_fsdp2(config: TrainConfig) -> None:
+    """parallel.backend=fsdp2 shards the HF model over all ranks (DP = world size): the keys of
+    the megatron path that have no meaning there are refused, not ignored."""
+    p, m, t = config.parallel, config.model, config.train
+    if (p.tp, p.pp) != (1, 1):
+        raise ConfigError(f"parallel.backend=fsdp2 shards over data parallelism only: set parallel.tp=1 and "
+                          f"parallel.pp=1 (got tp={p.tp}, pp={p.pp}).")
+    if m.attention != "sdpa":
+        raise ConfigError("model.attention=megatron is megatron's attention; parallel.backend=fsdp2 runs the HF model "
+                          "with its own (sdpa) attention: set model.attention=sdpa.")
+    if m.dtype == "fp16":
+        raise ConfigError("model.dtype=fp16 needs loss scaling, which parallel.backend=fsdp2 does not have yet; use bf16.")
+    if t.recompute == "selective":
+        raise ConfigError("train.recompute=selective is megatron's; with parallel.backend=fsdp2 use none or full "
+                          "(full: each decoder layer recomputed in backward).")
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(TrainConfig)}
