@@ -70,17 +70,24 @@ def adapter(model) -> dict[str, torch.Tensor]:
     return full_tensors(adapter_state_dict(model, "default", keep_vars=True))
 
 
-def fsdp_run(steps: int = 3, mp_policy=None, dtype=torch.float32, activation_checkpointing=False, clip=None):
-    """On every rank: build, shard, train ``steps`` steps; returns (losses and norms, adapter)."""
-    model = shard_lora_model(build(dtype=dtype), mp_policy=mp_policy, activation_checkpointing=activation_checkpointing)
+def fsdp_run(steps: int = 3, mp_policy=None, dtype=torch.float32, activation_checkpointing=False, clip=None,
+             config=None, prepare=None):
+    """On every rank: build (``prepare(model)`` next, e.g. a second adapter), shard, train
+    ``steps`` steps; returns (losses and norms, adapter)."""
+    model = build(config, dtype=dtype)
+    if prepare is not None:
+        prepare(model)
+    model = shard_lora_model(model, mp_policy=mp_policy, activation_checkpointing=activation_checkpointing)
     model.train()
     history = train(model, make_optimizer(model), range(steps), **({} if clip is None else {"clip": clip}))
     return history, adapter(model)
 
 
-def reference_run(steps: int = 3) -> tuple[list, dict]:
+def reference_run(steps: int = 3, config=None, prepare=None) -> tuple[list, dict]:
     """One process, no FSDP, the whole global batch per step."""
-    model = build()
+    model = build(config)
+    if prepare is not None:
+        prepare(model)
     model.train()
     history = train(model, make_optimizer(model), range(steps))
     return history, adapter(model)
