@@ -126,3 +126,13 @@ def released_run(root: str, adapter_dir: str, world_steps: int = 3, config=None)
     model.eval()
     with torch.no_grad():
         return model(input_ids=batch(0)).logits
+
+
+def meta_run(hf_dir: str, steps: int = 3, config=None):
+    """As :func:`fsdp_run`, the model built on meta and loaded rank-locally (dist_lora.fsdp.meta)."""
+    from dist_lora.fsdp.meta import load_sharded_lora_model
+
+    model = load_sharded_lora_model(hf_dir, config or lora_config(), seed=7)
+    model.train()
+    history = train(model, make_optimizer(model), range(steps))
+    return history, adapter(model)

@@ -124,7 +124,7 @@ class LoraLayer(nn.Module):
             b = torch.empty(self.out_features, r, device="meta")
             bias = torch.empty(self.out_features, device="meta") if lora_bias else None
         else:
-            a, b, bias = self._init_factors(r, kind.value, seed, lora_bias)
+            a, b, bias = self.init_factors(r, kind.value, seed, lora_bias)
         scaling = lm.lora_scaling(lora_alpha, r, use_rslora)
         residual = None
         if kind.weight_driven and not on_meta:
@@ -172,7 +172,7 @@ class LoraLayer(nn.Module):
             self._active_adapters = [adapter_name]
         self._set_requires_grad()
 
-    def _init_factors(
+    def init_factors(
         self, r: int, init: InitValue, seed: int, lora_bias: bool
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Full (unsharded) A, B and B's bias from one seed (:func:`lm.init_lora_factors`;
