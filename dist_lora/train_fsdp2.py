@@ -36,6 +36,7 @@ from .config import ConfigError
 from .data import Batch
 from .fsdp import bf16_policy, shard_lora_model, trainable_parameters
 from .fsdp.checkpoint import load_fsdp_checkpoint, save_fsdp_checkpoint
+from .fsdp.meta import check_meta_config, load_sharded_lora_model
 from .model import get_lora_model
 from .parallel.device import backend_for, resolve_device, resolve_dtype
 from .release.consolidate import consolidate
@@ -93,16 +94,23 @@ def _evaluate(model, dataset, config: TrainConfig, dtype: torch.dtype) -> float:
 
 
 def _build(config: TrainConfig, hf_dir: str, dtype: torch.dtype, device: torch.device):
+    """The sharded model: built on the meta device with each rank loading only its rows
+    (:mod:`dist_lora.fsdp.meta`) when the adapter config allows, else loaded whole on every
+    rank and sharded (DoRA, modules_to_save)."""
     from transformers import AutoModelForCausalLM
 
     lora = config.lora_config()
     if not lora.init_kind.seeded:
         raise ConfigError(f"lora.init_lora_weights={lora.init_lora_weights!r} is not supported with "
                           "parallel.backend=fsdp2 yet; use true, false or gaussian.")
-    base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device)
-    model = get_lora_model(base, lora, seed=config.train.seed)
-    policy = bf16_policy() if dtype == torch.bfloat16 else None
-    return shard_lora_model(model, mp_policy=policy, activation_checkpointing=config.train.recompute == "full")
+    options = dict(mp_policy=bf16_policy() if dtype == torch.bfloat16 else None,
+                   activation_checkpointing=config.train.recompute == "full")
+    try:
+        check_meta_config(lora)
+    except ConfigError:
+        base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device)
+        return shard_lora_model(get_lora_model(base, lora, seed=config.train.seed), **options)
+    return load_sharded_lora_model(hf_dir, lora, dtype=dtype, seed=config.train.seed, device=device, **options)
 
 
 def train_fsdp2(config: TrainConfig, resume: Optional[str] = None) -> dict:

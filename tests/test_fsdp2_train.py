@@ -66,3 +66,12 @@ def test_packed_samples_see_only_themselves():
 def test_fsdp2_config_refusals(override, message):
     with pytest.raises(ConfigError, match=message):
         load_train_config(CONFIG, (override,))
+
+
+def test_fsdp2_job_with_dora_loads_whole_model_and_releases_magnitudes(tmp_path):
+    """DoRA needs the full base weight at init: the job loads the model whole, then shards it."""
+    from safetensors import safe_open
+
+    out = run_distributed(_job, 2, args=(str(tmp_path / "dora"), ["lora.use_dora=true"]), timeout=300)[0]
+    with safe_open(os.path.join(out["adapter"], "adapter_model.safetensors"), "pt") as f:
+        assert sum(k.endswith("lora_magnitude_vector") for k in f.keys()) == 14
