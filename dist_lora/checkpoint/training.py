@@ -1,7 +1,8 @@
 """Training checkpoints: one complete sharded checkpoint per step directory, and a ``latest``
 pointer that moves only after the new checkpoint is complete.
 
-    <root>/step_00000100/   adapter + optimizer state + RNG + trainer state (see sharded.py)
+    <root>/step_00000100/   adapter + optimizer state + RNG + trainer state (see sharded.py;
+                            an FSDP2 run's DCP checkpoints, dcp_format.py, follow the same rules)
     <root>/latest           "step_00000100", rewritten atomically after each save
     <root>/superseded_<timestamp>/   checkpoints a resumed run moved out of its way
 

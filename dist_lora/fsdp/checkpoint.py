@@ -24,6 +24,7 @@ keep; dropout masks after a resume differ from an uninterrupted run).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint.dcp_format import read_dcp_manifest, safe_reader, write_manifest
+from ..checkpoint.manifest import read_adapter_config
 from ..checkpoint.training import check_keep_last, publish_checkpoint, resolve_checkpoint, step_directory
 from ..config import ConfigError
 from ..io import AtomicDirectory
@@ -120,15 +122,18 @@ def save_fsdp_checkpoint(
     return path
 
 
+def _as_json(value):
+    """``value`` as it reads back from JSON (tuples as lists, sets as sorted lists)."""
+    return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
+
+
 def check_compatible(manifest: dict, model: LoraModel, shapes: dict[str, list[int]], path: str) -> None:
     """Raise ConfigError naming the first difference between the checkpoint and this model."""
     adapter = _adapter_name(model)
     if manifest["adapter_name"] != adapter:
         raise ConfigError(f"checkpoint {path} holds adapter {manifest['adapter_name']!r}, the model trains {adapter!r}.")
-    from ..checkpoint.manifest import read_adapter_config
-
-    saved = read_adapter_config(path).to_dict()
-    ours = model.peft_config[adapter].to_dict()
+    saved = _as_json(read_adapter_config(path).to_dict())
+    ours = _as_json(model.peft_config[adapter].to_dict())
     for key in sorted(set(saved) | set(ours)):
         if key != "inference_mode" and saved.get(key) != ours.get(key):
             raise ConfigError(f"checkpoint {path} was trained with another adapter config: {key}={saved.get(key)!r} "
