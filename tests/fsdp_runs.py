@@ -71,13 +71,18 @@ def adapter(model) -> dict[str, torch.Tensor]:
 
 
 def fsdp_run(steps: int = 3, mp_policy=None, dtype=torch.float32, activation_checkpointing=False, clip=None,
-             config=None, prepare=None):
+             config=None, prepare=None, mesh_shape=None):
     """On every rank: build (``prepare(model)`` next, e.g. a second adapter), shard, train
     ``steps`` steps; returns (losses and norms, adapter)."""
     model = build(config, dtype=dtype)
     if prepare is not None:
         prepare(model)
-    model = shard_lora_model(model, mp_policy=mp_policy, activation_checkpointing=activation_checkpointing)
+    mesh = None
+    if mesh_shape is not None:  # (replicate, shard): HSDP
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard"))
+    model = shard_lora_model(model, mesh=mesh, mp_policy=mp_policy, activation_checkpointing=activation_checkpointing)
     model.train()
     history = train(model, make_optimizer(model), range(steps), **({} if clip is None else {"clip": clip}))
     return history, adapter(model)

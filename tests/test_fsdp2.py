@@ -37,6 +37,11 @@ def test_fsdp2_equals_one_process(world_size, reference):
     _check_equal(run_distributed(fsdp_runs.fsdp_run, world_size), reference)
 
 
+def test_hsdp_2x2_equals_one_process(reference):
+    """HSDP: a 2-D mesh, 2 replicas x 2 shards (4 ranks)."""
+    _check_equal(run_distributed(fsdp_runs.fsdp_run, 4, kwargs=dict(mesh_shape=(2, 2))), reference)
+
+
 def test_fsdp2_activation_checkpointing_equals_one_process(reference):
     _check_equal(run_distributed(fsdp_runs.fsdp_run, 2, kwargs=dict(activation_checkpointing=True)), reference)
 
