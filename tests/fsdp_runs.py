@@ -141,3 +141,18 @@ def meta_run(hf_dir: str, steps: int = 3, config=None):
     model.train()
     history = train(model, make_optimizer(model), range(steps))
     return history, adapter(model)
+
+
+def async_saved_run(root: str, steps: int = 3):
+    """Train, start an asynchronous save after step 1 and keep training (the parameters change
+    while it writes), wait; returns the losses."""
+    from dist_lora.fsdp.checkpoint import async_save_fsdp_checkpoint
+
+    model = shard_lora_model(build())
+    model.train()
+    optimizer = make_optimizer(model)
+    losses = [train(model, optimizer, range(0, 1))[0][0]]
+    pending = async_save_fsdp_checkpoint(root, 1, model, optimizer)
+    losses += [loss for loss, _ in train(model, optimizer, range(1, steps))]
+    pending.wait()
+    return losses

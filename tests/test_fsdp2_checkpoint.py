@@ -84,3 +84,14 @@ def test_refuses_checkpoint_of_another_config_or_model(tmp_path):
     assert "another adapter config: r=4 there, 8 here" in message and unchanged
     message, unchanged = run_distributed(_load_into, 2, args=(root,), kwargs=dict(intermediate_size=48))[0]
     assert "another base model: intermediate_size=64 there, 48 here" in message and unchanged
+
+
+def test_async_save_holds_the_state_of_its_step(tmp_path, uninterrupted):
+    """The parameters change while the asynchronous save writes; resuming from it still
+    reproduces the uninterrupted run."""
+    root = str(tmp_path / "ckpt")
+    losses = run_distributed(fsdp_runs.async_saved_run, 2, args=(root,))[0]
+    assert losses == pytest.approx(uninterrupted[:3], abs=1e-5)
+    assert open(os.path.join(root, LATEST)).read().strip() == "step_00000001"
+    resumed = run_distributed(fsdp_runs.resumed_run, 2, args=(root, 1, 3))[0]
+    assert resumed == pytest.approx(uninterrupted[1:3], abs=1e-5)

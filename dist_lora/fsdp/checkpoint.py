@@ -7,7 +7,8 @@ Format: :mod:`dist_lora.checkpoint.dcp_format`. The tensors come from
 ``get_model_state_dict(model, StateDictOptions(ignore_frozen_params=True))`` (the trainable
 adapter parameters only, never the frozen base) and ``get_optimizer_state_dict`` (state keyed
 by parameter name), each rank writing its own shards. DCP reshards on load, so a run saved at
-DP=2 resumes at DP=1 or DP=4.
+DP=2 resumes at DP=1 or DP=4. :func:`async_save_fsdp_checkpoint` writes in the background
+(state copied to host memory first) and completes the checkpoint in :meth:`PendingSave.wait`.
 
 Atomic: the ranks write into ``<root>/.step_N.partial``; when every rank is done rank 0 adds
 ``adapter_config.json`` and ``manifest.json`` and renames it to ``step_N``
@@ -85,41 +86,98 @@ def save_fsdp_checkpoint(
     keep_last: Optional[int] = 2,
 ) -> str:
     """Save step ``step`` under ``root`` (every rank calls this); returns its directory."""
-    check_keep_last(keep_last)
     import torch.distributed.checkpoint as dcp
 
-    adapter = _adapter_name(model)
-    path = step_directory(root, step)
-    target = AtomicDirectory(path, staging_name=f".{os.path.basename(path)}.partial")
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0:
-        target.create()
-    if dist.is_initialized():
-        dist.barrier()
-    state = _state(model, optimizer)
-    dcp.save(state, checkpoint_id=target.staging)  # collective: every rank writes its shards
-    error = None
-    if rank0:
-        try:
-            model.peft_config[adapter].save_pretrained(target.staging)
-            write_manifest(target.staging, {
-                "adapter_name": adapter,
-                "world": dist.get_world_size() if dist.is_initialized() else 1,
-                "base_model": base_model_description(model),
-                "tensors": _global_shapes(state),
-                "optimizer": optimizer is not None,
-                "trainer_state": {"step": step, **(trainer_state or {})},
-            })
-            target.commit()
-        except (OSError, ValueError) as e:
-            target.discard()
-            error = e
-    if dist.is_initialized():
-        raise_together(error)
-    elif error is not None:
-        raise error
-    publish_checkpoint(root, step, keep_last)
-    return path
+    save = _SaveStep(root, step, model, optimizer, trainer_state, keep_last)
+    dcp.save(save.state, checkpoint_id=save.target.staging)  # collective: every rank writes its shards
+    return save.finish()
+
+
+class PendingSave:
+    """An asynchronous save in flight (:func:`async_save_fsdp_checkpoint`): :meth:`wait` (every
+    rank, before the next save) blocks until every rank's shards are written, then completes
+    the checkpoint as a synchronous save does and returns its directory."""
+
+    def __init__(self, future, save: "_SaveStep") -> None:
+        self._future, self._save = future, save
+
+    def wait(self) -> str:
+        self._future.result()
+        return self._save.finish()
+
+
+_ASYNC_GROUP: dict = {}  # the default group -> a gloo group for DCP's background collectives
+
+
+def async_save_fsdp_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    model: LoraModel,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    trainer_state: Optional[dict] = None,
+    keep_last: Optional[int] = 2,
+) -> PendingSave:
+    """:func:`save_fsdp_checkpoint` with the writing in a background thread
+    (``dcp.async_save``): the state is first copied to host memory, so training may go on
+    (and change the parameters) at once. DCP's collectives run on a process group of their own
+    (gloo), never interleaving with training's. Call :meth:`PendingSave.wait` on every rank
+    before the next save; until then ``latest`` still names the previous checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    world = dist.group.WORLD  # a new default group (destroyed and re-initialised) gets a new one
+    if world not in _ASYNC_GROUP:
+        _ASYNC_GROUP.clear()
+        _ASYNC_GROUP[world] = dist.new_group(backend="gloo")
+    save = _SaveStep(root, step, model, optimizer, trainer_state, keep_last)
+    future = dcp.async_save(save.state, checkpoint_id=save.target.staging, process_group=_ASYNC_GROUP[world])
+    return PendingSave(future, save)
+
+
+class _SaveStep:
+    """One save: staging directory made (rank 0), state taken; :meth:`finish` completes it."""
+
+    def __init__(self, root, step, model, optimizer, trainer_state, keep_last) -> None:
+        check_keep_last(keep_last)
+        self.root, self.step, self.keep_last = root, step, keep_last
+        self.adapter = _adapter_name(model)
+        self.config = model.peft_config[self.adapter]
+        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        path = step_directory(root, step)
+        self.target = AtomicDirectory(path, staging_name=f".{os.path.basename(path)}.partial")
+        if self.rank0:
+            self.target.create()
+        if dist.is_initialized():
+            dist.barrier()
+        self.state = _state(model, optimizer)
+        self.manifest = {
+            "adapter_name": self.adapter,
+            "world": dist.get_world_size() if dist.is_initialized() else 1,
+            "base_model": base_model_description(model),
+            "tensors": _global_shapes(self.state),
+            "optimizer": optimizer is not None,
+            "trainer_state": {"step": step, **(trainer_state or {})},
+        }
+
+    def finish(self) -> str:
+        """After every rank wrote its shards: rank 0 adds the config and the manifest and
+        renames the staging directory into place; then ``latest`` and pruning."""
+        if dist.is_initialized():
+            dist.barrier()
+        error = None
+        if self.rank0:
+            try:
+                self.config.save_pretrained(self.target.staging)
+                write_manifest(self.target.staging, self.manifest)
+                self.target.commit()
+            except (OSError, ValueError) as e:
+                self.target.discard()
+                error = e
+        if dist.is_initialized():
+            raise_together(error)
+        elif error is not None:
+            raise error
+        publish_checkpoint(self.root, self.step, self.keep_last)
+        return self.target.path
 
 
 def _as_json(value):
