@@ -19,8 +19,11 @@ Each step is forward, backward, clip_grad_norm_ (global), AdamW step. Memory per
                            set before it (VmHWM reset through /proc/self/clear_refs):
                            activations, the all-gathered layer, temporaries
 
-Not measured: construction. Every rank builds the whole model before sharding (see
-dist_lora/fsdp/shard.py), so the construction peak is the one-process model on every rank.
+Not measured: construction. Both contenders here build the whole model; dist_lora.fsdp.meta
+builds on the meta device and reads only each rank's rows. On CPU its peak anonymous memory
+equals that of from_pretrained + shard_lora_model (tried: 63 vs 64 MiB per rank for 2 layers),
+because transformers keeps the loaded weights in mmapped safetensors pages on CPU; the
+difference is on a GPU, where from_pretrained puts the whole model on every device first.
 """
 
 from __future__ import annotations
