@@ -19,12 +19,12 @@ from tests.hf_models import sample_ids, tiny_llama
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "fsdp2_small.yaml")
 
 
-def _job(out_dir: str, overrides: list[str]) -> dict:
+def _job(out_dir: str, overrides: list[str], resume=None) -> dict:
     from dist_lora.train_fsdp2 import train_fsdp2
 
     config = load_train_config(CONFIG, (f"train.out_dir={out_dir}", "train.steps=3", "train.eval_interval=0",
                                         "train.checkpoint_interval=2", *overrides))
-    summary = train_fsdp2(config)
+    summary = train_fsdp2(config, resume=resume)
     return {"losses": summary["losses"], "adapter": summary.get("adapter"), "hf_dir": summary["hf_dir"]}
 
 
@@ -35,6 +35,12 @@ def test_fsdp2_job_dp2_equals_dp1_and_releases_a_peft_adapter(tmp_path):
     assert list(two["losses"]) == [0, 1, 2]
     assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), abs=1e-5)
     assert sorted(os.listdir(tmp_path / "dp2" / "checkpoints")) == ["latest", "step_00000002", "step_00000003"]
+    # resume the DP=2 run from step 2 at DP=1: step 3 is redone (step_3 moved aside) with the same loss
+    step2 = str(tmp_path / "dp2" / "checkpoints" / "step_00000002")
+    resumed = run_distributed(_job, 1, args=(str(tmp_path / "dp2"), ["train.grad_accum=4"]),
+                              kwargs=dict(resume=step2), timeout=300)[0]
+    assert list(resumed["losses"]) == [2] and resumed["losses"][2] == pytest.approx(two["losses"][2], abs=1e-5)
+    assert any(n.startswith("superseded_") for n in os.listdir(tmp_path / "dp2" / "checkpoints"))
     from transformers import AutoModelForCausalLM
 
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(two["hf_dir"]), two["adapter"])
