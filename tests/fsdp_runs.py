@@ -156,3 +156,16 @@ def async_saved_run(root: str, steps: int = 3):
     losses += [loss for loss, _ in train(model, optimizer, range(1, steps))]
     pending.wait()
     return losses
+
+
+def converted_release_run(initial_dir: str, adapter_dir: str, steps: int = 2):
+    """PiSSA under FSDP2: save the initial adapter, train, save converted to plain LoRA for the
+    original base; returns the trained model's logits on :func:`batch` (0)."""
+    model = shard_lora_model(build(lora_config(init_lora_weights="pissa")))
+    model.save_pretrained(initial_dir)
+    model.train()
+    train(model, make_optimizer(model), range(steps))
+    model.save_pretrained(adapter_dir, path_initial_model_for_weight_conversion=initial_dir)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=batch(0)).logits

@@ -48,3 +48,12 @@ def test_consolidate_refuses_megatron_format_for_dcp(tmp_path, capsys):
     assert cli_main(["consolidate", root, str(tmp_path / "out"), "--format", "megatron"]) == 2
     assert "FSDP2 (DCP) checkpoint" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_pissa_release_converted_for_the_original_base(tmp_path):
+    """PiSSA rewrites the base: save_pretrained under FSDP2 with the initial adapter gives a
+    rank-2r plain LoRA adapter that PEFT loads on the ORIGINAL model with the training logits."""
+    initial, out = str(tmp_path / "initial"), str(tmp_path / "out")
+    logits = run_distributed(fsdp_runs.converted_release_run, 2, args=(initial, out))[0]
+    assert '"r": 8' in open(os.path.join(out, "adapter_config.json")).read()
+    torch.testing.assert_close(_peft_logits(out), logits, atol=1e-4, rtol=1e-4)
