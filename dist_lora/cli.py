@@ -23,6 +23,7 @@ from .release.serving import TARGETS
 from .release.sources import is_training_root, resolve_checkpoint_dir
 from .train import train
 from .train_config import describe_keys, load_train_config
+from .train_fsdp2 import train_fsdp2
 
 
 BAD_INPUT = 2  # exit code for bad input: a bad argument (as argparse), a bad config or file
@@ -123,7 +124,7 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
         return _error("train", f"unrecognized arguments: {' '.join(bad)}")
     try:
         config = load_train_config(args.config, tuple(rest))
-        train(config, resume=args.resume)
+        (train_fsdp2 if config.parallel.backend == "fsdp2" else train)(config, resume=args.resume)
     except (ValueError, OSError, UnsupportedCheckpointError) as e:  # bad input: a message on every rank
         return _error("train", str(e))
     return 0

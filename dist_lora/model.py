@@ -76,6 +76,19 @@ class LoraModel(PeftModelApi, nn.Module):
         self.targeted_module_names: list[str] = []  # as PEFT: every adapter's targets, first seen first
         self.targeted_parameter_names: list[str] = []  # as PEFT: every adapter's target_parameters matches
         self._snapshots: list[ModelSnapshot] = []  # one per open rollback_on_error block
+        self._structure_lock: Optional[str] = None  # set by lock_structure (e.g. FSDP2 sharding)
+
+    def lock_structure(self, reason: str) -> None:
+        """From now on refuse what adds, removes or merges adapter parameters (``add_adapter``,
+        ``load_adapter``, ``delete_adapter``, merging): ``reason`` says why (e.g. the parameters
+        were sharded by FSDP2, which only knows the parameters present when it sharded)."""
+        self._structure_lock = reason
+
+    def check_structure_unlocked(self, action: str) -> None:
+        """Raise if :meth:`lock_structure` was called, naming ``action`` and the reason."""
+        reason = getattr(self, "_structure_lock", None)
+        if reason is not None:
+            raise RuntimeError(f"cannot {action}: {reason}.")
 
     @classmethod
     def _without_adapter(cls, model: nn.Module, adapter_name: str, seed: Optional[int]) -> "LoraModel":
@@ -177,6 +190,7 @@ class LoraModel(PeftModelApi, nn.Module):
         ``autocast_adapter_dtype`` (PEFT's): adapters of a float16/bfloat16 base are kept in
         float32; False keeps them in the base weight's dtype.
         """
+        self.check_structure_unlocked(f"add adapter {adapter_name!r}")
         check_new_adapter(self.peft_config, adapter_name, config)
         config = copy.deepcopy(config)  # never mutate the caller's config
         with self.rollback_on_error():  # layer_replication: expand the stack before targeting
@@ -246,6 +260,7 @@ class LoraModel(PeftModelApi, nn.Module):
                 bias.requires_grad_(True)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        self.check_structure_unlocked(f"delete adapter {adapter_name!r}")
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} does not exist; existing: {sorted(self.peft_config)}.")
         for _, layer in self.lora_layers():
@@ -329,6 +344,7 @@ class LoraModel(PeftModelApi, nn.Module):
 
     def _check_merge_allowed(self) -> None:
         """Replicated layers share base weights: merging is refused until they are materialized."""
+        self.check_structure_unlocked("merge adapters into the base weights")
         if self._replication is not None:
             self._replication.refuse_merge_unless_materialized()
         else:

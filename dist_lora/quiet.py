@@ -9,6 +9,8 @@ Filtered by exact message, so every other warning stays visible:
 - megatron-core 0.16 calls torch.distributed collectives that torch 2.13 marks deprecated;
 - PEFT imports bitsandbytes, which logs that its optional CPU kernel package is missing;
 - PEFT reads a transformers attribute that transformers 5 marks deprecated;
+- torch's DCP warns that it "assumes the intent" of a single process even when asked for one
+  (``no_dist=True``: offline consolidation of an FSDP2 checkpoint);
 - ``datasets`` shows a progress bar per file it converts (dist_lora shows its own).
 """
 
@@ -24,6 +26,7 @@ _MESSAGES = (
     r".*is_gradient_checkpointing",
     r"If you are using transformer_engine as the transformer implementation, the core_attn",
     r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to (load|save) in a single",
 )
 
 

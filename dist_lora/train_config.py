@@ -6,7 +6,8 @@
                                         # checkpoint (router_aux_loss_coef if output_router_logits, else 0)
                attention: sdpa,         # sdpa (torch SDPA: flash / memory-efficient kernels on GPU) | megatron
                dtype: fp32}             # the frozen base: fp32 | bf16 | fp16 (loss-scaled); fp32 adapter masters
-    parallel: {tp: 2, pp: 1, sp: false,
+    parallel: {backend: megatron,       # megatron (TP/PP/SP/EP/DP) | fsdp2 (an HF model under FSDP2, DP = world size)
+               tp: 2, pp: 1, sp: false,
                ep: 1, etp: 1}           # mixture of experts: expert-parallel size, expert-tensor-parallel size
     lora:     {...}                     # any LoraConfig field
     data:     {path: null, format: null, seq_len: 64, eval_fraction: 0.1, packing: true,
@@ -67,6 +68,7 @@ class ModelSection:
 
 @dataclass
 class ParallelSection:
+    backend: str = "megatron"  # megatron: megatron-core TP/PP/SP x DP | fsdp2: the HF model under torch FSDP2
     tp: int = 1
     pp: int = 1
     sp: bool = False
@@ -219,6 +221,7 @@ RULES: dict[str, Rule] = {
     "model.moe_aux_loss_coeff": _optional(_number(">= 0", lambda v: v >= 0), "as the HF config trains it"),
     "model.attention": _choice("sdpa", "megatron"),
     "model.dtype": _choice("fp32", "bf16", "fp16"),
+    "parallel.backend": _choice("megatron", "fsdp2"),
     "parallel.tp": _integer(1),
     "parallel.pp": _integer(1),
     "parallel.sp": _BOOL,
@@ -271,6 +274,8 @@ def _check_combinations(config: TrainConfig) -> None:
         raise ConfigError("parallel.sp needs parallel.tp > 1.")
     if p.ep > 1 and p.tp > 1 and not p.sp:
         raise ConfigError("parallel.ep > 1 with parallel.tp > 1 needs parallel.sp: true (megatron's MoE token dispatch).")
+    if p.backend == "fsdp2":
+        _check_fsdp2(config)
     if t.eval_interval and t.eval_batches < 1:
         raise ConfigError(
             f"train.eval_batches must be >= 1 when evaluation is on (train.eval_interval={t.eval_interval}), "
@@ -281,6 +286,23 @@ def _check_combinations(config: TrainConfig) -> None:
             "evaluation needs held-out data but data.eval_fraction is 0; set data.eval_fraction > 0 "
             "or train.eval_interval=0."
         )
+
+
+def _check_fsdp2(config: TrainConfig) -> None:
+    """parallel.backend=fsdp2 shards the HF model over all ranks (DP = world size): the keys of
+    the megatron path that have no meaning there are refused, not ignored."""
+    p, m, t = config.parallel, config.model, config.train
+    if (p.tp, p.pp, p.ep, p.etp) != (1, 1, 1, 1):
+        raise ConfigError(f"parallel.backend=fsdp2 shards over data parallelism only: set parallel.tp, pp, ep and "
+                          f"etp to 1 (got tp={p.tp}, pp={p.pp}, ep={p.ep}, etp={p.etp}).")
+    if m.attention != "sdpa":
+        raise ConfigError("model.attention=megatron is megatron's attention; parallel.backend=fsdp2 runs the HF model "
+                          "with its own (sdpa) attention: set model.attention=sdpa.")
+    if m.dtype == "fp16":
+        raise ConfigError("model.dtype=fp16 needs loss scaling, which parallel.backend=fsdp2 does not have yet; use bf16.")
+    if t.recompute == "selective":
+        raise ConfigError("train.recompute=selective is megatron's; with parallel.backend=fsdp2 use none or full "
+                          "(full: each decoder layer recomputed in backward).")
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -1,7 +1,8 @@
 """Training checkpoints: one complete sharded checkpoint per step directory, and a ``latest``
 pointer that moves only after the new checkpoint is complete.
 
-    <root>/step_00000100/   adapter + optimizer state + RNG + trainer state (see sharded.py)
+    <root>/step_00000100/   adapter + optimizer state + RNG + trainer state (see sharded.py;
+                            an FSDP2 run's DCP checkpoints, dcp_format.py, follow the same rules)
     <root>/latest           "step_00000100", rewritten atomically after each save
     <root>/superseded_<timestamp>/   checkpoints a resumed run moved out of its way
 
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from ..config import ConfigError
 from ..io import atomic_write_text
 from ..parallel.collectives import raise_together
+from .dcp_format import is_dcp_checkpoint, read_dcp_manifest
 from .manifest import MANIFEST, read_manifest
 from .sharded import apply_rng_states, load_sharded, read_rng_states, save_sharded
 
@@ -52,7 +54,8 @@ def _is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MANIFEST))
 
 
-def _check_keep_last(keep_last: Optional[int]) -> None:
+def check_keep_last(keep_last: Optional[int]) -> None:
+    """Refuse a ``keep_last`` that is not None or an integer >= 0."""
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0):
         raise ConfigError(f"keep_last must be None or an integer >= 0 (None or 0 keep every checkpoint), got {keep_last!r}.")
 
@@ -68,18 +71,25 @@ def save_checkpoint(
     """Save step ``step`` under ``root`` (every rank calls this); returns its directory.
     Keeps the ``keep_last`` newest complete checkpoints up to this one (None or 0 keeps all):
     only steps older than ``step`` are ever deleted, never the one just written nor newer ones."""
-    _check_keep_last(keep_last)
+    check_keep_last(keep_last)
     path = step_directory(root, step)
     save_sharded(model, path, optimizer=optimizer, trainer_state={"step": step, **(trainer_state or {})})
+    publish_checkpoint(root, step, keep_last)
+    return path
+
+
+def publish_checkpoint(root: str | os.PathLike, step: int, keep_last: Optional[int]) -> None:
+    """After step ``step``'s checkpoint is complete under ``root`` (every rank calls this, any
+    checkpoint format): rank 0 points ``latest`` at it and prunes to the ``keep_last`` newest
+    (older steps only), then all ranks meet."""
     if not dist.is_initialized() or dist.get_rank() == 0:
-        atomic_write_text(os.path.join(os.fspath(root), LATEST), os.path.basename(path) + "\n")
+        atomic_write_text(os.path.join(os.fspath(root), LATEST), os.path.basename(step_directory(root, step)) + "\n")
         if keep_last:
             older = [d for d in complete_checkpoints(root) if _step_of(d) < step]
             for old in older[: max(0, len(older) - (keep_last - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
-    return path
 
 
 def complete_checkpoints(root: str | os.PathLike) -> list[str]:
@@ -144,6 +154,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
 
 def checkpoint_step(path: str | os.PathLike) -> int:
     """The step a complete checkpoint was saved at."""
+    if is_dcp_checkpoint(path):
+        return int(read_dcp_manifest(path, verify=False).get("trainer_state", {}).get("step", 0))
     return int(read_manifest(path, verify=False).get("trainer_state", {}).get("step", 0))
 
 

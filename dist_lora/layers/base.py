@@ -125,7 +125,7 @@ class LoraLayer(nn.Module):
             b = torch.empty(shape_b, device="meta")
             bias = torch.empty(self.out_features, device="meta") if lora_bias else None
         else:
-            a, b, bias = self._init_factors(r, kind.value, seed, lora_bias)
+            a, b, bias = self.init_factors(r, kind.value, seed, lora_bias)
         scaling = lm.lora_scaling(lora_alpha, r, use_rslora)
         residual = None
         if kind.weight_driven and not on_meta:
@@ -185,7 +185,7 @@ class LoraLayer(nn.Module):
         if factor == 1 and value.shape[0] != self.out_features:
             raise ConfigError(f"{key}: out_features {value.shape[0]} in the file, the model has {self.out_features}.")
 
-    def _init_factors(
+    def init_factors(
         self, r: int, init: InitValue, seed: int, lora_bias: bool
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Full (unsharded) A, B and B's bias from one seed (:func:`lm.init_lora_factors`;

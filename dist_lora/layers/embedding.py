@@ -136,7 +136,7 @@ class LoraEmbedding(LoraLayer):
         _check_embedding_config(f"adapter {adapter_name!r}", self.base_layer, lora_bias, init)
         super().update_layer(adapter_name, *args, **kwargs)
 
-    def _init_factors(self, r: int, init: InitValue, seed: int, lora_bias: bool):
+    def init_factors(self, r: int, init: InitValue, seed: int, lora_bias: bool):
         a, b = init_embedding_factors(r, self.in_features, self.out_features, init, seed)
         return a, b, None
 

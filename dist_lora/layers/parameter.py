@@ -89,7 +89,7 @@ class LoraParameter(LoraLayer):
                 f"{r * self.num_experts}); was this adapter trained on a model with another expert count?"
             )
 
-    def _init_factors(self, r: int, init, seed: int, lora_bias: bool):
+    def init_factors(self, r: int, init, seed: int, lora_bias: bool):
         return lm.init_lora_factors(r, self.in_features, self.out_features, init, seed, lora_bias, stack=self.num_experts)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,

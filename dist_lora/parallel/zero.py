@@ -25,6 +25,10 @@ modules); adding one to a model an engine already manages is refused
 weights in base layers that had no hooks of their own (they sat inside a leaf): gather them to
 export (``GatheredParameters``), rather than running the old engine's forward on them.
 
+FSDP2 (``fully_shard``, :mod:`dist_lora.fsdp`) shards parameters as DTensors: saving uses the
+same two helpers (:func:`full_tensors` calls ``full_tensor()``, an all-gather of only the
+tensors asked for; :func:`single_writer` lets rank 0 write).
+
 Stages 1 and 2 partition only optimizer state (and gradients): parameters stay whole and
 every helper here is a no-op. Nothing here imports DeepSpeed unless a ZeRO-3 parameter exists.
 """
@@ -52,6 +56,19 @@ def full_shape(param: torch.Tensor) -> torch.Size:
 
 def has_zero3_params(module: torch.nn.Module) -> bool:
     return any(is_zero3_param(p) for p in module.parameters())
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (a parameter sharded by FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def has_gathered_saves(module: torch.nn.Module) -> bool:
+    """Whether a save must gather ``module``'s parameters on every rank and write on one:
+    ZeRO-3 or FSDP2 (DTensor) parameters."""
+    return any(is_zero3_param(p) or is_dtensor(p) for p in module.parameters())
 
 
 @contextlib.contextmanager
@@ -98,23 +115,27 @@ def _input_requires_grad(module: torch.nn.Module, args: tuple) -> Optional[tuple
 
 
 def full_tensors(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{name: full, contiguous, detached copy}`` of ``params`` (gathered under ZeRO-3). The
-    values must be the parameters themselves (not detached views: those lose DeepSpeed's
-    attributes). Collective under ZeRO-3: every rank must call it."""
+    """``{name: full, contiguous, detached copy}`` of ``params`` (gathered under ZeRO-3,
+    ``full_tensor()`` of FSDP2's DTensors). The values must be the parameters themselves (not
+    detached views: those lose DeepSpeed's attributes). Collective under ZeRO-3 and FSDP2:
+    every rank must call it, with the same names in the same order."""
     with gathered(params.values()):
-        return {name: p.detach().clone().contiguous() for name, p in params.items()}
+        return {
+            name: (p.detach().full_tensor() if is_dtensor(p) else p.detach()).clone().contiguous()
+            for name, p in params.items()
+        }
 
 
 @contextlib.contextmanager
 def single_writer(model: torch.nn.Module) -> Iterator[bool]:
     """Yields whether this rank writes the files of a save every rank calls.
 
-    Under ZeRO-3 (in a process group of more than one rank) every rank holds the same gathered
+    Under ZeRO-3 or FSDP2 (in a process group of more than one rank) every rank holds the same gathered
     tensors: only global rank 0 writes, and on exit all ranks agree (one all-reduce of a flag)
     that it succeeded, so no rank returns before the files exist and a failure on rank 0 is an
     error on every rank instead of a hang. Otherwise: yields True, no collective.
     """
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and has_zero3_params(model)):
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and has_gathered_saves(model)):
         yield True
         return
     writes = dist.get_rank() == 0

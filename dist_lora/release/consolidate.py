@@ -4,7 +4,7 @@ One process, no process group. The output is ``adapter_model.safetensors`` +
 ``adapter_config.json``. Two sources, one pipeline of public stages:
 
 1. read (:mod:`.sources`): a dist_lora sharded checkpoint (:func:`consolidate`, any TP × PP
-   layout) or a DeepSpeed ZeRO checkpoint (:func:`consolidate_deepspeed`,
+   layout), an FSDP2 run's DCP checkpoint (:func:`consolidate` too, :mod:`.dcp_source`) or a DeepSpeed ZeRO checkpoint (:func:`consolidate_deepspeed`,
    :mod:`.deepspeed_source`) becomes an :class:`~.sources.AdapterSource`;
 2. check (:mod:`.checks`): the init does not rewrite the base weights, every adapted module
    has its factors;
@@ -39,10 +39,12 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint.dcp_format import is_dcp_checkpoint
 from ..checkpoint.conversion import ConversionError, check_convertible, doubled_rank, mutated_to_plain
 from ..checkpoint.peft_format import WEIGHTS_NAME, read_adapter_file, write_adapter_dir
 from ..config import LoraConfig
 from .checks import CONVERSION_HINT, check_factors, check_releasable
+from .dcp_source import read_dcp
 from .deepspeed_source import read_deepspeed
 from .errors import ConsolidationError
 from .hf_model import check_against_hf_model
@@ -88,6 +90,12 @@ def consolidate(
     hf_model_dir = None if hf_model_dir is None else os.fspath(hf_model_dir)
     check_format(format)
     check_out_dir(out_dir, overwrite, checkpoint_dir)
+    if is_dcp_checkpoint(checkpoint_dir):
+        if format != "peft" or initial_checkpoint_dir is not None:
+            raise ConsolidationError(f"{checkpoint_dir} is an FSDP2 (DCP) checkpoint: it is written as a PEFT adapter "
+                                     "only (no --format megatron, no --initial).")
+        return _consolidate_dcp(checkpoint_dir, out_dir, hf_model_dir, overwrite, show_progress, verify,
+                                allow_nonfinite, dtype, target)
     engine = engine_for(target)
     if engine is not None:
         if format != "peft":
@@ -144,6 +152,24 @@ def _consolidate_deepspeed(checkpoint_dir: str, out_dir: str, config: Optional[s
     source = read_deepspeed(checkpoint_dir, config, adapter, hf_model_dir, tag)
     if engine is not None:
         check_servable(source.config, engine, where=checkpoint_dir)
+    check_releasable(source.config)
+    check_factors(source.tensors, source.config)
+    plan = identity_plan(source.tensors, source.config, hf_model_dir, rename=True)
+    if hf_model_dir is not None:
+        check_against_hf_model(plan.groups, hf_model_dir, source.config.layer_replication)
+    return write_release(source, plan, out_dir, overwrite, show_progress, allow_nonfinite, dtype)
+
+
+def _consolidate_dcp(checkpoint_dir: str, out_dir: str, hf_model_dir: Optional[str], overwrite: bool,
+                     show_progress: bool, verify: bool, allow_nonfinite: bool, dtype: Optional[torch.dtype],
+                     target: str) -> str:
+    """An FSDP2 run's DCP checkpoint (:mod:`.dcp_source`): HF names kept, as for DeepSpeed."""
+    engine = engine_for(target)
+    if engine is not None:
+        check_servable(sharded_config(checkpoint_dir), engine, where=checkpoint_dir)
+        return _for_engine(target, out_dir, overwrite, dtype, lambda peft_dir: _consolidate_dcp(
+            checkpoint_dir, peft_dir, hf_model_dir, False, show_progress, verify, allow_nonfinite, None, "peft"))
+    source = read_dcp(checkpoint_dir, verify, hf_model_dir)
     check_releasable(source.config)
     check_factors(source.tensors, source.config)
     plan = identity_plan(source.tensors, source.config, hf_model_dir, rename=True)
