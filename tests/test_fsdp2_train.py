@@ -47,6 +47,17 @@ def test_fsdp2_job_dp2_equals_dp1_and_releases_a_peft_adapter(tmp_path):
     assert len(peft.targeted_module_names) == 14  # 7 linear layers x 2 decoder layers
 
 
+def test_fsdp2_job_on_instruction_data_dp2_equals_dp1(tmp_path):
+    """The instruction-data path (built-in chat messages, loss on the answers only, packed with
+    document boundaries) under FSDP2: DP=2 reads the same global batches as DP=1."""
+    sft = ["data.format=messages", "data.seq_len=256", "data.packing=true", "train.micro_batch_size=1",
+           "train.consolidate=false"]
+    two = run_distributed(_job, 2, args=(str(tmp_path / "dp2"), [*sft, "train.grad_accum=2"]), timeout=300)[0]
+    one = run_distributed(_job, 1, args=(str(tmp_path / "dp1"), [*sft, "train.grad_accum=4"]), timeout=300)[0]
+    assert list(two["losses"]) == [0, 1, 2]
+    assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), abs=1e-5)
+
+
 def test_packed_samples_see_only_themselves():
     """The 4-D additive mask and restarted positions make a packed row compute what each sample
     computes alone (break: drop the mask and the second sample's logits change)."""
