@@ -45,6 +45,8 @@ from ..checkpoint.safetensors_stream import row_runs
 from ..config import LoraConfig, explicit_pattern
 from .checks import check_geometry, check_ranks
 from .errors import ConsolidationError
+from .experts import is_moe_module, split_moe_sources, target_parameter_plan
+from .hf_model import hf_modules
 from .sources import A_SUFFIXES, LORA_SUFFIXES, Source
 from .write import Group, Output, Plan
 
@@ -70,8 +72,12 @@ def peft_plan(sources: dict[str, Source], config: LoraConfig, hf_model_dir: Opti
             "the model's attention heads, key-value heads and head_dim: pass the HF model directory "
             "(--hf-model / hf_model_dir) or use --format megatron."
         )
+    moe, sources = split_moe_sources(sources)
     groups = megatron_to_hf(sources, arch)
-    plan = Plan(groups, _hf_config(config, sources, hf_model_dir))
+    released = _hf_config(config, sources, hf_model_dir)
+    if moe:
+        groups, released = _with_target_parameters(moe, config, arch, hf_model_dir, groups, released)
+    plan = Plan(groups, released)
     names = plan.output_names()
     if len(set(names)) != len(names):
         duplicated = sorted({n for n in names if names.count(n) > 1})
@@ -97,7 +103,8 @@ def uses_megatron_names(sources: dict[str, Source], format: str) -> bool:
     must then map to an HF module."""
     if not any(is_megatron_name(s.module) for s in sources.values()):
         return False
-    unmapped = [module for module in sorted({s.module for s in sources.values()}) if _fused_layout(module) is None]
+    unmapped = [module for module in sorted({s.module for s in sources.values()})
+                if _fused_layout(module) is None and not is_moe_module(module)]
     if unmapped and format == "peft":
         raise ConsolidationError(
             f"modules {unmapped[:3]}{' ...' if len(unmapped) > 3 else ''} have no Hugging Face counterpart in the "
@@ -173,6 +180,28 @@ def explicit_targets(
         rank_pattern=explicit_pattern(ranks, config.r),
         alpha_pattern=explicit_pattern(alphas, config.lora_alpha),
     )
+
+
+def _with_target_parameters(moe: dict[str, Source], config: LoraConfig, arch: Optional[HFLlamaArch],
+                            hf_model_dir: Optional[str], groups: list[Group], released: LoraConfig) -> tuple[list[Group], LoraConfig]:
+    """Expert and router adapters added to a release as PEFT target_parameters (:mod:`.experts`):
+    their groups, and the config's ``target_parameters`` with their ranks / alphas in
+    ``rank_pattern`` / ``alpha_pattern`` (full HF parameter names)."""
+    if arch is None or not getattr(arch, "num_experts", 0):
+        raise ConsolidationError(
+            "the checkpoint has LoRA on mixture-of-experts experts or routers; releasing them as PEFT "
+            "target_parameters needs the transformers 5 MoE model they were trained on: pass its directory "
+            "(--hf-model / hf_model_dir), or use --format megatron."
+        )
+    check_ranks(config, moe)
+    order = {name: list(described[1]) for name, described in hf_modules(hf_model_dir, config.layer_replication).items()}
+    extra = target_parameter_plan(moe, config, arch.num_experts, order)
+    ranks = {**released.rank_pattern, **explicit_pattern(extra.ranks, config.r)}
+    alphas = {**released.alpha_pattern, **explicit_pattern(extra.alphas, config.lora_alpha)}
+    data = released.to_dict()
+    data.update(target_parameters=sorted(extra.ranks), rank_pattern=ranks, alpha_pattern=alphas,
+                target_modules=data["target_modules"] or [])
+    return groups + extra.groups, LoraConfig.from_dict(data)
 
 
 def _hf_config(config: LoraConfig, sources: dict[str, Source], hf_model_dir: Optional[str]) -> LoraConfig:

@@ -1,0 +1,121 @@
+"""Release of megatron expert and router LoRA as PEFT ``target_parameters`` (transformers 5 MoE).
+
+A tiny megatron Mixtral (EP=2) and Qwen3-MoE (TP=2 with SP, EP=2, shared expert adapters) take
+one ``dist-lora train`` step with random non-zero factors on attention, every expert's fc1/fc2
+and the router; ``dist-lora consolidate --hf-model`` writes the adapter, and the REAL
+``peft.PeftModel.from_pretrained`` on the transformers model gives megatron's logits (1e-4,
+fp32), with every expert receiving tokens. The same file with lora_B stacked expert-major (the
+wrong order) does not. Refused: experts of one projection with different ranks, experts
+missing, no HF model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dist_lora.cli import main as cli_main
+from dist_lora.release.errors import ConsolidationError
+from dist_lora.release.experts import target_parameter_plan
+from dist_lora.release.sources import Source
+from dist_lora.train import train
+from dist_lora.train_config import load_train_config
+from tests.harness import run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOE_EXPERTS = os.path.join(ROOT, "configs", "moe_experts.yaml")
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory) -> None:
+    os.environ["DIST_LORA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def _train(out: str, *overrides: str) -> str:
+    config = load_train_config(MOE_EXPERTS, (f"train.out_dir={out}", "train.steps=1", "train.eval_interval=0",
+                                             "lora.init_lora_weights=false", *overrides))
+    return train(config)["hf_dir"]
+
+
+def _peft_logits(hf_dir: str, adapter: str, tokens: torch.Tensor) -> tuple[torch.Tensor, set]:
+    """PEFT's logits and the experts (layer, e) that received tokens."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32), adapter).eval()
+    used = set()
+    hooks = [
+        layer.mlp.experts.register_forward_hook(
+            lambda module, args, output, i=i: used.update((i, int(e)) for e in args[1].unique()))
+        for i, layer in enumerate(model.base_model.model.model.layers)
+    ]
+    with torch.no_grad():
+        logits = model(input_ids=tokens).logits
+    for hook in hooks:
+        hook.remove()
+    return logits, used
+
+
+CASES = {
+    "mixtral_ep2": ("mixtral", dict(ep=2, etp=1), ("parallel.ep=2",)),
+    "qwen3_moe_tp2_sp_ep2_shared": ("qwen3_moe", dict(tp=2, ep=2, etp=1),
+                                    ("parallel.tp=2", "parallel.sp=true", "parallel.ep=2",
+                                     "lora.runtime_config={expert_adapters: shared}")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_expert_lora_releases_to_real_peft_with_megatron_logits(tmp_path, case: str) -> None:
+    builtin, layout, overrides = CASES[case]
+    out = str(tmp_path / "run")
+    hf_dir = run_distributed(_train, 2, **layout, args=(out, f"model.builtin={builtin}", *overrides))[0]
+    adapter = str(tmp_path / "adapter")
+    assert cli_main(["consolidate", os.path.join(out, "checkpoints"), adapter, "--hf-model", hf_dir,
+                     "--no-progress"]) == 0
+    config = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    assert config["target_parameters"] == [f"model.layers.{i}.{p}" for i in range(2) for p in
+                                           ("mlp.experts.down_proj", "mlp.experts.gate_up_proj", "mlp.gate.weight")]
+    assert all("self_attn" in m for m in config["target_modules"])
+    probe = load_file(os.path.join(out, "probe_logits.safetensors"))
+    logits, used = _peft_logits(hf_dir, adapter, probe["tokens"])
+    assert used == {(i, e) for i in range(2) for e in range(4)}  # every expert of every layer gets tokens
+    assert (logits - probe["logits"]).abs().max().item() < TOLERANCE
+
+    # the wrong stacking of lora_B (expert-major, as lora_A) loads without error and is caught
+    tensors = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    for key in [k for k in tensors if "mlp.experts" in k and k.endswith("lora_B.weight")]:
+        out_f, stacked = tensors[key].shape
+        tensors[key] = tensors[key].reshape(out_f, stacked // 4, 4).transpose(1, 2).reshape(out_f, stacked).contiguous()
+    save_file(tensors, os.path.join(adapter, "adapter_model.safetensors"), metadata={"format": "pt"})
+    wrong, _ = _peft_logits(hf_dir, adapter, probe["tokens"])
+    assert (wrong - probe["logits"]).abs().max().item() > 100 * TOLERANCE
+
+
+def _sources(ranks: dict[int, int], experts: int = 4) -> dict[str, Source]:
+    out = {}
+    for e, r in ranks.items():
+        module = f"decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc2"
+        out[f"{module}.lora_A.weight"] = Source(f"{module}.lora_A.weight", (r, 8), torch.float32, [])
+        out[f"{module}.lora_B.weight"] = Source(f"{module}.lora_B.weight", (16, r), torch.float32, [])
+    return out
+
+
+def test_non_uniform_or_missing_expert_adapters_are_refused() -> None:
+    from dist_lora.config import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, rank_pattern={"local_experts.1.linear_fc2": 8})
+    with pytest.raises(ConsolidationError, match=r"experts have ranks \[4, 8\].*same rank_pattern"):
+        target_parameter_plan(_sources({0: 4, 1: 8, 2: 4, 3: 4}), config, 4, {})
+    with pytest.raises(ConsolidationError, match=r"missing or incomplete: \[3\]"):
+        target_parameter_plan(_sources({0: 4, 1: 4, 2: 4}), LoraConfig(r=4, lora_alpha=8), 4, {})
+    plan = target_parameter_plan(_sources({e: 4 for e in range(4)}), LoraConfig(r=4, lora_alpha=8), 4, {})
+    assert [out.name for _, outs in plan.groups for out in outs] == [
+        "base_model.model.model.layers.0.mlp.experts.lora_A.weight",
+        "base_model.model.model.layers.0.mlp.experts.lora_B.weight",
+    ]
+    assert [src.global_shape for src, _ in plan.groups] == [(16, 8), (16, 16)]
