@@ -5,7 +5,8 @@ one ``dist-lora train`` step with random non-zero factors on attention, every ex
 and the router; ``dist-lora consolidate --hf-model`` writes the adapter, and the REAL
 ``peft.PeftModel.from_pretrained`` on the transformers model gives megatron's logits (1e-4,
 fp32), with every expert receiving tokens. The same file with lora_B stacked expert-major (the
-wrong order) does not. Refused: experts of one projection with different ranks, experts
+wrong order) does not. ``--for vllm|sglang`` is refused (the engines' MoE LoRA rules are their
+own). Refused: experts of one projection with different ranks, experts
 missing, no HF model directory.
 """
 
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dist_lora.cli import main as cli_main
+from dist_lora.release.consolidate import consolidate
 from dist_lora.release.errors import ConsolidationError
 from dist_lora.release.experts import target_parameter_plan
 from dist_lora.release.sources import Source
@@ -85,6 +87,13 @@ def test_expert_lora_releases_to_real_peft_with_megatron_logits(tmp_path, case: 
     logits, used = _peft_logits(hf_dir, adapter, probe["tokens"])
     assert used == {(i, e) for i in range(2) for e in range(4)}  # every expert of every layer gets tokens
     assert (logits - probe["logits"]).abs().max().item() < TOLERANCE
+
+    # serving engines: refused (their MoE LoRA rules are their own), nothing written
+    for engine, name in (("vllm", "vLLM"), ("sglang", "SGLang")):
+        with pytest.raises(ConsolidationError, match=rf"{name} applies LoRA to mixture-of-experts layers .*dist-lora merge"):
+            consolidate(os.path.join(out, "checkpoints"), str(tmp_path / engine), hf_model_dir=hf_dir, target=engine,
+                        show_progress=False)
+        assert not os.path.exists(tmp_path / engine)
 
     # the wrong stacking of lora_B (expert-major, as lora_A) loads without error and is caught
     tensors = load_file(os.path.join(adapter, "adapter_model.safetensors"))
