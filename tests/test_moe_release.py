@@ -6,7 +6,8 @@ and the router; ``dist-lora consolidate --hf-model`` writes the adapter, and the
 ``peft.PeftModel.from_pretrained`` on the transformers model gives megatron's logits (1e-4,
 fp32), with every expert receiving tokens. The same file with lora_B stacked expert-major (the
 wrong order) does not. ``--for vllm|sglang`` is refused (the engines' MoE LoRA rules are their
-own). Refused: experts of one projection with different ranks, experts
+own); ``dist-lora merge`` writes the merged transformers model (per-expert and fused base
+layouts) with megatron's logits. Refused: experts of one projection with different ranks, experts
 missing, no HF model directory.
 """
 
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from dist_lora.cli import main as cli_main
 from dist_lora.release.consolidate import consolidate
@@ -42,6 +45,32 @@ def _train(out: str, *overrides: str) -> str:
     config = load_train_config(MOE_EXPERTS, (f"train.out_dir={out}", "train.steps=1", "train.eval_interval=0",
                                              "lora.init_lora_weights=false", *overrides))
     return train(config)["hf_dir"]
+
+
+PER_EXPERT = {  # the per-expert checkpoint names: experts module, (gate, up, down), router module
+    "mixtral": ("block_sparse_moe.experts", ("w1", "w3", "w2"), "block_sparse_moe.gate"),
+    "qwen3_moe": ("mlp.experts", ("gate_proj", "up_proj", "down_proj"), "mlp.gate"),
+}
+
+
+def _write_per_expert_layout(src: str, dst: str, experts: str, parts: tuple, router: str) -> None:
+    """A fused (transformers 5) checkpoint rewritten per expert, as save_pretrained writes one."""
+    os.makedirs(dst)
+    shutil.copy(os.path.join(src, "config.json"), dst)
+    out = {}
+    for key, value in load_file(os.path.join(src, "model.safetensors")).items():
+        layer = key.split(".mlp.")[0]
+        if key.endswith("mlp.experts.gate_up_proj"):
+            gate, up = value.chunk(2, dim=1)
+            for e in range(value.shape[0]):
+                out[f"{layer}.{experts}.{e}.{parts[0]}.weight"] = gate[e].contiguous()
+                out[f"{layer}.{experts}.{e}.{parts[1]}.weight"] = up[e].contiguous()
+        elif key.endswith("mlp.experts.down_proj"):
+            for e in range(value.shape[0]):
+                out[f"{layer}.{experts}.{e}.{parts[2]}.weight"] = value[e].contiguous()
+        else:
+            out[key.replace(".mlp.gate.", f".{router}.")] = value
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
 
 
 def _peft_logits(hf_dir: str, adapter: str, tokens: torch.Tensor) -> tuple[torch.Tensor, set]:
@@ -87,6 +116,16 @@ def test_expert_lora_releases_to_real_peft_with_megatron_logits(tmp_path, case: 
     logits, used = _peft_logits(hf_dir, adapter, probe["tokens"])
     assert used == {(i, e) for i in range(2) for e in range(4)}  # every expert of every layer gets tokens
     assert (logits - probe["logits"]).abs().max().item() < TOLERANCE
+
+    # dist-lora merge: the merged transformers model, from the per-expert base layout and the fused one
+    per_expert = str(tmp_path / "per_expert")  # the built-in models are stored fused
+    _write_per_expert_layout(hf_dir, per_expert, *PER_EXPERT[builtin])
+    for base in (hf_dir, per_expert):
+        merged = str(tmp_path / f"merged_{os.path.basename(base)}")
+        assert cli_main(["merge", os.path.join(out, "checkpoints"), "--hf-model", base, merged, "--no-progress"]) == 0
+        with torch.no_grad():
+            got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()(input_ids=probe["tokens"]).logits
+        assert (got - probe["logits"]).abs().max().item() < TOLERANCE
 
     # serving engines: refused (their MoE LoRA rules are their own), nothing written
     for engine, name in (("vllm", "vLLM"), ("sglang", "SGLang")):
