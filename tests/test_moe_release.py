@@ -17,6 +17,8 @@ import json
 import os
 import shutil
 
+from typing import Optional
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -167,3 +169,36 @@ def test_non_uniform_or_missing_expert_adapters_are_refused() -> None:
         "base_model.model.model.layers.0.mlp.experts.lora_B.weight",
     ]
     assert [src.global_shape for src, _ in plan.groups] == [(16, 8), (16, 16)]
+
+
+def _export_and_file(hf_dir: str, directory: str, tp: int) -> Optional[tuple[dict, dict]]:
+    from dist_lora import LoraConfig, get_lora_model
+    from dist_lora.bridges import build_megatron_gpt
+    from dist_lora.checkpoint.sharded import save_sharded
+    from dist_lora.export import adapter_tensors
+
+    gpt = build_megatron_gpt(hf_dir, tp=tp, sequence_parallel=tp > 1, ep=2, etp=1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["linear_qkv", "linear_fc1", "linear_fc2", "router"],
+                        init_lora_weights=False)
+    lora = get_lora_model(gpt, config, seed=3)
+    save_sharded(lora, os.path.join(directory, "ckpt"))
+    memory = adapter_tensors(lora, naming="peft", for_engine="peft", hf_model_dir=hf_dir)
+    if torch.distributed.get_rank() != 0:
+        return None
+    consolidate(os.path.join(directory, "ckpt"), os.path.join(directory, "file"), hf_model_dir=hf_dir, show_progress=False)
+    return memory, load_file(os.path.join(directory, "file", "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_in_memory_export_at_ep2_equals_the_file_release(tmp_path, tp: int) -> None:
+    """dist_lora.export.adapter_tensors at EP=2 (TP=1, and TP=2 with SP) returns the consolidated
+    file's tensors bit for bit, target-parameter (stacked expert, router) keys included."""
+    from tests.hf_models import tiny_mixtral
+
+    hf_dir = str(tmp_path / "hf")
+    tiny_mixtral(seed=3).save_pretrained(hf_dir)
+    memory, written = run_distributed(_export_and_file, 2, tp=tp, ep=2, etp=1, args=(hf_dir, str(tmp_path), tp))[0]
+    assert "base_model.model.model.layers.1.mlp.experts.base_layer.lora_B.weight" in written
+    assert memory.keys() == written.keys()
+    for key, tensor in written.items():
+        assert torch.equal(memory[key], tensor), key
