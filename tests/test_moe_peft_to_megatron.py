@@ -27,12 +27,12 @@ def _ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(5))
 
 
-def _adapter(kind: str, root, **model_overrides) -> dict:
+def _adapter(kind: str, root, targets: tuple = tuple(TARGET_PARAMETERS), **model_overrides) -> dict:
     """The HF model dir, a PEFT adapter dir, PEFT's logits and the experts that got tokens."""
     model = MODELS[kind](seed=3, **model_overrides)
     hf_dir, adapter_dir = str(root / "hf"), str(root / "adapter")
     model.save_pretrained(hf_dir)
-    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"], target_parameters=TARGET_PARAMETERS,
+    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"], target_parameters=list(targets),
                              rank_pattern={"model.layers.1.mlp.experts.down_proj": 3}, init_lora_weights=False)
     torch.manual_seed(4)
     peft_model = peft.get_peft_model(model, config).eval()
@@ -88,4 +88,7 @@ def test_adapter_with_another_expert_count_is_refused_model_untouched(tmp_path) 
     model4 = tmp_path / "four"
     tiny_mixtral(seed=3).save_pretrained(model4)
     message = run_distributed(_refused_untouched, 1, args=(str(model4), made["adapter"]))[0]
-    assert "holds 8 experts" in message and "has 4" in message, message
+    assert "holds 8 experts (the router's lora_B rows)" in message and "has 4" in message, message
+    experts_only = _adapter("mixtral", tmp_path / "experts_only", targets=TARGET_PARAMETERS[:2], num_local_experts=8)
+    with pytest.raises(PeftToMegatronError, match=r"holds 8 experts \(lora_A rows 16 / r 2\), .* has 4"):
+        translate_peft_adapter(experts_only["adapter"], str(model4))

@@ -156,14 +156,15 @@ def _sources(ranks: dict[int, int], experts: int = 4) -> dict[str, Source]:
 
 
 def test_non_uniform_or_missing_expert_adapters_are_refused() -> None:
+    from dist_lora.bridges import QWEN3_MOE
     from dist_lora.config import LoraConfig
 
     config = LoraConfig(r=4, lora_alpha=8, rank_pattern={"local_experts.1.linear_fc2": 8})
     with pytest.raises(ConsolidationError, match=r"experts have ranks \[4, 8\].*same rank_pattern"):
-        target_parameter_plan(_sources({0: 4, 1: 8, 2: 4, 3: 4}), config, 4, {})
-    with pytest.raises(ConsolidationError, match=r"missing or incomplete: \[3\]"):
-        target_parameter_plan(_sources({0: 4, 1: 4, 2: 4}), LoraConfig(r=4, lora_alpha=8), 4, {})
-    plan = target_parameter_plan(_sources({e: 4 for e in range(4)}), LoraConfig(r=4, lora_alpha=8), 4, {})
+        target_parameter_plan(_sources({0: 4, 1: 8, 2: 4, 3: 4}), config, QWEN3_MOE, 4, {})
+    with pytest.raises(ConsolidationError, match=r"model.layers.0.mlp.experts.down_proj: .*missing or incomplete: \[3\]"):
+        target_parameter_plan(_sources({0: 4, 1: 4, 2: 4}), LoraConfig(r=4, lora_alpha=8), QWEN3_MOE, 4, {})
+    plan = target_parameter_plan(_sources({e: 4 for e in range(4)}), LoraConfig(r=4, lora_alpha=8), QWEN3_MOE, 4, {})
     assert [out.name for _, outs in plan.groups for out in outs] == [
         "base_model.model.model.layers.0.mlp.experts.lora_A.weight",
         "base_model.model.model.layers.0.mlp.experts.lora_B.weight",

@@ -30,30 +30,47 @@ has neither), no HF model directory (its config gives E and the parameter order)
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Optional
 
-import torch
-
+from ..bridges import ModelFamily, Module
 from ..checkpoint.peft_format import PREFIX
 from ..config import LoraConfig
 from ..expert_layout import parameter_geometry, peft_parameter_key, stack_a, stack_b
 from ..layers.base import LoraLayer
+from ..naming import is_expert_name
 from .errors import ConsolidationError
 from .sources import Source
 from .write import Output, Stacked
 
 A_KEY, B_KEY = LoraLayer.factor_keys  # "lora_A.weight", "lora_B.weight"
-_EXPERT = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)$")
-_ROUTER = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.router$")
-PARAMETERS = {"linear_fc1": "gate_up_proj", "linear_fc2": "down_proj"}  # transformers 5's fused expert parameters
-EXPERTS_MODULE = "model.layers.{layer}.mlp.experts"
-ROUTER_PARAMETER = "model.layers.{layer}.mlp.gate.weight"
+ROUTER = "mlp.router"  # megatron's router module in a decoder layer
 
 
 def is_moe_module(module: str) -> bool:
     """A megatron expert projection or router module (released as a target parameter)."""
-    return bool(_EXPERT.match(module) or _ROUTER.match(module))
+    return is_expert_name(module) or module.endswith("." + ROUTER)
+
+
+def parameter_entries(family: ModelFamily) -> dict[str, Module]:
+    """The layer-relative transformers 5 parameter names PEFT's target_parameters adapt -> their
+    family-table entries: the fused expert parameters (an expert-indexed entry's ``v5``, e.g.
+    ``mlp.experts.gate_up_proj``) and the router weight (``<router module>.weight``)."""
+    out = {}
+    for entry in family.modules.layer:
+        if entry.per_expert and entry.v5:
+            out[entry.v5] = entry
+        elif entry.megatron == ROUTER:
+            out[f"{entry.v5 or entry.hf[0]}.weight"] = entry
+    return out
+
+
+def target_parameter(family: ModelFamily, module: str) -> tuple[str, Optional[int]]:
+    """(full HF parameter name, global expert index or None for the router) of a megatron
+    expert projection or router module (global names)."""
+    mapped = family.modules.megatron(module)
+    if mapped.expert is not None:
+        return mapped.v5, mapped.expert
+    return f"{mapped.v5 or mapped.hf[0]}.weight", None
 
 
 @dataclasses.dataclass
@@ -73,76 +90,67 @@ def split_moe_sources(sources: dict[str, Source]) -> tuple[dict[str, Source], di
 
 
 def target_parameter_plan(
-    sources: dict[str, Source], config: LoraConfig, num_experts: int, parameter_order: dict[str, list[str]]
+    sources: dict[str, Source], config: LoraConfig, family: ModelFamily, num_experts: int,
+    parameter_order: dict[str, list[str]],
 ) -> TargetParameters:
-    """The groups and ranks of the expert and router ``sources``. ``num_experts``: E of the HF
-    model; ``parameter_order``: the experts module's parameter names in registration order by
-    module name (from the HF model)."""
+    """The groups and ranks of the expert and router ``sources`` (megatron names of ``family``).
+    ``num_experts``: E of the HF model; ``parameter_order``: each HF module's parameter names in
+    registration order (from the HF model; PEFT nests two targeted parameters of a module in it)."""
     for source in sources.values():
         if source.suffix not in (A_KEY, B_KEY):
             raise ConsolidationError(
                 f"{source.key}: PEFT adapts fused expert and router parameters (target_parameters) with lora_A and "
                 "lora_B only; a bias on lora_B or DoRA cannot be released for them."
             )
-    experts: dict[tuple[int, str], dict[int, dict[str, Source]]] = {}
-    routers: dict[int, dict[str, Source]] = {}
+    by_parameter: dict[str, dict[Optional[int], dict[str, Source]]] = {}
     for source in sources.values():
-        m = _EXPERT.match(source.module)
-        if m:
-            experts.setdefault((int(m[1]), m[3]), {}).setdefault(int(m[2]), {})[source.suffix] = source
-        else:
-            routers.setdefault(int(_ROUTER.match(source.module)[1]), {})[source.suffix] = source
+        parameter, expert = target_parameter(family, source.module)
+        by_parameter.setdefault(parameter, {}).setdefault(expert, {})[source.suffix] = source
     groups, ranks, alphas = [], {}, {}
-    targeted: dict[int, list[str]] = {}
-    for layer, projection in experts:
-        targeted.setdefault(layer, []).append(PARAMETERS[projection])
-    for (layer, projection), by_expert in sorted(experts.items()):
-        module = EXPERTS_MODULE.format(layer=layer)
-        parameter = PARAMETERS[projection]
-        _check_complete(by_expert, num_experts, layer, projection)
-        rank, alpha = _uniform(config, by_expert, layer, projection)
-        order = [p for p in parameter_order.get(module, list(PARAMETERS.values())) if p in targeted[layer]]
-        key = PREFIX + peft_parameter_key(module, parameter, order)
+    for parameter, by_expert in sorted(by_parameter.items()):
+        module, short = parameter.rsplit(".", 1)
+        if None in by_expert:  # the router: a 2-D parameter, its factors as they are
+            factors = by_expert[None]
+            if set(factors) != {A_KEY, B_KEY}:
+                raise ConsolidationError(f"{factors[min(factors)].module} has {sorted(factors)} but needs lora_A and lora_B.")
+            for suffix, source in sorted(factors.items()):
+                groups.append((source, [Output(f"{PREFIX}{module}.{suffix}", source.global_shape, None, parameter)]))
+            ranks[parameter], alphas[parameter] = factors[A_KEY].global_shape[0], config.alpha_for(factors[A_KEY].module)
+            continue
+        _check_complete(by_expert, num_experts, parameter)
+        rank, alpha = _uniform(config, by_expert, parameter)
+        targeted = [p for p in parameter_order.get(module, [short]) if f"{module}.{p}" in by_parameter]
+        key = PREFIX + peft_parameter_key(module, short, targeted)
         a_parts = [by_expert[e][A_KEY] for e in range(num_experts)]
         b_parts = [by_expert[e][B_KEY] for e in range(num_experts)]
-        (rows_a, cols_a), (rows_b, _) = a_parts[0].global_shape, b_parts[0].global_shape
-        stacked_a = Stacked(f"{key}.{A_KEY}", (rank * num_experts, cols_a), a_parts[0].dtype, a_parts,
+        stacked_a = Stacked(f"{key}.{A_KEY}", (rank * num_experts, a_parts[0].global_shape[1]), a_parts[0].dtype, a_parts,
                             stack_a)
-        stacked_b = Stacked(f"{key}.{B_KEY}", (rows_b, rank * num_experts), b_parts[0].dtype, b_parts,
+        stacked_b = Stacked(f"{key}.{B_KEY}", (b_parts[0].global_shape[0], rank * num_experts), b_parts[0].dtype, b_parts,
                             stack_b)
         for stacked in (stacked_a, stacked_b):
-            groups.append((stacked, [Output(stacked.key, stacked.global_shape, None, f"{module}.{parameter}")]))
-        ranks[f"{module}.{parameter}"], alphas[f"{module}.{parameter}"] = rank, alpha
-    for layer, factors in sorted(routers.items()):
-        parameter = ROUTER_PARAMETER.format(layer=layer)
-        module = parameter.rsplit(".", 1)[0]
-        if set(factors) != {A_KEY, B_KEY}:
-            raise ConsolidationError(f"decoder.layers.{layer}.mlp.router has {sorted(factors)} but needs lora_A and lora_B.")
-        for suffix, source in sorted(factors.items()):
-            groups.append((source, [Output(f"{PREFIX}{module}.{suffix}", source.global_shape, None, parameter)]))
-        megatron = factors[A_KEY].module
-        ranks[parameter], alphas[parameter] = factors[A_KEY].global_shape[0], config.alpha_for(megatron)
+            groups.append((stacked, [Output(stacked.key, stacked.global_shape, None, parameter)]))
+        ranks[parameter], alphas[parameter] = rank, alpha
     return TargetParameters(groups, ranks, alphas)
 
 
-def _check_complete(by_expert: dict, num_experts: int, layer: int, projection: str) -> None:
+def _check_complete(by_expert: dict, num_experts: int, parameter: str) -> None:
     missing = [e for e in range(num_experts) if set(by_expert.get(e, {})) != {A_KEY, B_KEY}]
     extra = sorted(e for e in by_expert if e >= num_experts)
     if missing or extra:
         raise ConsolidationError(
-            f"decoder.layers.{layer} {projection}: the checkpoint's expert adapters do not cover the HF model's "
+            f"{parameter}: the checkpoint's expert adapters do not cover the HF model's "
             f"{num_experts} experts (missing or incomplete: {missing[:8]}, beyond the model: {extra[:8]}). PEFT's "
             "target_parameters adapt every expert of a fused parameter: train with the expert count of the model."
         )
 
 
-def _uniform(config: LoraConfig, by_expert: dict, layer: int, projection: str) -> tuple[int, float]:
+def _uniform(config: LoraConfig, by_expert: dict, parameter: str) -> tuple[int, float]:
     """The one rank and alpha of a layer projection's experts; refused when they differ."""
     ranks = {by_expert[e][A_KEY].global_shape[0] for e in by_expert}
     alphas = {config.alpha_for(by_expert[e][A_KEY].module) for e in by_expert}
     if len(ranks) > 1 or len(alphas) > 1:
         raise ConsolidationError(
-            f"decoder.layers.{layer} {projection}: the experts have ranks {sorted(ranks)} and alphas "
+            f"{parameter}: the experts have ranks {sorted(ranks)} and alphas "
             f"{sorted(alphas)}; PEFT stacks a fused expert parameter's adapters at one rank and one alpha. Give all "
             "experts of a layer the same rank_pattern / alpha_pattern entry."
         )

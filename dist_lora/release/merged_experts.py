@@ -28,9 +28,8 @@ from ..config import LoraConfig
 from ..expert_layout import parameter_geometry, peft_parameter_key, unstack_experts
 from ..layers import math as lm
 from .errors import ConsolidationError
+from .experts import ROUTER, target_parameter
 from .hf_model import hf_modules
-
-ROUTER = "mlp.router"
 
 
 class ParameterDeltas:
@@ -73,7 +72,7 @@ class ParameterDeltas:
             return None
         if mapped.expert is None and mapped.entry.megatron != ROUTER:
             return None
-        parameter = mapped.v5 if mapped.expert is not None else f"{mapped.v5 or mapped.hf[0]}.weight"
+        parameter, _ = target_parameter(self.family, mapped.megatron)
         factors = self._factors_of(parameter) if parameter in self._params else None
         if factors is None:
             return None

@@ -195,7 +195,7 @@ def _with_target_parameters(moe: dict[str, Source], config: LoraConfig, arch: Op
         )
     check_ranks(config, moe)
     order = {name: list(described[1]) for name, described in hf_modules(hf_model_dir, config.layer_replication).items()}
-    extra = target_parameter_plan(moe, config, arch.num_experts, order)
+    extra = target_parameter_plan(moe, config, arch.family, arch.num_experts, order)
     ranks = {**released.rank_pattern, **explicit_pattern(extra.ranks, config.r)}
     alphas = {**released.alpha_pattern, **explicit_pattern(extra.alphas, config.lora_alpha)}
     data = released.to_dict()

@@ -106,7 +106,7 @@ def translate_peft_adapter(
     arch = parse_hf_config(read_hf_config(hf_model_dir))
     tensors = read_adapter_file(os.path.join(adapter_dir, WEIGHTS_NAME))
     expert_modules, tensors = translate_target_parameters(
-        tensors, config, arch.num_layers, getattr(arch, "num_experts", 0), hf_model_dir, PeftToMegatronError)
+        tensors, config, arch.family, arch.num_layers, getattr(arch, "num_experts", 0), hf_model_dir, PeftToMegatronError)
     parts = _parts(tensors, config, arch, hf_model_dir)  # names a modules_to_save key, if any
     if not parts and not expert_modules:
         raise PeftToMegatronError("the adapter file holds no LoRA factors.")

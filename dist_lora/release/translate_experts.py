@@ -26,16 +26,15 @@ import torch
 from ..checkpoint.peft_format import PREFIX
 from ..config import LoraConfig
 from ..expert_layout import parameter_geometry, peft_parameter_key, unstack_experts
-from .experts import A_KEY, B_KEY, EXPERTS_MODULE, PARAMETERS, ROUTER_PARAMETER
+from ..bridges import EXPERT, HF_LAYERS, ModelFamily, Module, layer_module_name, split_layer_name
+from .experts import A_KEY, B_KEY, parameter_entries
 from .fuse import FusedFactors
 from .hf_model import hf_modules
 
-_PROJECTION = {parameter: projection for projection, parameter in PARAMETERS.items()}
-
 
 def translate_target_parameters(
-    tensors: dict[str, torch.Tensor], config: LoraConfig, num_layers: int, num_experts: int, hf_model_dir: str,
-    error: Callable[[str], Exception],
+    tensors: dict[str, torch.Tensor], config: LoraConfig, family: ModelFamily, num_layers: int, num_experts: int,
+    hf_model_dir: str, error: Callable[[str], Exception],
 ) -> tuple[dict[str, FusedFactors], dict[str, torch.Tensor]]:
     """(megatron module -> full factors of the config's target_parameters, the other tensors).
     ``error`` builds the exception to raise (the loader's own error class)."""
@@ -45,14 +44,14 @@ def translate_target_parameters(
         raise error(f"target_parameters={config.target_parameters} on a model without experts: the megatron loader maps "
                     "only the experts and routers of a mixture-of-experts model.")
     modules = hf_modules(hf_model_dir)
-    candidates = _candidates(modules, num_layers)
+    entries = parameter_entries(family)
+    candidates = _candidates(modules, num_layers, entries)
     targeted = [name for name in candidates if any(name == t or name.endswith("." + t) for t in config.target_parameters)]
     unmatched = [t for t in config.target_parameters if not any(n == t or n.endswith("." + t) for n in candidates)]
     if unmatched:
         raise error(
             f"target_parameters entries {unmatched} match no expert or router parameter of the HF model at "
-            f"{hf_model_dir} (the megatron loader maps {EXPERTS_MODULE.format(layer='N')}.{{gate_up_proj,down_proj}} "
-            f"and {ROUTER_PARAMETER.format(layer='N')})."
+            f"{hf_model_dir} (the megatron loader maps {HF_LAYERS}.N.{{{', '.join(entries)}}})."
         )
     rest = dict(tensors)
     out: dict[str, FusedFactors] = {}
@@ -65,14 +64,20 @@ def translate_target_parameters(
             raise error(f"adapter_config.json targets the parameter {name}, but the file has no {key}.{A_KEY} / {B_KEY}.")
         experts, n_in, n_out = parameter_geometry(modules[module][1][short], modules[module][3])
         r, alpha = config.rank_for(name), config.alpha_for(name)
-        layer = int(name.split(".")[2])
-        if short == "weight":  # the router: E = 1 in PEFT's stacking, its out features are the experts
+        layer = split_layer_name(name, HF_LAYERS)[0]
+        entry = candidates[name]
+        if not entry.per_expert:  # the router: E = 1 in PEFT's stacking, its out features are the experts
+            if b.dim() == 2 and b.shape[0] != n_out:
+                raise error(
+                    f"{key}: the adapter holds {b.shape[0]} experts (the router's lora_B rows), but {name} of the HF "
+                    f"model at {hf_model_dir} has {n_out}: an adapter for a different model?"
+                )
             if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != (r, n_in) or tuple(b.shape) != (n_out, r):
                 raise error(
                     f"{key}: router factors {list(a.shape)} / {list(b.shape)}, but the model's router needs "
                     f"[{r}, {n_in}] / [{n_out}, {r}] ({n_out} experts, rank {r}): an adapter for a different model?"
                 )
-            out[f"decoder.layers.{layer}.mlp.router"] = FusedFactors(a, b, None, r, alpha, "single", (name,))
+            out[layer_module_name(layer, entry.megatron)] = FusedFactors(a, b, None, r, alpha, "single", (name,))
             continue
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] % r:
             raise error(f"{key}: lora_A {list(a.shape)} / lora_B {list(b.shape)} are not stacked factors of rank {r}·E.")
@@ -84,19 +89,17 @@ def translate_target_parameters(
         if a.shape[1] != n_in or b.shape[0] != n_out:
             raise error(f"{key}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit {name} (in {n_in}, out {n_out}).")
         for e, (a_e, b_e) in unstack_experts(a, b, experts).items():
-            megatron = f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.{_PROJECTION[short]}"
+            megatron = layer_module_name(layer, entry.megatron.replace(EXPERT, str(e)))
             out[megatron] = FusedFactors(a_e.contiguous(), b_e.contiguous(), None, r, alpha, "single", (name,))
     return out, rest
 
 
-def _candidates(modules: dict, num_layers: int) -> list[str]:
-    """The expert and router parameters of the HF model, by layer."""
-    names = []
+def _candidates(modules: dict, num_layers: int, entries: dict[str, Module]) -> dict[str, Module]:
+    """The expert and router parameters the HF model has -> their family-table entries."""
+    out = {}
     for layer in range(num_layers):
-        experts = EXPERTS_MODULE.format(layer=layer)
-        if experts in modules:
-            names += [f"{experts}.{p}" for p in modules[experts][1] if p in _PROJECTION]
-        router = ROUTER_PARAMETER.format(layer=layer)
-        if router.rsplit(".", 1)[0] in modules:
-            names.append(router)
-    return names
+        for sub, entry in entries.items():
+            module, short = layer_module_name(layer, sub, HF_LAYERS).rsplit(".", 1)
+            if module in modules and short in modules[module][1]:
+                out[f"{module}.{short}"] = entry
+    return out
