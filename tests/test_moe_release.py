@@ -1,10 +1,12 @@
 """Release of megatron expert and router LoRA as PEFT ``target_parameters`` (transformers 5 MoE).
 
-A tiny megatron Mixtral (EP=2) and Qwen3-MoE (TP=2 with SP, EP=2, shared expert adapters) take
+A tiny megatron Mixtral (EP=2; TP=2 with SP and expert-TP=2) and Qwen3-MoE (TP=2 with SP, EP=2,
+shared expert adapters) take
 one ``dist-lora train`` step with random non-zero factors on attention, every expert's fc1/fc2
 and the router; ``dist-lora consolidate --hf-model`` writes the adapter, and the REAL
 ``peft.PeftModel.from_pretrained`` on the transformers model gives megatron's logits (1e-4,
-fp32), with every expert receiving tokens. The same file with lora_B stacked expert-major (the
+fp32), with every expert receiving tokens. Zeroing the router's lora_B changes the logits (PEFT
+applies the ``mlp.gate.weight`` adapter). The same file with lora_B stacked expert-major (the
 wrong order) does not. ``--for vllm|sglang`` is refused (the engines' MoE LoRA rules are their
 own); ``dist-lora merge`` writes the merged transformers model (per-expert and fused base
 layouts) with megatron's logits. Refused: experts of one projection with different ranks, experts
@@ -96,6 +98,8 @@ def _peft_logits(hf_dir: str, adapter: str, tokens: torch.Tensor) -> tuple[torch
 
 CASES = {
     "mixtral_ep2": ("mixtral", dict(ep=2, etp=1), ("parallel.ep=2",)),
+    "mixtral_tp2_sp_expert_tp2": ("mixtral", dict(tp=2, ep=1, etp=2),
+                                  ("parallel.tp=2", "parallel.sp=true", "parallel.ep=1", "parallel.etp=2")),
     "qwen3_moe_tp2_sp_ep2_shared": ("qwen3_moe", dict(tp=2, ep=2, etp=1),
                                     ("parallel.tp=2", "parallel.sp=true", "parallel.ep=2",
                                      "lora.runtime_config={expert_adapters: shared}")),
@@ -135,6 +139,16 @@ def test_expert_lora_releases_to_real_peft_with_megatron_logits(tmp_path, case: 
             consolidate(os.path.join(out, "checkpoints"), str(tmp_path / engine), hf_model_dir=hf_dir, target=engine,
                         show_progress=False)
         assert not os.path.exists(tmp_path / engine)
+
+    # PEFT applies the router's adapter (mlp.gate.weight): without it the logits differ
+    tensors = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    original = dict(tensors)
+    for key in [k for k in tensors if ".mlp.gate.lora_B" in k]:
+        tensors[key] = torch.zeros_like(tensors[key])
+    save_file(tensors, os.path.join(adapter, "adapter_model.safetensors"), metadata={"format": "pt"})
+    no_router, _ = _peft_logits(hf_dir, adapter, probe["tokens"])
+    assert (no_router - probe["logits"]).abs().max().item() > 100 * TOLERANCE
+    save_file(original, os.path.join(adapter, "adapter_model.safetensors"), metadata={"format": "pt"})
 
     # the wrong stacking of lora_B (expert-major, as lora_A) loads without error and is caught
     tensors = load_file(os.path.join(adapter, "adapter_model.safetensors"))

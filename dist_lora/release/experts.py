@@ -16,7 +16,8 @@ PEFT's order: lora_A expert-major, lora_B rank-major) into one :class:`Stacked` 
 [gate; up] are already ``gate_up_proj[e]``'s row order (``is_concatenated`` experts). The
 router's factors are written as they are (a 2-D parameter is PEFT's E = 1 case). Keys follow
 PEFT's nesting of two targeted parameters of one module
-(:func:`dist_lora.expert_layout.peft_parameter_key`).
+(:func:`dist_lora.expert_layout.peft_parameter_key`). The names on both sides come from the
+bridge's family table (an expert-indexed entry's ``v5`` parameter, the router entry's module).
 
 An adapter shared by all experts of a layer (``expert_adapters="shared"``) is saved per expert
 with equal values, so it is released copied per expert (exact: PEFT has no shared form).

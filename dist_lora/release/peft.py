@@ -15,6 +15,12 @@ bridge's family table (:func:`peft_plan`), ``decoder.layers.N.`` -> ``model.laye
     mlp.linear_fc2                                  -> down_proj  (as is)
     embedding.word_embeddings  lora_embedding_A/B   -> model.embed_tokens (as is)
 
+Mixture-of-experts adapters (every expert's ``linear_fc1`` / ``linear_fc2``, the router) become
+PEFT ``target_parameters`` on transformers 5's fused ``mlp.experts.gate_up_proj`` /
+``down_proj`` and ``mlp.gate.weight``, stacked per layer projection (:mod:`.experts`; needs
+``hf_model_dir``); the config then lists them in ``target_parameters`` (full names, ranks and
+alphas in the patterns) and the other modules in ``target_modules`` as below.
+
 A fused adapter with A shared by q/k/v is exactly three adapters with equal A's, each of rank
 r and the fused module's alpha, so the scaling is unchanged. modules_to_save tensors are
 split by rows the same way. The config's ``target_modules`` becomes the sorted list of full HF
