@@ -133,6 +133,10 @@ def test_expert_lora_releases_to_real_peft_with_megatron_logits(tmp_path, case: 
             got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()(input_ids=probe["tokens"]).logits
         assert (got - probe["logits"]).abs().max().item() < TOLERANCE
 
+    with pytest.raises(ConsolidationError, match=r"mixture-of-experts experts or routers; .*\(--hf-model"):
+        consolidate(os.path.join(out, "checkpoints"), str(tmp_path / "no_hf"), show_progress=False)
+    assert not os.path.exists(tmp_path / "no_hf")
+
     # serving engines: refused (their MoE LoRA rules are their own), nothing written
     for engine, name in (("vllm", "vLLM"), ("sglang", "SGLang")):
         with pytest.raises(ConsolidationError, match=rf"{name} applies LoRA to mixture-of-experts layers .*dist-lora merge"):

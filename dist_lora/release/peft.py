@@ -72,13 +72,19 @@ def peft_plan(sources: dict[str, Source], config: LoraConfig, hf_model_dir: Opti
         check_geometry(sources, arch, config, hf_model_dir)
     if format == "megatron" or not megatron_names:
         return identity_plan(sources, config, hf_model_dir, rename=format == "peft")
+    moe, sources = split_moe_sources(sources)
+    if moe and (arch is None or not getattr(arch, "num_experts", 0)):
+        raise ConsolidationError(
+            "the checkpoint has LoRA on mixture-of-experts experts or routers; releasing them as PEFT "
+            "target_parameters needs the transformers 5 MoE model they were trained on: pass its directory "
+            "(--hf-model / hf_model_dir), or use --format megatron."
+        )
     if arch is None and any(_fused_layout(src.module) == "qkv" for src in sources.values()):
         raise ConsolidationError(
             "the checkpoint has fused linear_qkv adapters; splitting them into q_proj/k_proj/v_proj needs "
             "the model's attention heads, key-value heads and head_dim: pass the HF model directory "
             "(--hf-model / hf_model_dir) or use --format megatron."
         )
-    moe, sources = split_moe_sources(sources)
     groups = megatron_to_hf(sources, arch)
     released = _hf_config(config, sources, hf_model_dir)
     if moe:
@@ -188,17 +194,11 @@ def explicit_targets(
     )
 
 
-def _with_target_parameters(moe: dict[str, Source], config: LoraConfig, arch: Optional[HFLlamaArch],
+def _with_target_parameters(moe: dict[str, Source], config: LoraConfig, arch: HFLlamaArch,
                             hf_model_dir: Optional[str], groups: list[Group], released: LoraConfig) -> tuple[list[Group], LoraConfig]:
     """Expert and router adapters added to a release as PEFT target_parameters (:mod:`.experts`):
     their groups, and the config's ``target_parameters`` with their ranks / alphas in
     ``rank_pattern`` / ``alpha_pattern`` (full HF parameter names)."""
-    if arch is None or not getattr(arch, "num_experts", 0):
-        raise ConsolidationError(
-            "the checkpoint has LoRA on mixture-of-experts experts or routers; releasing them as PEFT "
-            "target_parameters needs the transformers 5 MoE model they were trained on: pass its directory "
-            "(--hf-model / hf_model_dir), or use --format megatron."
-        )
     check_ranks(config, moe)
     order = {name: list(described[1]) for name, described in hf_modules(hf_model_dir, config.layer_replication).items()}
     extra = target_parameter_plan(moe, config, arch.family, arch.num_experts, order)
