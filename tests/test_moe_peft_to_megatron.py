@@ -6,8 +6,6 @@ adapter for a model with another expert count is refused, the megatron model unt
 
 from __future__ import annotations
 
-import os
-
 import peft
 import pytest
 import torch

@@ -113,7 +113,8 @@ def target_parameter_plan(
         if None in by_expert:  # the router: a 2-D parameter, its factors as they are
             factors = by_expert[None]
             if set(factors) != {A_KEY, B_KEY}:
-                raise ConsolidationError(f"{factors[min(factors)].module} has {sorted(factors)} but needs lora_A and lora_B.")
+                module = factors[min(factors)].module
+                raise ConsolidationError(f"{module} has {sorted(factors)} but needs lora_A and lora_B.")
             for suffix, source in sorted(factors.items()):
                 groups.append((source, [Output(f"{PREFIX}{module}.{suffix}", source.global_shape, None, parameter)]))
             ranks[parameter], alphas[parameter] = factors[A_KEY].global_shape[0], config.alpha_for(factors[A_KEY].module)
@@ -168,5 +169,7 @@ def expected_parameter_shape(suffix: str, rank_rows: int, params: dict[str, tupl
         return None
     experts, n_in, n_out = parameter_geometry(params[short], transposed)
     if rank_rows % experts:
-        raise ConsolidationError(f"the adapter of {parameter} has {rank_rows} stacked ranks, not a multiple of its {experts} experts.")
+        raise ConsolidationError(
+            f"the adapter of {parameter} has {rank_rows} stacked ranks, not a multiple of its {experts} experts."
+        )
     return (rank_rows, n_in) if suffix == A_KEY else (n_out, rank_rows)

@@ -80,7 +80,9 @@ class ParameterDeltas:
         rows = delta.shape[0] // len(mapped.hf)
         delta = delta[position * rows:(position + 1) * rows]
         if delta.shape != tensor.shape:
-            raise ConsolidationError(f"{name}: the adapter's ΔW part is {tuple(delta.shape)}, the base tensor {tuple(tensor.shape)}.")
+            raise ConsolidationError(
+                f"{name}: the adapter's ΔW part is {tuple(delta.shape)}, the base tensor {tuple(tensor.shape)}."
+            )
         return lm.merged_weight(tensor, [(delta, None)]).to(tensor.dtype)
 
     @staticmethod

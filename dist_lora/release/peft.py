@@ -194,8 +194,10 @@ def explicit_targets(
     )
 
 
-def _with_target_parameters(moe: dict[str, Source], config: LoraConfig, arch: HFLlamaArch,
-                            hf_model_dir: Optional[str], groups: list[Group], released: LoraConfig) -> tuple[list[Group], LoraConfig]:
+def _with_target_parameters(
+    moe: dict[str, Source], config: LoraConfig, arch: HFLlamaArch, hf_model_dir: Optional[str], groups: list[Group],
+    released: LoraConfig,
+) -> tuple[list[Group], LoraConfig]:
     """Expert and router adapters added to a release as PEFT target_parameters (:mod:`.experts`):
     their groups, and the config's ``target_parameters`` with their ranks / alphas in
     ``rank_pattern`` / ``alpha_pattern`` (full HF parameter names)."""

@@ -87,7 +87,9 @@ def translate_target_parameters(
                 f"HF model at {hf_model_dir} has {experts}: an adapter for a different model?"
             )
         if a.shape[1] != n_in or b.shape[0] != n_out:
-            raise error(f"{key}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit {name} (in {n_in}, out {n_out}).")
+            raise error(
+                f"{key}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit {name} (in {n_in}, out {n_out})."
+            )
         for e, (a_e, b_e) in unstack_experts(a, b, experts).items():
             megatron = layer_module_name(layer, entry.megatron.replace(EXPERT, str(e)))
             out[megatron] = FusedFactors(a_e.contiguous(), b_e.contiguous(), None, r, alpha, "single", (name,))

@@ -133,9 +133,10 @@ def write_adapter_file(
     dtype: Optional[torch.dtype] = None,
 ) -> None:
     """Stream every group's outputs into one safetensors file, the widest dtypes first (which
-    keeps every tensor's data aligned). Each source tensor is read once from ``source`` (a :class:`Stacked` one built from its parts) and cast
-    to the released dtype; one with NaN/Inf values (also after that cast: fp16 overflows above
-    65504) is refused unless ``allow_nonfinite``."""
+    keeps every tensor's data aligned). Each source tensor is read once from ``source`` (a
+    :class:`Stacked` one built from its parts) and cast to the released dtype; one with NaN/Inf
+    values (also after that cast: fp16 overflows above 65504) is refused unless
+    ``allow_nonfinite``."""
     groups = sorted(groups, key=lambda group: -released_dtype(group[0].dtype, dtype).itemsize)
     specs = [(out.name, released_dtype(src.dtype, dtype), out.shape) for src, outs in groups for out in outs]
     bar = tqdm(total=len(specs), unit="tensor", desc="consolidating", disable=not show_progress)
