@@ -182,6 +182,9 @@ def test_non_uniform_or_missing_expert_adapters_are_refused() -> None:
         target_parameter_plan(_sources({0: 4, 1: 8, 2: 4, 3: 4}), config, QWEN3_MOE, 4, {})
     with pytest.raises(ConsolidationError, match=r"model.layers.0.mlp.experts.down_proj: .*missing or incomplete: \[3\]"):
         target_parameter_plan(_sources({0: 4, 1: 4, 2: 4}), LoraConfig(r=4, lora_alpha=8), QWEN3_MOE, 4, {})
+    ambiguous = LoraConfig(r=4, lora_alpha=8, alpha_pattern={"experts.linear_fc2": 16})  # the shared adapter's name
+    with pytest.raises(ConsolidationError, match=r"expert-free name decoder.layers.0.mlp.experts.linear_fc2 alpha \[16\]"):
+        target_parameter_plan(_sources({e: 4 for e in range(4)}), ambiguous, QWEN3_MOE, 4, {})
     plan = target_parameter_plan(_sources({e: 4 for e in range(4)}), LoraConfig(r=4, lora_alpha=8), QWEN3_MOE, 4, {})
     assert [out.name for _, outs in plan.groups for out in outs] == [
         "base_model.model.model.layers.0.mlp.experts.lora_A.weight",

@@ -38,7 +38,7 @@ from ..checkpoint.peft_format import PREFIX
 from ..config import LoraConfig
 from ..expert_layout import parameter_geometry, peft_parameter_key, stack_a, stack_b
 from ..layers.base import LoraLayer
-from ..naming import is_expert_name
+from ..naming import is_expert_name, shared_expert_name
 from .errors import ConsolidationError
 from .sources import Source
 from .write import Output, Stacked
@@ -155,6 +155,15 @@ def _uniform(config: LoraConfig, by_expert: dict, parameter: str) -> tuple[int, 
             f"{parameter}: the experts have ranks {sorted(ranks)} and alphas "
             f"{sorted(alphas)}; PEFT stacks a fused expert parameter's adapters at one rank and one alpha. Give all "
             "experts of a layer the same rank_pattern / alpha_pattern entry."
+        )
+    expert_free = shared_expert_name(by_expert[min(by_expert)][A_KEY].module)
+    shared = {config.alpha_for(expert_free)}
+    if shared != alphas:  # a shared-adapter run used the expert-free name's alpha; the checkpoint does not say which
+        raise ConsolidationError(
+            f"{parameter}: alpha_pattern gives the experts' expert-free name {expert_free} "
+            f"alpha {sorted(shared)} but the per-expert names {sorted(alphas)}; a run with shared expert adapters "
+            "(runtime_config.expert_adapters='shared') scales with the former, a per-expert run with the latter, and the "
+            "checkpoint does not record which. Release it with an alpha_pattern that gives both the same alpha."
         )
     return ranks.pop(), alphas.pop()
 
