@@ -137,6 +137,12 @@ def test_expert_lora_releases_to_real_peft_with_megatron_logits(tmp_path, case: 
         consolidate(os.path.join(out, "checkpoints"), str(tmp_path / "no_hf"), show_progress=False)
     assert not os.path.exists(tmp_path / "no_hf")
 
+    from dist_lora.release.inspect import inspect_adapter
+
+    report = inspect_adapter(adapter, "vllm")
+    assert report.target_parameters == config["target_parameters"] and len(report.problems) == 1
+    assert "mixture-of-experts" in report.problems[0] and report.max_lora_rank is None
+
     # serving engines: refused (their MoE LoRA rules are their own), nothing written
     for engine, name in (("vllm", "vLLM"), ("sglang", "SGLang")):
         with pytest.raises(ConsolidationError, match=rf"{name} applies LoRA to mixture-of-experts layers .*dist-lora merge"):
