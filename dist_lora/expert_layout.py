@@ -72,9 +72,18 @@ def stack_experts(factors: ExpertFactors) -> tuple[torch.Tensor, torch.Tensor]:
                 f"expert {e}: A {tuple(a.shape)}, B {tuple(b.shape)}; every expert needs A [{r}, {in_f}] and "
                 f"B [{out_f}, {r}] (expert 0's shapes)."
             )
-    lora_a = torch.cat(a_list, dim=0)  # [E·r, in], expert-major
-    lora_b = torch.stack(b_list, dim=-1).reshape(out_f, r * len(experts))  # [out, r, E] -> column k·E + e
-    return lora_a, lora_b
+    return stack_a(a_list), stack_b(b_list)
+
+
+def stack_a(a_list: Sequence[torch.Tensor]) -> torch.Tensor:
+    """PEFT's ``lora_A`` [r·E, in] from A_e [r, in], e = 0..E-1: expert-major (row e·r + k)."""
+    return torch.cat(list(a_list), dim=0)
+
+
+def stack_b(b_list: Sequence[torch.Tensor]) -> torch.Tensor:
+    """PEFT's ``lora_B`` [out, r·E] from B_e [out, r], e = 0..E-1: rank-major (column k·E + e)."""
+    out_f, r = b_list[0].shape
+    return torch.stack(list(b_list), dim=-1).reshape(out_f, r * len(b_list))  # [out, r, E]
 
 
 def expert_count(lora_a: torch.Tensor, lora_b: torch.Tensor, r: int) -> int:

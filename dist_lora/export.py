@@ -49,7 +49,7 @@ from .release.peft import peft_plan
 from .release.serving import check_servable, engine_config, engine_for, for_engine as fold_for_engine
 from .release.serving import max_lora_rank, module_ranks
 from .release.sources import AdapterSource, Read, Source
-from .release.write import Plan, check_finite, output_chunks, released_dtype
+from .release.write import Plan, check_finite, output_chunks, read_group_source, released_dtype
 
 if TYPE_CHECKING:
     from .model import LoraModel
@@ -234,7 +234,7 @@ def _plan_tensors(plan: Plan, source: MemorySource, dtype: Optional[torch.dtype]
     out = {}
     with source.reading() as read:
         for src, outputs in plan.groups:
-            tensor = read(src).to(released_dtype(src.dtype, dtype))
+            tensor = read_group_source(read, src).to(released_dtype(src.dtype, dtype))
             if not allow_nonfinite:
                 check_finite(src.key, tensor, source.where)
             for output in outputs:

@@ -81,7 +81,6 @@ def prepare(config: TrainConfig, world_size: int):
     hf_dir = config.model.hf_dir or builtin_model_dir(kind=config.model.builtin)
     arch = parse_hf_config(read_hf_config(hf_dir))
     check_parallel_layout(arch, tp, pp, p.ep, p.etp, p.sp)
-    refuse_expert_targets(config, arch)
     if config.model.moe_aux_loss_coeff is not None and not arch.num_experts:
         raise ConfigError(f"model.moe_aux_loss_coeff is set but this {arch.model_type} model has no experts.")
     tokenizer = load_tokenizer(config.model.hf_dir)
@@ -89,29 +88,6 @@ def prepare(config: TrainConfig, world_size: int):
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {arch.vocab_size}.")
     dataset = open_dataset(config.data, tokenizer, os.path.join(config.train.out_dir, "data_cache"))
     return hf_dir, arch, dataset
-
-
-def refuse_expert_targets(config: TrainConfig, arch) -> None:
-    """LoRA on a mixture of experts' router or experts is not supported by ``dist-lora train``
-    yet: refuse target_modules that would match them (checked on the family table's names,
-    before any process-group work)."""
-    if not getattr(arch, "num_experts", 0):
-        return
-    from .bridges import EXPERT, layer_module_name
-    from .targeting import MEGATRON_GPT_DEFAULT_TARGETS, is_targeted
-
-    lora = config.lora_config()
-    spec = lora.target_modules if lora.target_modules is not None else MEGATRON_GPT_DEFAULT_TARGETS
-    moe = [entry.megatron.replace(EXPERT, "0") for entry in arch.family.modules.layer
-           if entry.per_expert or entry.megatron == "mlp.router"]
-    layer = arch.moe_layers.index(True)
-    hit = [name for name in (layer_module_name(layer, sub) for sub in moe) if is_targeted(lora, name, spec)]
-    if hit:
-        raise ConfigError(
-            f"lora.target_modules={spec!r} matches the mixture-of-experts modules {hit}: LoRA on experts and "
-            "routers is not supported by dist-lora train yet; name the attention modules, e.g. "
-            "lora.target_modules=[linear_qkv,linear_proj]."
-        )
 
 
 def run_microbatches(model, batches: list, config: TrainConfig, forward_only: bool = False) -> float:
@@ -179,7 +155,9 @@ def _device(model) -> torch.device:
 def _global_numel(model, trainable: bool) -> int:
     """Parameters of the whole model (all TP shards, all experts, all pipeline stages). An
     expert parameter (megatron marks it ``allreduce=False``) is split over expert-TP and each
-    expert-parallel rank holds as many experts as the others."""
+    expert-parallel rank holds as many experts as the others, except an adapter shared by all
+    experts of a layer (``ep_partial_grad``): every EP rank holds the same one, counted once.
+    (``model.parameters()`` already yields a parameter tied to several local experts once.)"""
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -189,7 +167,8 @@ def _global_numel(model, trainable: bool) -> int:
     def copies(p) -> int:
         expert = not getattr(p, "allreduce", True)
         split = getattr(p, "tensor_model_parallel", False)
-        return (ep * (etp if split else 1)) if expert else (tp if split else 1)
+        owners = 1 if getattr(p, "ep_partial_grad", False) else ep
+        return (owners * (etp if split else 1)) if expert else (tp if split else 1)
 
     count = torch.tensor(sum(p.numel() * copies(p) for p in model.parameters() if p.requires_grad == trainable),
                          device=_device(model))
@@ -304,6 +283,7 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> dict:
            else speed.figures(1, elapsed)),
         "peak_memory_gib": peak_memory_gib(device),
         "hf_dir": hf_dir,
+        "trainable_parameters": trainable,
     }
     if skipped:
         log(f"{len(skipped)} step(s) skipped for a non-finite loss or gradient norm: {[s + 1 for s in skipped]}")

@@ -27,9 +27,9 @@ from dist_lora.bridges import (  # noqa: E402
     MIXTRAL,
     UnsupportedCheckpointError,
     build_megatron_gpt,
-    global_expert_index,
     transformer_config_from_hf,
 )
+from dist_lora.naming import global_expert_index  # noqa: E402
 from tests.harness import run_distributed  # noqa: E402
 from tests.hf_models import tiny_mixtral, tiny_qwen3_moe  # noqa: E402
 from tests.tp_utils import gather_tp  # noqa: E402

@@ -7,7 +7,7 @@ factors). Each rank reads only its slices of the tensors of its own pipeline sta
 (:class:`~dist_lora.bridges.checkpoint_reader.CheckpointReader`).
 
 Mixture-of-experts layers: each expert-parallel rank reads only its own experts (by GLOBAL
-expert index, :func:`~.table.global_expert_index`), and of each only its expert-TP slice,
+expert index, :func:`dist_lora.naming.global_expert_index`), and of each only its expert-TP slice,
 from either on-disk layout: per-expert tensors (``...experts.e.w1.weight``, what
 transformers 5.24's ``save_pretrained`` writes and the Hub holds) or transformers 5's fused
 3-D tensors (``mlp.experts.gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]), sliced on
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
+from ..naming import global_module_name
 from .checkpoint_reader import CheckpointReader
 from .families import DEFAULT_MODULES
 from .hf_config import (
@@ -38,9 +39,6 @@ from .table import (
     ModelFamily,
     Module,
     ModuleTable,
-    global_expert_index,
-    layer_module_name,
-    split_layer_name,
 )
 
 if TYPE_CHECKING:  # megatron is imported lazily: names and layouts work without it
@@ -228,11 +226,7 @@ def _read_v5(reader: CheckpointReader, mapped: Mapped, suffix: str, rank: int, s
 def _param_source(model: torch.nn.Module, param_name: str, modules: ModuleTable) -> Mapped:
     """The table entry and HF names of a local parameter name (its PP-local layer index and
     EP-local expert index made global)."""
-    module_name = param_name.rsplit(".", 1)[0]
-    local = split_layer_name(module_name, anywhere=False)
-    if local is not None:
-        layer_number = model.decoder.layers[local[0]].layer_number
-        module_name = layer_module_name(layer_number - 1, _global_expert_sub(model, local[1]))
+    module_name = global_module_name(model, param_name.rsplit(".", 1)[0])
     try:
         return modules.megatron(module_name)
     except KeyError as err:
@@ -240,21 +234,3 @@ def _param_source(model: torch.nn.Module, param_name: str, modules: ModuleTable)
             f"parameter {param_name!r} has no HF source (load_hf_weights takes a bare GPTModel built by "
             f"this bridge): {err}"
         ) from None
-
-
-def _global_expert_sub(model: torch.nn.Module, sub: str) -> str:
-    """A decoder-layer submodule name with megatron's local expert index made global."""
-    marker = ".local_experts."
-    if marker not in sub:
-        return sub
-    from megatron.core import parallel_state  # megatron (heavy) is imported on use
-
-    head, rest = sub.split(marker, 1)
-    local, tail = rest.split(".", 1) if "." in rest else (rest, "")
-    expert = global_expert_index(
-        int(local),
-        model.config.num_moe_experts,
-        parallel_state.get_expert_model_parallel_rank(),
-        parallel_state.get_expert_model_parallel_world_size(),
-    )
-    return f"{head}{marker}{expert}" + (f".{tail}" if tail else "")

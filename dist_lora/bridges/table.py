@@ -32,7 +32,7 @@ Mixture-of-experts layers add two kinds of entry:
   uses); ``v5`` names transformers 5's fused 3-D parameter holding every expert's parts
   stacked on dim 0 and concatenated along dim 1 in ``hf`` order (``gate_up_proj``
   [E, 2·I, H] = [gate_e; up_e] per expert, ``down_proj`` [E, H, I]). megatron's local name
-  carries this rank's LOCAL expert index J; :func:`global_expert_index` gives the global one.
+  carries this rank's LOCAL expert index J; :func:`dist_lora.naming.global_expert_index` gives the global one.
   Its TP split is over megatron's expert-tensor-parallel group.
 * a plain entry with ``v5``: the module's transformers 5 name where the older checkpoints use
   another (Mixtral's router ``block_sparse_moe.gate`` is ``mlp.gate`` in transformers 5).
@@ -123,14 +123,6 @@ def split_layer_name(name: str, layers: str = MEGATRON_LAYERS, anywhere: bool = 
 def layer_module_name(index: int, submodule: str, layers: str = MEGATRON_LAYERS) -> str:
     """``<layers>.<index>.<submodule>``: the inverse of :func:`split_layer_name`."""
     return f"{layers}.{index}.{submodule}"
-
-
-def global_expert_index(local: int, num_experts: int, ep_rank: int, ep_size: int) -> int:
-    """The global index of local expert ``local`` on expert-parallel rank ``ep_rank`` of
-    ``ep_size``: rank r holds experts r·E/ep .. (r+1)·E/ep - 1, in order (megatron's MoELayer)."""
-    if num_experts % ep_size or not 0 <= local < num_experts // ep_size:
-        raise ValueError(f"local expert {local} does not exist with {num_experts} experts over EP={ep_size}.")
-    return ep_rank * (num_experts // ep_size) + local
 
 
 def _expert_pattern(template: str) -> re.Pattern[str]:

@@ -75,8 +75,13 @@ def _write_file(staging: str, file_name: str, pieces: list) -> dict:
     if not pieces:
         return {}
     path = os.path.join(staging, file_name)
+    tensors, storages = {}, set()
+    for file_key, tensor, _ in pieces:  # an expert adapter shared by a layer's experts: one parameter, several keys
+        storage = tensor.untyped_storage().data_ptr()
+        tensors[file_key] = tensor.clone() if storage in storages else tensor
+        storages.add(storage)
     with atomic_path(path) as tmp:
-        save_file({file_key: tensor for file_key, tensor, _ in pieces}, tmp, metadata={"format": "pt"})
+        save_file(tensors, tmp, metadata={"format": "pt"})
     return {"sha256": sha256_file(path), "tensors": {file_key: entry for file_key, _, entry in pieces}}
 
 

@@ -14,15 +14,17 @@ from ..layers.base import LoraLayer
 from ..layers.embedding import FACTOR_KEYS as EMBEDDING_FACTOR_KEYS
 from ..replication import replicate_layers
 from .errors import ConsolidationError
+from .experts import A_KEY, expected_parameter_shape
 from .sources import LORA_SUFFIXES, split_key
 from .write import Group
 
-HFModules = dict[str, tuple[Optional[tuple[int, int]], dict[str, tuple], bool]]
+HFModules = dict[str, tuple[Optional[tuple[int, int]], dict[str, tuple], bool, bool]]
 
 
 def hf_modules(hf_model_dir: str, layer_replication: Optional[list] = None) -> HFModules:
-    """module name -> ((in, out) for linear and embedding layers, {param: shape}, whether it is
-    an embedding) of the HF model, its layers replicated as PEFT will with
+    """module name -> ((in, out) for linear and embedding layers, {param: shape} in registration
+    order, whether it is an embedding, whether its 3-D expert parameters are ``is_transposed``) of
+    the HF model, its layers replicated as PEFT will with
     ``layer_replication``."""
     model = meta_model(hf_model_dir)
     if layer_replication:
@@ -45,7 +47,7 @@ def meta_model(hf_model_dir: str) -> torch.nn.Module:
         raise ConsolidationError(f"cannot build the HF model from {hf_model_dir}/config.json: {e}") from None
 
 
-def _describe(module: torch.nn.Module) -> tuple[Optional[tuple[int, int]], dict[str, tuple], bool]:
+def _describe(module: torch.nn.Module) -> tuple[Optional[tuple[int, int]], dict[str, tuple], bool, bool]:
     params = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False)}
     if isinstance(module, torch.nn.Linear):
         features = (module.in_features, module.out_features)
@@ -55,7 +57,7 @@ def _describe(module: torch.nn.Module) -> tuple[Optional[tuple[int, int]], dict[
         features = (module.num_embeddings, module.embedding_dim)
     else:
         features = None
-    return features, params, isinstance(module, torch.nn.Embedding)
+    return features, params, isinstance(module, torch.nn.Embedding), bool(getattr(module, "is_transposed", False))
 
 
 def check_against_hf_model(groups: list[Group], hf_model_dir: str, layer_replication: Optional[list] = None) -> None:
@@ -64,7 +66,10 @@ def check_against_hf_model(groups: list[Group], hf_model_dir: str, layer_replica
     modules = hf_modules(hf_model_dir, layer_replication)
     for _, outputs in groups:
         for out in outputs:
-            want = _expected_shape(out.name, out.shape, modules, hf_model_dir)
+            if out.parameter is not None:
+                want = _expected_parameter_shape(out.name, out.shape, out.parameter, modules, hf_model_dir)
+            else:
+                want = _expected_shape(out.name, out.shape, modules, hf_model_dir)
             if tuple(out.shape) != tuple(want):
                 module = split_key(out.name.removeprefix(PREFIX))[0]
                 raise ConsolidationError(
@@ -80,7 +85,7 @@ def _expected_shape(name: str, shape: tuple[int, ...], modules: HFModules, hf_mo
             f"{name} names no module of the HF model at {hf_model_dir} ({module!r}); PEFT would "
             "silently ignore it. Is this the model the adapter was trained on?"
         )
-    features, params, embedding = modules[module]
+    features, params, embedding, _ = modules[module]
     if suffix not in LORA_SUFFIXES:
         if suffix not in params:
             raise ConsolidationError(f"{name}: HF module {module} has no parameter {suffix!r}.")
@@ -101,3 +106,20 @@ def _expected_shape(name: str, shape: tuple[int, ...], modules: HFModules, hf_mo
         "lora_B.bias": (n_out,),
         "lora_magnitude_vector": (n_out,),
     }[suffix]
+
+
+def _expected_parameter_shape(name: str, shape: tuple[int, ...], parameter: str, modules: HFModules,
+                              hf_model_dir: str) -> tuple[int, ...]:
+    """The shape of output ``name``, the lora_A / lora_B of PEFT's adapter on ``parameter`` (a
+    full HF parameter name: target_parameters), its stacked rank r·E taken from ``shape``."""
+    module, short = parameter.rsplit(".", 1)
+    found = modules.get(module)
+    want = None if found is None else expected_parameter_shape(
+        split_key(name.removeprefix(PREFIX))[1], shape[0] if name.endswith(A_KEY) else shape[-1], found[1], parameter,
+        found[3])
+    if want is None:
+        raise ConsolidationError(
+            f"{name} adapts {parameter}, which is no parameter of the HF model at {hf_model_dir}; PEFT would "
+            "refuse or ignore it. Is this the model the adapter was trained on?"
+        )
+    return want

@@ -35,12 +35,16 @@ class AdapterReport:
     engine: Optional[str] = None
     problems: list[str] = dataclasses.field(default_factory=list)
     max_lora_rank: Optional[int] = None
+    target_parameters: list[str] = dataclasses.field(default_factory=list)
 
     def lines(self) -> list[str]:
         """The report as text lines."""
         out = [f"modules: {len(self.ranks)}", f"targets: {', '.join(self.targets)}",
                f"ranks: {_counts(self.ranks)}", f"scalings: {_counts(self.scalings)}",
                f"dtype: {', '.join(self.dtypes)}", f"size: {self.size_bytes} bytes"]
+        if self.target_parameters:
+            out.insert(2, f"target_parameters: {', '.join(self.target_parameters)} (their adapters stack the experts: "
+                          "the ranks and scalings below count their r·E rows)")
         if self.engine is not None:
             verdict = "serves it as trained" if not self.problems else "would NOT serve it as trained"
             out.append(f"{self.engine}: {verdict}")
@@ -65,9 +69,13 @@ def inspect_adapter(adapter_dir: str | os.PathLike, target: Optional[str] = None
         dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         size_bytes=os.path.getsize(os.path.join(adapter_dir, WEIGHTS_NAME)),
     )
+    report.target_parameters = sorted(config.target_parameters or [])
     if engine is None:
         return report
     report.engine = engine.name
+    if report.target_parameters:  # refused whatever else holds; per-module ranks / scalings would mislead
+        report.problems = unservable(config, engine, list(ranks))
+        return report
     report.problems = unservable(config, engine, list(ranks)) + _scaling_problems(config, scalings, engine, target)
     try:
         report.max_lora_rank = max_lora_rank(config, ranks, engine)

@@ -16,6 +16,8 @@ How, with bounded memory:
      to W's dtype (:func:`dist_lora.layers.math.merged_weight`, the formula every merge uses);
      a modules_to_save tensor replaces the base tensor; anything else is copied unchanged.
      At most one base tensor (plus its fp32 copy) and one module's factors are in memory.
+  2b. Fused expert / router parameters (PEFT ``target_parameters``, a mixture of experts) merge
+     per expert into either base layout (:mod:`dist_lora.release.merged_experts`).
   3. With ``layer_replication`` the output is the dense expanded model
      (:mod:`dist_lora.release.merged_layers`): layer j is base layer source[j] with layer j's
      adapter merged, and ``config.json`` counts the expanded layers.
@@ -44,6 +46,7 @@ from ..io import paths_overlap
 from ..layers import math as lm
 from .consolidate import consolidate
 from .errors import ConsolidationError
+from .merged_experts import ParameterDeltas
 from .merged_layers import LayerExpansion, layer_expansion
 from .sources import LORA_SUFFIXES, split_key
 from .write import check_out_dir, staged_output
@@ -107,7 +110,7 @@ def merge_export(
                                   show_progress=False, allow_nonfinite=allow_nonfinite)
         config = LoraConfig.from_pretrained(adapter_dir)
         expansion = layer_expansion(hf_model_dir, config.layer_replication) if config.layer_replication else None
-        with _AdapterFile(os.path.join(adapter_dir, WEIGHTS_NAME), config) as adapter, \
+        with _AdapterFile(os.path.join(adapter_dir, WEIGHTS_NAME), config, hf_model_dir) as adapter, \
                 CheckpointReader(hf_model_dir) as reader:
             sources = _tensor_sources(reader, expansion)
             with staged_output(out_dir, overwrite) as staging:
@@ -134,7 +137,7 @@ def _check_base_files(hf_model_dir: str) -> None:
 class _AdapterFile:
     """The consolidated PEFT adapter, read one module at a time; tracks what was used."""
 
-    def __init__(self, path: str, config: LoraConfig) -> None:
+    def __init__(self, path: str, config: LoraConfig, hf_model_dir: Optional[str] = None) -> None:
         self.config = config
         self._file = safe_open(path, framework="pt").__enter__()
         self.keys = frozenset(self._file.keys())
@@ -143,6 +146,7 @@ class _AdapterFile:
         self.modules = {module for module, suffix in keys if suffix in LORA_SUFFIXES}
         if any(not k.startswith(PREFIX) for k in self.keys):
             raise MergedExportError(f"unexpected adapter tensor names: {sorted(self.keys)[:5]}.")  # pragma: no cover
+        self.parameters = ParameterDeltas(config, hf_model_dir, self._get) if config.target_parameters else None
 
     def _get(self, key: str) -> Optional[torch.Tensor]:
         if key not in self.keys:
@@ -155,6 +159,9 @@ class _AdapterFile:
         replaced = self._get(PREFIX + name)  # modules_to_save: the trained copy replaces the base
         if replaced is not None:
             return replaced.to(tensor.dtype)
+        merged = self.parameters.merged(name, tensor) if self.parameters is not None else None
+        if merged is not None:  # a fused expert / router parameter (target_parameters)
+            return merged
         module, _, kind = name.rpartition(".")
         if module not in self.modules or kind not in ("weight", "bias"):
             return tensor

@@ -15,6 +15,12 @@ bridge's family table (:func:`peft_plan`), ``decoder.layers.N.`` -> ``model.laye
     mlp.linear_fc2                                  -> down_proj  (as is)
     embedding.word_embeddings  lora_embedding_A/B   -> model.embed_tokens (as is)
 
+Mixture-of-experts adapters (every expert's ``linear_fc1`` / ``linear_fc2``, the router) become
+PEFT ``target_parameters`` on transformers 5's fused ``mlp.experts.gate_up_proj`` /
+``down_proj`` and ``mlp.gate.weight``, stacked per layer projection (:mod:`.experts`; needs
+``hf_model_dir``); the config then lists them in ``target_parameters`` (full names, ranks and
+alphas in the patterns) and the other modules in ``target_modules`` as below.
+
 A fused adapter with A shared by q/k/v is exactly three adapters with equal A's, each of rank
 r and the fused module's alpha, so the scaling is unchanged. modules_to_save tensors are
 split by rows the same way. The config's ``target_modules`` becomes the sorted list of full HF
@@ -45,6 +51,8 @@ from ..checkpoint.safetensors_stream import row_runs
 from ..config import LoraConfig, explicit_pattern
 from .checks import check_geometry, check_ranks
 from .errors import ConsolidationError
+from .experts import is_moe_module, split_moe_sources, target_parameter_plan
+from .hf_model import hf_modules
 from .sources import A_SUFFIXES, LORA_SUFFIXES, Source
 from .write import Group, Output, Plan
 
@@ -64,6 +72,13 @@ def peft_plan(sources: dict[str, Source], config: LoraConfig, hf_model_dir: Opti
         check_geometry(sources, arch, config, hf_model_dir)
     if format == "megatron" or not megatron_names:
         return identity_plan(sources, config, hf_model_dir, rename=format == "peft")
+    moe, sources = split_moe_sources(sources)
+    if moe and (arch is None or not getattr(arch, "num_experts", 0)):
+        raise ConsolidationError(
+            "the checkpoint has LoRA on mixture-of-experts experts or routers; releasing them as PEFT "
+            "target_parameters needs the transformers 5 MoE model they were trained on: pass its directory "
+            "(--hf-model / hf_model_dir), or use --format megatron."
+        )
     if arch is None and any(_fused_layout(src.module) == "qkv" for src in sources.values()):
         raise ConsolidationError(
             "the checkpoint has fused linear_qkv adapters; splitting them into q_proj/k_proj/v_proj needs "
@@ -71,7 +86,10 @@ def peft_plan(sources: dict[str, Source], config: LoraConfig, hf_model_dir: Opti
             "(--hf-model / hf_model_dir) or use --format megatron."
         )
     groups = megatron_to_hf(sources, arch)
-    plan = Plan(groups, _hf_config(config, sources, hf_model_dir))
+    released = _hf_config(config, sources, hf_model_dir)
+    if moe:
+        groups, released = _with_target_parameters(moe, config, arch, hf_model_dir, groups, released)
+    plan = Plan(groups, released)
     names = plan.output_names()
     if len(set(names)) != len(names):
         duplicated = sorted({n for n in names if names.count(n) > 1})
@@ -97,7 +115,8 @@ def uses_megatron_names(sources: dict[str, Source], format: str) -> bool:
     must then map to an HF module."""
     if not any(is_megatron_name(s.module) for s in sources.values()):
         return False
-    unmapped = [module for module in sorted({s.module for s in sources.values()}) if _fused_layout(module) is None]
+    unmapped = [module for module in sorted({s.module for s in sources.values()})
+                if _fused_layout(module) is None and not is_moe_module(module)]
     if unmapped and format == "peft":
         raise ConsolidationError(
             f"modules {unmapped[:3]}{' ...' if len(unmapped) > 3 else ''} have no Hugging Face counterpart in the "
@@ -173,6 +192,24 @@ def explicit_targets(
         rank_pattern=explicit_pattern(ranks, config.r),
         alpha_pattern=explicit_pattern(alphas, config.lora_alpha),
     )
+
+
+def _with_target_parameters(
+    moe: dict[str, Source], config: LoraConfig, arch: HFLlamaArch, hf_model_dir: Optional[str], groups: list[Group],
+    released: LoraConfig,
+) -> tuple[list[Group], LoraConfig]:
+    """Expert and router adapters added to a release as PEFT target_parameters (:mod:`.experts`):
+    their groups, and the config's ``target_parameters`` with their ranks / alphas in
+    ``rank_pattern`` / ``alpha_pattern`` (full HF parameter names)."""
+    check_ranks(config, moe)
+    order = {name: list(described[1]) for name, described in hf_modules(hf_model_dir, config.layer_replication).items()}
+    extra = target_parameter_plan(moe, config, arch.family, arch.num_experts, order)
+    ranks = {**released.rank_pattern, **explicit_pattern(extra.ranks, config.r)}
+    alphas = {**released.alpha_pattern, **explicit_pattern(extra.alphas, config.lora_alpha)}
+    data = released.to_dict()
+    data.update(target_parameters=sorted(extra.ranks), rank_pattern=ranks, alpha_pattern=alphas,
+                target_modules=data["target_modules"] or [])
+    return groups + extra.groups, LoraConfig.from_dict(data)
 
 
 def _hf_config(config: LoraConfig, sources: dict[str, Source], hf_model_dir: Optional[str]) -> LoraConfig:

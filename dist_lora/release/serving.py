@@ -15,8 +15,9 @@ The engines read a PEFT adapter with rules of their own (one table per engine, :
   :data:`MAX_LORA_RANKS` (vLLM's choices; we assume the same bound for SGLang);
 * refused: DoRA, ``modules_to_save``, ``bias != "none"`` and ``lora_bias``, layer replication
   (the adapter names layers the served model does not have), unconverted PiSSA / OLoRA / CorDA
-  and LoftQ (only right on the base their init rewrote); SGLang also refuses MoE expert
-  adapters (it expects its own layout).
+  and LoftQ (only right on the base their init rewrote), LoRA on fused expert / router
+  parameters (PEFT ``target_parameters``: the engines' MoE LoRA rules are their own and not
+  reproduced here); SGLang also refuses MoE expert adapters (it expects its own layout).
 
 :func:`fold_scaling` makes the global scaling exact: ``B' = B · s_module / s_global`` with
 ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) per module and ``s_global = lora_alpha /
@@ -91,6 +92,10 @@ def _feature_rules(engine: Engine) -> list[tuple[Callable[[LoraConfig, list[str]
         (lambda c, m: c.init_kind.method == "loftq" or bool(c.loftq_config),
          f"{e} serves the adapter on the original base, but a LoftQ adapter is only right on its LoftQ-quantised "
          "base; serve it with PEFT on that base."),
+        (lambda c, m: bool(c.target_parameters),
+         f"{e} applies LoRA to mixture-of-experts layers with rules of its own (expert layout, fused-MoE kernels) that "
+         "dist-lora does not reproduce, and this adapter adapts fused expert / router parameters "
+         f"(PEFT target_parameters); {MERGE_ADVICE}, or serve the PEFT release (--for peft) with PEFT."),
         (lambda c, m: engine.refuses_moe and any(".experts." in name for name in m),
          f"{e} expects MoE expert adapters in its own layout; {MERGE_ADVICE}."),
     ]

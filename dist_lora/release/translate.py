@@ -14,6 +14,10 @@ Mapping (``model.layers.N.`` -> ``decoder.layers.N.``, global layer index)::
 
 The fused layouts (A shared by the parts, or stacked) are described in :mod:`.fuse`.
 
+A transformers 5 mixture of experts' ``target_parameters`` (fused expert parameters, router
+weight) become per-expert ``linear_fc1`` / ``linear_fc2`` and ``mlp.router`` factors
+(:mod:`.translate_experts`).
+
 The config is translated: ``target_modules`` becomes the sorted list of full global megatron
 module names, ``rank_pattern`` / ``alpha_pattern`` explicit per-module entries wherever the
 fused rank / alpha differs from ``r`` / ``lora_alpha`` (:func:`.peft.explicit_targets`);
@@ -56,6 +60,7 @@ from .checks import linear_adapter_keys, rank_mismatch
 from .fuse import FusedFactors, Part, fuse
 from .peft import explicit_targets, released_config
 from .sources import LINEAR_SUFFIXES, split_key
+from .translate_experts import translate_target_parameters
 
 # From the bridge's table: the HF linear modules of a decoder layer (megatron LoRA targets) and
 # the model-level ones (embedding, head), which the loader refuses.
@@ -100,7 +105,11 @@ def translate_peft_adapter(
     config = _read_config(adapter_dir)
     arch = parse_hf_config(read_hf_config(hf_model_dir))
     tensors = read_adapter_file(os.path.join(adapter_dir, WEIGHTS_NAME))
+    expert_modules, tensors = translate_target_parameters(
+        tensors, config, arch.family, arch.num_layers, getattr(arch, "num_experts", 0), hf_model_dir, PeftToMegatronError)
     parts = _parts(tensors, config, arch, hf_model_dir)  # names a modules_to_save key, if any
+    if not parts and not expert_modules:
+        raise PeftToMegatronError("the adapter file holds no LoRA factors.")
     if config.modules_to_save:
         raise PeftToMegatronError(
             f"{adapter_dir}: modules_to_save={config.modules_to_save} is not supported by the megatron loader "
@@ -116,6 +125,7 @@ def translate_peft_adapter(
     for megatron_name in sorted(grouped, key=_module_order):
         mapped, fused_parts = grouped[megatron_name]
         modules[megatron_name] = fuse(mapped, fused_parts, arch, config.use_rslora)
+    modules = {name: (modules.get(name) or expert_modules[name]) for name in sorted({*modules, *expert_modules}, key=_module_order)}
     return MegatronAdapter(_translated_config(config, modules, hf_model_dir), modules, arch)
 
 
@@ -230,8 +240,6 @@ def _parts(
             raise PeftToMegatronError(f"{a_key!r} has rank {r}, but {problem}; the file and its config disagree.")
         alpha = config.alpha_for(module)
         parts[module] = Part(module, a, b, bias, r, alpha, lora_scaling(alpha, r, config.use_rslora))
-    if not parts:
-        raise PeftToMegatronError("the adapter file holds no LoRA factors.")
     return parts
 
 
@@ -240,6 +248,8 @@ def _check_targets(config: LoraConfig, arch: HFLlamaArch, present: set[str], ada
     be exactly the modules with tensors in the file: PEFT leaves a targeted module without
     tensors at its init, and silently ignores tensors of modules it does not target."""
     spec = config.target_modules
+    if spec is None and config.target_parameters:  # PEFT: target_parameters alone target no module
+        spec = []
     if spec is None:
         spec = HF_DEFAULT_TARGETS.get(arch.model_type)
     if spec is None:  # pragma: no cover - every supported architecture has PEFT defaults
@@ -279,5 +289,6 @@ def _translated_config(config: LoraConfig, modules: dict[str, FusedFactors], hf_
         modules_to_save=None,
         fan_in_fan_out=False,  # PEFT ignores it for nn.Linear: the saved factors are [r, in] / [out, r]
         megatron_core="megatron.core",
+        target_parameters=None,  # the expert and router parameters are megatron modules here
         **explicit_targets(config, ranks, alphas, order=_module_order),
     )

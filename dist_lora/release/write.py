@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -31,14 +31,42 @@ from .sources import AdapterSource, Source
 
 @dataclasses.dataclass
 class Output:
-    """A tensor of the written file: ``runs`` of rows of its source (None: the whole source)."""
+    """A tensor of the written file: ``runs`` of rows of its source (None: the whole source);
+    ``parameter``: for an adapter on a parameter (PEFT's target_parameters), its full HF name."""
 
     name: str
     shape: tuple[int, ...]
     runs: Optional[list[tuple[int, int]]]  # rows of the source, None: the whole tensor
+    parameter: Optional[str] = None
 
 
-Group = tuple[Source, list[Output]]
+@dataclasses.dataclass
+class Stacked:
+    """An output tensor computed in memory from several checkpoint tensors ``parts`` (read once
+    each, in order): ``combine(tensors)``. Has a Source's ``key`` / ``dtype`` / ``global_shape``
+    for the writer's checks and messages."""
+
+    key: str
+    global_shape: tuple[int, ...]
+    dtype: torch.dtype
+    parts: list[Source]
+    combine: Callable[[list[torch.Tensor]], torch.Tensor]
+
+    def tensor(self, read: Callable[[Source], torch.Tensor]) -> torch.Tensor:
+        """Read each part (copied: a reader may reuse its buffer) and combine them."""
+        seen: dict[str, torch.Tensor] = {}
+        for part in self.parts:
+            if part.key not in seen:
+                seen[part.key] = read(part).clone()
+        return self.combine([seen[p.key] for p in self.parts])
+
+
+Group = tuple[Union[Source, Stacked], list[Output]]
+
+
+def read_group_source(read: Callable[[Source], torch.Tensor], source: Union[Source, Stacked]) -> torch.Tensor:
+    """A group's source tensor: read from the checkpoint, or computed from its parts."""
+    return source.tensor(read) if isinstance(source, Stacked) else read(source)
 
 
 @dataclasses.dataclass
@@ -105,16 +133,17 @@ def write_adapter_file(
     dtype: Optional[torch.dtype] = None,
 ) -> None:
     """Stream every group's outputs into one safetensors file, the widest dtypes first (which
-    keeps every tensor's data aligned). Each source tensor is read once from ``source`` and cast
-    to the released dtype; one with NaN/Inf values (also after that cast: fp16 overflows above
-    65504) is refused unless ``allow_nonfinite``."""
+    keeps every tensor's data aligned). Each source tensor is read once from ``source`` (a
+    :class:`Stacked` one built from its parts) and cast to the released dtype; one with NaN/Inf
+    values (also after that cast: fp16 overflows above 65504) is refused unless
+    ``allow_nonfinite``."""
     groups = sorted(groups, key=lambda group: -released_dtype(group[0].dtype, dtype).itemsize)
     specs = [(out.name, released_dtype(src.dtype, dtype), out.shape) for src, outs in groups for out in outs]
     bar = tqdm(total=len(specs), unit="tensor", desc="consolidating", disable=not show_progress)
     try:
         with source.reading() as read, StreamWriter(path, specs, metadata={"format": "pt"}) as writer:
             for src, outputs in groups:
-                tensor = read(src).to(released_dtype(src.dtype, dtype))
+                tensor = read_group_source(read, src).to(released_dtype(src.dtype, dtype))
                 if not allow_nonfinite:
                     check_finite(src.key, tensor, source.where)
                 for out in outputs:
