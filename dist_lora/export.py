@@ -130,7 +130,9 @@ def adapter_config(
 # Before any collective: the arguments, and every rank's arrival
 
 
-def _arrive(model: "LoraModel", naming: str, for_engine: Optional[str], adapter: Optional[str], dst: int, timeout: float):
+def _arrive(
+    model: "LoraModel", naming: str, for_engine: Optional[str], adapter: Optional[str], dst: int, timeout: float
+):
     """:func:`_check_call`'s result once every rank has called (the handshake); else a
     ConfigError on every calling rank: this rank's own if its arguments are refused."""
     try:

@@ -121,6 +121,7 @@ def _one_rank_calls(hf_dir: str, kwargs: dict):
         ({"for_engine": "tgi"}, "must be one of"),
         ({"adapter": "other"}, "adapter 'other' is not in the model"),
         ({"dst": 5}, "dst must be a rank"),
+        ({"timeout": 0}, "timeout must be a positive number of seconds"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_collective(kwargs, match, hf_dir) -> None:
@@ -189,6 +190,7 @@ def _one_rank_refuses(hf_dir: str):
     else:  # the default timeout (60 s) is the harness's: this rank must not wait for it
         with pytest.raises(ConfigError, match="refused on rank 0: naming must be one of"):
             adapter_tensors(model, naming="vllm", hf_model_dir=hf_dir)
+    dist.barrier()  # rank 0 goes on: without the handshake rank 1 would wait in the export's collective
 
 
 def test_a_rank_refusing_its_arguments_fails_the_other_ranks_at_once(hf_dir) -> None:

@@ -70,10 +70,10 @@ def all_arrive(name: str, timeout: float, refusal: Optional[str] = None) -> None
     if "refused" in verdict:
         raise ConfigError(f"{name} was refused on rank {verdict['refused']}: {verdict['reason']}")
     raise ConfigError(
-        f"{name} was not called on ranks {verdict['missing']} within {verdict['timeout']:g} s of the "
-        f"other ranks (rank {verdict['by']} gave up waiting): it is a collective, every rank of the "
-        "process group must call it, with the same arguments. Call it on every rank (also on those "
-        "that do not receive the result), or pass a larger timeout if some ranks reach it later."
+        f"{name} was not called on ranks {verdict['missing']} within {verdict['timeout']:g} s (rank "
+        f"{verdict['by']} waited that long for them): it is a collective, every rank of the default "
+        "process group must call it with the same arguments. Call it on every rank (also on those "
+        "that get no result), or pass a larger timeout if some ranks reach it later."
     )
 
 
@@ -86,7 +86,8 @@ def _decide(store: dist.Store, prefix: str, rank: int, world: int, timeout: floa
         try:
             store.wait([prefix + "verdict"], timedelta(seconds=timeout))
             return json.loads(store.get(prefix + "verdict"))
-        except dist.DistStoreError:  # timed out: name the ranks whose arrival key is missing
+        except RuntimeError:  # timed out (a DistStoreError; a FileStore's is a plain RuntimeError)
+            # name the ranks whose arrival key is missing
             missing = [r for r in range(world) if not store.check([prefix + str(r)])]
         if missing:  # else every rank arrived just now: the verdict is on its way
             mine = json.dumps({"missing": missing, "by": rank, "timeout": timeout})
