@@ -2,7 +2,7 @@
 some ranks might call.
 
 A collective called on some ranks only waits in its first communication until the process
-group's timeout (often 10-30 minutes, or forever on NCCL without a watchdog) and names nobody.
+group's timeout (by default 30 minutes on gloo, 10 on NCCL) and names nobody.
 :func:`all_arrive` runs first on the ranks that call: it needs nothing from the ranks that do
 not, works on any backend (gloo, NCCL: it uses the c10d store, not the process group), and ends
 the same way on every calling rank: all return, or all raise a
