@@ -10,6 +10,8 @@ FFN 2816, r=64). Contenders, timed in alternating rounds (time = slowest rank):
   export        adapter_tensors(model, naming="vllm") -> {name: tensor} on rank 0
   file          save_sharded(model, dir) on every rank, then rank 0 runs
                 consolidate(dir, out, target="vllm") and loads the written file
+  handshake     the arrival check that export runs first (parallel.handshake.all_arrive) alone:
+                its share of the export time
 
 Peak extra memory is rank 0's resident-set high-water mark during the call minus its resident
 set before it (VmHWM reset through /proc/self/clear_refs), next to the adapter's size. The
@@ -75,6 +77,7 @@ def main() -> None:
     from dist_lora.bridges import build_megatron_gpt
     from dist_lora.checkpoint.sharded import save_sharded
     from dist_lora.export import adapter_tensors
+    from dist_lora.parallel.handshake import all_arrive
     from dist_lora.parallel.cpu_compat import apply_cpu_compat
     from dist_lora.release.consolidate import consolidate
     from safetensors.torch import load_file
@@ -92,7 +95,7 @@ def main() -> None:
     model = get_lora_model(build_megatron_gpt(hf, tp=tp), LoraConfig(init_lora_weights=False, **SIZES[args.size][1]),
                            seed=0)
     adapter_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n) * tp
-    results: dict[str, list] = {"export": [], "file": []}
+    results: dict[str, list] = {"export": [], "file": [], "handshake": []}
 
     def export():
         out, peak = _peak(lambda: adapter_tensors(model, naming="vllm", hf_model_dir=hf))
@@ -111,7 +114,10 @@ def main() -> None:
         out, peak = _peak(save_and_consolidate)
         results["file"].append((out, peak))
 
-    times = common.alternate({"export": export, "file": file}, args.rounds, args.warmup, sync=dist.barrier,
+    def handshake():
+        results["handshake"].append(_peak(lambda: all_arrive("bench", timeout=60)))
+
+    times = common.alternate({"export": export, "file": file, "handshake": handshake}, args.rounds, args.warmup, sync=dist.barrier,
                              reduce_max=True)
     if common.rank() == 0:
         got, want = results["export"][-1][0], results["file"][-1][0]
@@ -119,7 +125,7 @@ def main() -> None:
             torch.equal(got[k.removeprefix("base_model.model.")], v) for k, v in want.items())
         rows = []
         summary = {}
-        for name in ("export", "file"):
+        for name in ("export", "file", "handshake"):
             peak = max(p for _, p in results[name][args.warmup:])
             median = sorted(times[name])[len(times[name]) // 2]
             summary[name] = {"median_s": median, "peak_extra_mib": common.mib(peak)}

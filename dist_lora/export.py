@@ -16,11 +16,16 @@ tensor shapes (a few hundred bytes per tensor: the calls are checked to agree, a
 builds the same plan, so a refused adapter raises on every rank), then one ``send`` / ``recv``
 per adapter piece to ``dst`` (into the preallocated global tensor, no pickling): only adapter
 tensors move, never base weights. Peak extra memory on ``dst``: about two copies of the
-released adapter (the gathered tensors, and the folded ones), one piece on the other ranks. A call on only some
-ranks cannot be detected without a timeout (the first collective waits for the others): it
-hangs until the process group's timeout. Bad arguments (naming, engine, adapter name, an
-adapter the engine cannot serve) are refused on every rank before any collective. Nothing is
-registered on the model: a training step that does not call it is unchanged.
+released adapter (the gathered tensors, and the folded ones), one piece on the other ranks.
+Before the collectives, a handshake through the process group's store
+(:func:`~dist_lora.parallel.handshake.all_arrive`: a few small store requests, no collective;
+about 3 ms at 2 CPU ranks, ``bench/export_bench.py``):
+a call on only some ranks fails within ``timeout`` seconds (default 60) on every calling rank,
+with a ConfigError naming the ranks that did not call it, instead of waiting for the process
+group's timeout. Bad arguments (naming, engine, adapter name, an adapter the engine cannot
+serve, timeout) are refused before any collective, on the rank that has them with their own
+message and on the other calling ranks with a ConfigError quoting it. Nothing is registered on
+the model: a training step that does not call it is unchanged.
 
 ``naming``: ``"peft"`` keys as in ``adapter_model.safetensors``
 (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``); ``"vllm"`` the same keys
@@ -43,6 +48,7 @@ from .checkpoint.peft_format import PREFIX
 from .checkpoint.pieces import tp_boxes
 from .checkpoint.sharded import owned_parameters, parallel_ranks, param_tp_rank_size
 from .config import ConfigError, LoraConfig
+from .parallel.handshake import all_arrive
 from .release.checks import CONVERSION_HINT, check_factors, check_releasable
 from .release.hf_model import check_against_hf_model
 from .release.peft import peft_plan
@@ -56,6 +62,8 @@ if TYPE_CHECKING:
 
 NAMINGS = ("peft", "vllm")
 WHERE = "the in-memory adapter"
+HANDSHAKE = "dist_lora.export"  # one call count for adapter_tensors and adapter_config
+TIMEOUT_S = 60.0
 
 
 def adapter_tensors(
@@ -67,6 +75,7 @@ def adapter_tensors(
     hf_model_dir: Optional[str] = None,
     adapter: Optional[str] = None,
     allow_nonfinite: bool = False,
+    timeout: float = TIMEOUT_S,
 ) -> Optional[dict[str, torch.Tensor]]:
     """On rank ``dst``: the released adapter's tensors (CPU, contiguous) named by ``naming``,
     folded for ``for_engine``, cast to ``dtype`` (floating-point tensors, when given); None on
@@ -74,8 +83,10 @@ def adapter_tensors(
     docstring). ``hf_model_dir`` as for :func:`~dist_lora.release.consolidate.consolidate`: the
     attention geometry to split a fused QKV adapter, checked against the model, and the
     config's ``base_model_name_or_path``. A NaN/Inf tensor is refused unless ``allow_nonfinite``.
+    ``timeout``: seconds to wait for the other ranks to call it too (they may arrive that much
+    later than the first); past it every calling rank raises, naming the ranks that did not.
     Raises :class:`~dist_lora.config.ConfigError` (a ``ValueError``) naming the problem."""
-    target, config, adapter = _check_call(model, naming, for_engine, adapter, dst)
+    target, config, adapter = _arrive(model, naming, for_engine, adapter, dst, timeout)
     ranks = parallel_ranks()
     owned = owned_parameters(model, adapter, ranks)
     signature = (naming, target, str(dtype), dst, adapter, hf_model_dir, allow_nonfinite)
@@ -97,11 +108,12 @@ def adapter_config(
     for_engine: str = "vllm",
     hf_model_dir: Optional[str] = None,
     adapter: Optional[str] = None,
+    timeout: float = TIMEOUT_S,
 ) -> dict[str, Any]:
     """The adapter_config.json (as a dict) that ``dist-lora consolidate --for for_engine`` writes
     for this model, on every rank. A collective like :func:`adapter_tensors` (one small
-    ``all_gather_object`` of tensor shapes, no tensor data)."""
-    target, config, adapter = _check_call(model, "peft", for_engine, adapter, 0)
+    ``all_gather_object`` of tensor shapes, no tensor data; the same handshake and ``timeout``)."""
+    target, config, adapter = _arrive(model, "peft", for_engine, adapter, 0, timeout)
     ranks = parallel_ranks()
     signature = ("config", target, adapter, hf_model_dir)
     plan = _plan(config, _shapes(_gather_layout(owned_parameters(model, adapter, ranks), ranks, signature)), hf_model_dir)
@@ -116,11 +128,29 @@ def adapter_config(
 
 
 # ---------------------------------------------------------------------------------------------
-# Before any collective: the arguments
+# Before any collective: the arguments, and every rank's arrival
 
 
-def _check_call(model: "LoraModel", naming: str, for_engine: Optional[str], adapter: Optional[str], dst: int):
-    """(release target, the adapter's config, adapter name), or a ConfigError on every rank."""
+def _arrive(
+    model: "LoraModel", naming: str, for_engine: Optional[str], adapter: Optional[str], dst: int, timeout: float
+):
+    """:func:`_check_call`'s result once every rank has called (the handshake); else a
+    ConfigError on every calling rank: this rank's own if its arguments are refused."""
+    try:
+        checked = _check_call(model, naming, for_engine, adapter, dst, timeout)
+    except ConfigError as error:
+        all_arrive(HANDSHAKE, timeout, refusal=str(error))
+        raise
+    all_arrive(HANDSHAKE, timeout)
+    return checked
+
+
+def _check_call(
+    model: "LoraModel", naming: str, for_engine: Optional[str], adapter: Optional[str], dst: int, timeout: float
+):
+    """(release target, the adapter's config, adapter name), or a ConfigError."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}.")
     if naming not in NAMINGS:
         raise ConfigError(f"naming must be one of {NAMINGS}, got {naming!r}.")
     target = for_engine if for_engine is not None else ("vllm" if naming == "vllm" else "peft")

@@ -3,7 +3,9 @@ PP=2, a megatron GPT built from a tiny HF Llama with rank / alpha patterns and r
 rank 0, exactly (bit for bit) the tensors and adapter_config.json that ``dist-lora consolidate
 --for vllm`` (and ``--for peft``) writes after ``save_sharded`` of the same model; bad
 arguments are refused on the calling ranks before any collective (a call on one rank alone
-does not hang); ranks that disagree on the arguments all fail."""
+does not hang); ranks that disagree on the arguments all fail; a call on only some ranks fails
+within its timeout on every calling rank, naming the ranks that did not call it, and a rank
+whose arguments are refused makes the other calling ranks fail at once."""
 
 from __future__ import annotations
 
@@ -119,6 +121,7 @@ def _one_rank_calls(hf_dir: str, kwargs: dict):
         ({"for_engine": "tgi"}, "must be one of"),
         ({"adapter": "other"}, "adapter 'other' is not in the model"),
         ({"dst": 5}, "dst must be a rank"),
+        ({"timeout": 0}, "timeout must be a positive number of seconds"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_collective(kwargs, match, hf_dir) -> None:
@@ -153,3 +156,42 @@ def test_export_to_another_rank_leaves_the_model_as_it_was(hf_dir) -> None:
     results = run_distributed(_export_to_rank1, 2, tp=2, timeout=60, args=(hf_dir,))
     assert results[0] is None and results[1]
     assert all(not key.startswith("base_model.model.") for key in results[1])
+
+
+def _some_ranks_call(hf_dir: str, tp: int, pp: int, callers: tuple[int, ...]):
+    model = _model(hf_dir, tp, pp, False)
+    message = None
+    if dist.get_rank() in callers:
+        with pytest.raises(ConfigError, match="was not called on ranks") as error:
+            adapter_tensors(model, hf_model_dir=hf_dir, timeout=3)
+        message = str(error.value)
+    dist.barrier()  # the process group still works afterwards (and the store's host, rank 0, stays up)
+    return message
+
+
+@pytest.mark.parametrize(
+    "tp, pp, callers", [(2, 1, (0,)), (1, 2, (1,)), (2, 2, (0, 3))]
+)
+def test_a_call_on_some_ranks_fails_fast_on_each_calling_rank(tp, pp, callers, hf_dir) -> None:
+    # without the handshake the callers wait in the first collective: the harness times out
+    results = run_distributed(_some_ranks_call, tp * pp, tp=tp, pp=pp, timeout=60, args=(hf_dir, tp, pp, callers))
+    missing = [rank for rank in range(tp * pp) if rank not in callers]
+    assert all(results[rank] is None for rank in missing)
+    messages = {results[rank] for rank in callers}
+    assert len(messages) == 1  # the same verdict on every calling rank
+    assert f"was not called on ranks {missing} within 3 s" in messages.pop()
+
+
+def _one_rank_refuses(hf_dir: str):
+    model = _model(hf_dir, 2, 1, False)
+    if dist.get_rank() == 0:
+        with pytest.raises(ConfigError, match="naming must be one of"):
+            adapter_tensors(model, naming="hf", hf_model_dir=hf_dir)
+    else:  # the default timeout (60 s) is the harness's: this rank must not wait for it
+        with pytest.raises(ConfigError, match="refused on rank 0: naming must be one of"):
+            adapter_tensors(model, naming="vllm", hf_model_dir=hf_dir)
+    dist.barrier()  # rank 0 goes on: without the handshake rank 1 would wait in the export's collective
+
+
+def test_a_rank_refusing_its_arguments_fails_the_other_ranks_at_once(hf_dir) -> None:
+    run_distributed(_one_rank_refuses, 2, tp=2, timeout=60, args=(hf_dir,))
