@@ -142,6 +142,11 @@ def test_expert_lora_releases_to_real_peft_with_megatron_logits(tmp_path, case: 
     report = inspect_adapter(adapter, "vllm")
     assert report.target_parameters == config["target_parameters"] and len(report.problems) == 1
     assert "mixture-of-experts" in report.problems[0] and report.max_lora_rank is None
+    # per-expert rank and scaling come from the config, not from the stacked r·E rows of A
+    lora = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    assert set(report.parameter_ranks.values()) == {lora["r"]}
+    assert set(report.parameter_scalings.values()) == {lora["lora_alpha"] / lora["r"]}
+    assert all("experts" not in m and not m.endswith("mlp.gate") for m in report.ranks)
 
     # serving engines: refused (their MoE LoRA rules are their own), nothing written
     for engine, name in (("vllm", "vLLM"), ("sglang", "SGLang")):

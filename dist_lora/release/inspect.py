@@ -9,6 +9,7 @@ from typing import Optional
 
 from ..checkpoint.peft_format import WEIGHTS_NAME
 from ..config import LoraConfig
+from ..layers.math import lora_scaling
 from .errors import ConsolidationError, as_consolidation_error
 from .serving import (
     Engine,
@@ -36,6 +37,8 @@ class AdapterReport:
     problems: list[str] = dataclasses.field(default_factory=list)
     max_lora_rank: Optional[int] = None
     target_parameters: list[str] = dataclasses.field(default_factory=list)
+    parameter_ranks: dict[str, int] = dataclasses.field(default_factory=dict)
+    parameter_scalings: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def lines(self) -> list[str]:
         """The report as text lines."""
@@ -43,8 +46,9 @@ class AdapterReport:
                f"ranks: {_counts(self.ranks)}", f"scalings: {_counts(self.scalings)}",
                f"dtype: {', '.join(self.dtypes)}", f"size: {self.size_bytes} bytes"]
         if self.target_parameters:
-            out.insert(2, f"target_parameters: {', '.join(self.target_parameters)} (their adapters stack the experts: "
-                          "the ranks and scalings below count their r·E rows)")
+            out.insert(2, f"target_parameters: {', '.join(self.target_parameters)} (per expert: ranks "
+                          f"{_counts(self.parameter_ranks)}, scalings {_counts(self.parameter_scalings)}; the "
+                          "ranks and scalings below are the target modules')")
         if self.engine is not None:
             verdict = "serves it as trained" if not self.problems else "would NOT serve it as trained"
             out.append(f"{self.engine}: {verdict}")
@@ -62,6 +66,9 @@ def inspect_adapter(adapter_dir: str | os.PathLike, target: Optional[str] = None
         config = LoraConfig.from_pretrained(adapter_dir)
     tensors = read_adapter_tensors(adapter_dir)
     ranks = module_ranks(tensors)
+    parameters = sorted(config.target_parameters or [])
+    # a parameter's adapter stacks its experts' (A has r·E rows): its rank and scaling are the config's
+    ranks = {m: r for m, r in ranks.items() if not _owns_parameter(m, parameters)}
     scalings = module_scalings(config, ranks)
     suffixes = {m.rsplit(".", 1)[-1] for m in ranks}
     report = AdapterReport(
@@ -69,7 +76,10 @@ def inspect_adapter(adapter_dir: str | os.PathLike, target: Optional[str] = None
         dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         size_bytes=os.path.getsize(os.path.join(adapter_dir, WEIGHTS_NAME)),
     )
-    report.target_parameters = sorted(config.target_parameters or [])
+    report.target_parameters = parameters
+    report.parameter_ranks = {p: config.rank_for(p) for p in parameters}
+    report.parameter_scalings = {p: lora_scaling(config.alpha_for(p), config.rank_for(p), config.use_rslora)
+                                 for p in parameters}
     if engine is None:
         return report
     report.engine = engine.name
@@ -82,6 +92,15 @@ def inspect_adapter(adapter_dir: str | os.PathLike, target: Optional[str] = None
     except ConsolidationError as e:
         report.problems.append(str(e))
     return report
+
+
+def _owns_parameter(module: str, parameters: list[str]) -> bool:
+    """Whether ``module`` (PEFT's nested wrappers' ``.base_layer`` suffixes dropped) holds one of
+    the targeted ``parameters`` (full names or name ends, as PEFT matches them)."""
+    while module.endswith(".base_layer"):
+        module = module.removesuffix(".base_layer")
+    owners = {p.rsplit(".", 1)[0] for p in parameters}
+    return any(module == o or module.endswith("." + o) for o in owners)
 
 
 def _scaling_problems(config: LoraConfig, scalings: dict[str, float], engine: Engine, target: str) -> list[str]:
