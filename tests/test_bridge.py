@@ -13,7 +13,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import dataclasses  # noqa: E402
 import json  # noqa: E402
 
 import pytest  # noqa: E402
@@ -35,8 +34,6 @@ from dist_lora.bridges import (  # noqa: E402
     FAMILIES,
     CheckpointReader,
     ModelFamily,
-    Module,
-    ModuleTable,
     UnsupportedCheckpointError,
     build_megatron_gpt,
     hf_features,

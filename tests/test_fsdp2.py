@@ -8,7 +8,7 @@ import torch
 from dist_lora import LoraConfig, get_lora_model
 from dist_lora.fsdp import bf16_policy, shard_lora_model
 from tests import fsdp_runs
-from tests.harness import DistributedError, run_distributed
+from tests.harness import run_distributed
 from tests.hf_models import tiny_llama
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file

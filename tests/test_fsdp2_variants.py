@@ -6,7 +6,6 @@ inactive adapter. merge_and_unload after sharding is refused (tests/test_fsdp2.p
 from __future__ import annotations
 
 import pytest
-import torch
 
 from dist_lora import initialize_lora_eva_weights
 from tests import fsdp_runs

@@ -36,7 +36,6 @@ loading, deleting or merging adapters is refused (FSDP2 knows only the parameter
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import torch
 import torch.distributed as dist
