@@ -138,24 +138,32 @@ QWEN3 = ModelFamily(
 )
 
 # Mixture of experts: the router (a replicated [E, H] linear) and E SwiGLU experts per layer.
-MIXTRAL_MOE = (
-    Module("mlp.router", ("block_sparse_moe.gate",), features=(("hidden", "experts"),), v5="mlp.gate"),
-    Module(
-        f"mlp.experts.local_experts.{EXPERT}.linear_fc1",
-        (f"block_sparse_moe.experts.{EXPERT}.w1", f"block_sparse_moe.experts.{EXPERT}.w3"),
-        tp="column",
-        fused="gate_up",
-        features=(("hidden", "moe_ffn"), ("hidden", "moe_ffn")),
-        v5="mlp.experts.gate_up_proj",
-    ),
-    Module(
-        f"mlp.experts.local_experts.{EXPERT}.linear_fc2",
-        (f"block_sparse_moe.experts.{EXPERT}.w2",),
-        tp="row",
-        features=(("moe_ffn", "hidden"),),
-        v5="mlp.experts.down_proj",
-    ),
-)
+def moe_entries(router: str, experts: str, gate: str, up: str, down: str, router_v5: str = "") -> tuple[Module, ...]:
+    """The router and expert entries of a MoE layer whose HF router is ``router`` and whose
+    expert ``E`` holds ``<experts>.E.<gate|up|down>`` (per-expert layout); transformers 5 fuses
+    the experts into ``mlp.experts.gate_up_proj`` / ``down_proj`` (``v5``)."""
+    expert = f"{experts}.{EXPERT}"
+    return (
+        Module("mlp.router", (router,), features=(("hidden", "experts"),), v5=router_v5),
+        Module(
+            f"mlp.experts.local_experts.{EXPERT}.linear_fc1",
+            (f"{expert}.{gate}", f"{expert}.{up}"),
+            tp="column",
+            fused="gate_up",
+            features=(("hidden", "moe_ffn"), ("hidden", "moe_ffn")),
+            v5="mlp.experts.gate_up_proj",
+        ),
+        Module(
+            f"mlp.experts.local_experts.{EXPERT}.linear_fc2",
+            (f"{expert}.{down}",),
+            tp="row",
+            features=(("moe_ffn", "hidden"),),
+            v5="mlp.experts.down_proj",
+        ),
+    )
+
+
+MIXTRAL_MOE = moe_entries("block_sparse_moe.gate", "block_sparse_moe.experts", "w1", "w3", "w2", router_v5="mlp.gate")
 MIXTRAL_MODULES = ModuleTable(
     layer=tuple(entry for entry in LLAMA_MODULES.layer if not entry.megatron.startswith("mlp.")) + MIXTRAL_MOE,
     model=LLAMA_MODULES.model,
@@ -179,24 +187,7 @@ MIXTRAL = ModelFamily(
 # Qwen3-MoE: Qwen3's attention (q/k norms), the router ``mlp.gate`` and experts under
 # ``mlp.experts``; the dense MLP entries stay for the layers ``mlp_only_layers`` /
 # ``decoder_sparse_step`` leave dense (megatron's ``moe_layer_freq``).
-QWEN3_MOE_MOE = (
-    Module("mlp.router", ("mlp.gate",), features=(("hidden", "experts"),)),
-    Module(
-        f"mlp.experts.local_experts.{EXPERT}.linear_fc1",
-        (f"mlp.experts.{EXPERT}.gate_proj", f"mlp.experts.{EXPERT}.up_proj"),
-        tp="column",
-        fused="gate_up",
-        features=(("hidden", "moe_ffn"), ("hidden", "moe_ffn")),
-        v5="mlp.experts.gate_up_proj",
-    ),
-    Module(
-        f"mlp.experts.local_experts.{EXPERT}.linear_fc2",
-        (f"mlp.experts.{EXPERT}.down_proj",),
-        tp="row",
-        features=(("moe_ffn", "hidden"),),
-        v5="mlp.experts.down_proj",
-    ),
-)
+QWEN3_MOE_MOE = moe_entries("mlp.gate", "mlp.experts", "gate_proj", "up_proj", "down_proj")
 QWEN3_MOE_MODULES = ModuleTable(layer=QWEN3_MODULES.layer + QWEN3_MOE_MOE, model=QWEN3_MODULES.model)
 
 QWEN3_MOE = ModelFamily(
