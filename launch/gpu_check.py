@@ -1,7 +1,7 @@
 """The one-GPU check: build a random Llama-shaped model, fine-tune it with ``dist-lora train``
-(bf16, SDPA, recompute none and full) and with transformers + PEFT on the same model, batch,
-LoRA targets and rank, compare throughput, and check that PEFT loads the released adapter with
-the megatron model's logits. Figures go to ``OUT_DIR/gpu_check.json`` and a table.
+(bf16, SDPA, megatron with recompute none and full, and the HF model under FSDP2) and with
+transformers + PEFT on the same model, batch, LoRA targets and rank, compare throughput, and
+check that PEFT loads the released adapter with the megatron model's logits. Figures go to ``OUT_DIR/gpu_check.json`` and a table.
 
     bash launch/gpu_check.sh OUT_DIR            # one NVIDIA GPU, no network; about 1B parameters
     python launch/gpu_check.py OUT_DIR --tiny --device cpu   # the same steps on a tiny model (CI)
@@ -67,11 +67,11 @@ def write_corpus(out: str, chars: int) -> str:
     return path
 
 
-def dist_lora_run(args, model_dir: str, corpus: str, recompute: str) -> dict:
-    out = os.path.join(args.out, f"dist_lora_{recompute}")
+def dist_lora_run(args, model_dir: str, corpus: str, recompute: str, backend: str = "megatron") -> dict:
+    out = os.path.join(args.out, f"dist_lora_{backend}_{recompute}")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m", "dist_lora.cli",
-        "train", f"model.hf_dir={model_dir}", f"model.dtype={args.dtype}", "model.attention=sdpa",
+        "train", f"parallel.backend={backend}", f"model.hf_dir={model_dir}", f"model.dtype={args.dtype}", "model.attention=sdpa",
         f"train.device={args.device}", f"train.recompute={recompute}", f"data.path={corpus}",
         f"data.seq_len={args.seq}", "data.eval_fraction=0.01", f"train.steps={args.steps}", "train.eval_interval=0",
         f"train.micro_batch_size={args.batch}", "train.checkpoint_interval=0", "train.keep_last=1",
@@ -148,12 +148,19 @@ def main() -> int:
     corpus = write_corpus(args.out, chars=(args.steps + 4) * args.batch * (args.seq + 1) * 110 // 100 + 200_000)
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "args": vars(args)}
     results["dist_lora"] = {r: dist_lora_run(args, model_dir, corpus, r) for r in ("none", "full")}
+    try:  # never run on a GPU before: a failure here is reported, and the other figures still come out
+        results["dist_lora_fsdp2"] = dist_lora_run(args, model_dir, corpus, "none", backend="fsdp2")
+    except subprocess.CalledProcessError as err:
+        results["dist_lora_fsdp2"] = {"error": f"exit code {err.returncode}", "tokens_per_s": 0.0, "mfu": None,
+                                      "peak_memory_gib": None}
     results["peft"] = peft_run(args, model_dir, corpus, dtype)
     results["dist_lora_over_peft_tokens_per_s"] = results["dist_lora"]["none"]["tokens_per_s"] / results["peft"]["tokens_per_s"]
     results["logits"] = logits_check(results["dist_lora"]["none"], model_dir, args.tolerance)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(results, f, indent=2, default=str)
     rows = [(f"dist_lora recompute={r}", s["tokens_per_s"], s["mfu"], s["peak_memory_gib"]) for r, s in results["dist_lora"].items()]
+    fsdp2 = results["dist_lora_fsdp2"]
+    rows.append(("dist_lora fsdp2 (HF model)" + (" FAILED" if "error" in fsdp2 else ""), fsdp2["tokens_per_s"], fsdp2["mfu"], fsdp2["peak_memory_gib"]))
     rows.append(("transformers + PEFT", results["peft"]["tokens_per_s"], None, results["peft"]["peak_memory_gib"]))
     print(f"\n{results['device']}, {args.dtype}, seq {args.seq} x batch {args.batch}, {args.steps} steps")
     print(f"{'run':28} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-GPU check (see launch/gpu_check.py): a ~1B random Llama fine-tuned by dist-lora train
-# (bf16, SDPA, recompute none and full) and by transformers + PEFT, throughput side by side, and
-# PEFT's logits with the released adapter against the megatron model's.
+# (bf16, SDPA, megatron with recompute none and full, and FSDP2) and by transformers + PEFT,
+# throughput side by side, and PEFT's logits with the released adapter against the megatron model's.
 #   bash launch/gpu_check.sh OUT_DIR [extra gpu_check.py options]
 # Needs one NVIDIA GPU with torch (CUDA), megatron-core, transformers, peft and dist_lora
 # importable (PYTHONPATH=. works from a source tree); no network. Under 8 minutes on an H100/H200.

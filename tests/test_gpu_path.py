@@ -66,7 +66,7 @@ def test_transformer_engine_layers_are_refused() -> None:
 
 
 def test_gpu_check_script_runs_its_steps_on_cpu(tmp_path) -> None:
-    """launch/gpu_check.py's steps (model, dist-lora train with recompute none/full, PEFT
+    """launch/gpu_check.py's steps (model, dist-lora train with recompute none/full and fsdp2, PEFT
     baseline, logits check, gpu_check.json) on a tiny model on CPU: all but the GPU itself."""
     import subprocess
     import sys
@@ -79,3 +79,5 @@ def test_gpu_check_script_runs_its_steps_on_cpu(tmp_path) -> None:
         report = json.load(f)
     assert set(report["dist_lora"]) == {"none", "full"} and report["peft"]["tokens_per_s"] > 0
     assert report["logits"]["ok"] and "dist_lora / PEFT tokens/s" in result.stdout
+    assert "error" not in report["dist_lora_fsdp2"] and report["dist_lora_fsdp2"]["tokens_per_s"] > 0
+    assert "dist_lora fsdp2 (HF model)" in result.stdout
