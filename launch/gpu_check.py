@@ -1,7 +1,8 @@
 """The one-GPU check: build a random Llama-shaped model, fine-tune it with ``dist-lora train``
 (bf16, SDPA, megatron with recompute none and full, and the HF model under FSDP2) and with
 transformers + PEFT on the same model, batch, LoRA targets and rank, compare throughput, and
-check that PEFT loads the released adapter with the megatron model's logits. Figures go to ``OUT_DIR/gpu_check.json`` and a table.
+check that PEFT loads the released adapter with the megatron model's logits. Figures go to
+``OUT_DIR/gpu_check.json`` and a table.
 
     bash launch/gpu_check.sh OUT_DIR            # one NVIDIA GPU, no network; about 1B parameters
     python launch/gpu_check.py OUT_DIR --tiny --device cpu   # the same steps on a tiny model (CI)
