@@ -48,6 +48,13 @@ MEGATRON_LLAMA = dict(
 )
 
 
+# The geometry every tiny decoder shares: 2 layers, hidden 32, 4 query heads in 2 kv groups (GQA).
+DECODER = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
 def _build(cls, config, seed: int, randomise_biases: bool = False):
     torch.manual_seed(seed)
     model = cls(config)
@@ -65,12 +72,7 @@ def _build(cls, config, seed: int, randomise_biases: bool = False):
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     """2-layer Llama, hidden 32, 4 query heads sharing 2 kv heads (GQA), untied head."""
     kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        DECODER,
         max_position_embeddings=64,
         tie_word_embeddings=False,
         attention_bias=False,
@@ -82,12 +84,7 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
 def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     """2-layer Qwen2, hidden 32, GQA; q/k/v projections have (non-zero) biases as in Qwen2."""
     kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        DECODER,
         max_position_embeddings=64,
         tie_word_embeddings=False,
     )
@@ -100,12 +97,7 @@ def tiny_qwen3(seed: int = 0, **overrides) -> Qwen3ForCausalLM:
     mistake shows); the q/k norm weights are randomised (HF initialises them to 1, which would
     hide a missing or swapped norm weight)."""
     kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        DECODER,
         head_dim=12,
         max_position_embeddings=64,
         tie_word_embeddings=False,
@@ -142,12 +134,8 @@ def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
 def tiny_mixtral(seed: int = 0, **overrides) -> MixtralForCausalLM:
     """2-layer Mixtral, hidden 32, GQA, 4 SwiGLU experts of width 48, top-2 routing."""
     kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
+        DECODER,
         intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         num_local_experts=4,
         num_experts_per_tok=2,
         max_position_embeddings=64,
@@ -162,13 +150,8 @@ def tiny_qwen3_moe(seed: int = 0, **overrides) -> Qwen3MoeForCausalLM:
     """2-layer Qwen3-MoE (q/k RMSNorm), hidden 32, GQA, 4 SwiGLU experts of width 24, top-2
     routing with ``norm_topk_prob``; every layer sparse (no ``mlp_only_layers``)."""
     kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
+        DECODER,
         moe_intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=8,
         num_experts=4,
         num_experts_per_tok=2,

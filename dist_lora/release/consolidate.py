@@ -152,12 +152,7 @@ def _consolidate_deepspeed(checkpoint_dir: str, out_dir: str, config: Optional[s
     source = read_deepspeed(checkpoint_dir, config, adapter, hf_model_dir, tag)
     if engine is not None:
         check_servable(source.config, engine, where=checkpoint_dir)
-    check_releasable(source.config)
-    check_factors(source.tensors, source.config)
-    plan = identity_plan(source.tensors, source.config, hf_model_dir, rename=True)
-    if hf_model_dir is not None:
-        check_against_hf_model(plan.groups, hf_model_dir, source.config.layer_replication)
-    return write_release(source, plan, out_dir, overwrite, show_progress, allow_nonfinite, dtype)
+    return _release_hf_named(source, out_dir, hf_model_dir, overwrite, show_progress, allow_nonfinite, dtype)
 
 
 def _consolidate_dcp(checkpoint_dir: str, out_dir: str, hf_model_dir: Optional[str], overwrite: bool,
@@ -170,12 +165,7 @@ def _consolidate_dcp(checkpoint_dir: str, out_dir: str, hf_model_dir: Optional[s
         return _for_engine(target, out_dir, overwrite, dtype, lambda peft_dir: _consolidate_dcp(
             checkpoint_dir, peft_dir, hf_model_dir, False, show_progress, verify, allow_nonfinite, None, "peft"))
     source = read_dcp(checkpoint_dir, verify, hf_model_dir)
-    check_releasable(source.config)
-    check_factors(source.tensors, source.config)
-    plan = identity_plan(source.tensors, source.config, hf_model_dir, rename=True)
-    if hf_model_dir is not None:
-        check_against_hf_model(plan.groups, hf_model_dir, source.config.layer_replication)
-    return write_release(source, plan, out_dir, overwrite, show_progress, allow_nonfinite, dtype)
+    return _release_hf_named(source, out_dir, hf_model_dir, overwrite, show_progress, allow_nonfinite, dtype)
 
 
 def _consolidate(
@@ -262,3 +252,14 @@ def convert_adapter_dir(
     tensors = {k: v.to(released_dtype(v.dtype, dtype)).contiguous() for k, v in mutated_to_plain(trained, initial).items()}
     write_adapter_dir(out_dir, tensors, doubled_rank(trained_config))
     return os.fspath(out_dir)
+
+
+def _release_hf_named(source, out_dir: str, hf_model_dir: Optional[str], overwrite: bool, show_progress: bool,
+                      allow_nonfinite: bool, dtype: Optional[torch.dtype]) -> str:
+    """Check and write a source whose tensors already have HF names (DeepSpeed, DCP)."""
+    check_releasable(source.config)
+    check_factors(source.tensors, source.config)
+    plan = identity_plan(source.tensors, source.config, hf_model_dir, rename=True)
+    if hf_model_dir is not None:
+        check_against_hf_model(plan.groups, hf_model_dir, source.config.layer_replication)
+    return write_release(source, plan, out_dir, overwrite, show_progress, allow_nonfinite, dtype)
