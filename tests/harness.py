@@ -40,6 +40,7 @@ from dist_lora.parallel.cpu_compat import apply_cpu_compat
 SEED = 1234
 ERROR_GRACE_S = 3.0  # after one rank fails, how long the others get to report their own error
 STACK_SIGNAL = signal.SIGUSR1  # makes a rank write its Python stack (faulthandler)
+PG_MARGIN_S = 30.0  # how much longer than ``timeout`` the ranks' process group waits in a collective
 TEARDOWN_S = 10.0  # how long a rank that reported gets to tear down before it is killed
 
 
@@ -76,7 +77,9 @@ def _rank_main(
         WORLD_SIZE=str(world_size),
     )
     try:
-        dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=timeout))
+        # the group's own timeout outlasts the harness's deadline, so that a hung collective is
+        # always reported by the harness (with every rank's stack), never raced by gloo's timeout
+        dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=timeout + PG_MARGIN_S))
         apply_cpu_compat()
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
