@@ -91,3 +91,21 @@ def test_counter_counts_each_collective_once() -> None:
     assert counts0 == {"send": 1, "all_gather_into_tensor": 1, "all_reduce": 1}
     assert counts1 == {"recv": 1, "all_gather_into_tensor": 1, "all_reduce": 1}
     assert bytes0 == {"send": 16, "all_gather_into_tensor": 32, "all_reduce": 16}
+
+
+def _clip_counts() -> dict:
+    from dist_lora.parallel.grads import clip_grad_norm_
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    model = get_lora_model(build_tiny_gpt(tiny_gpt_config(tp, False, **MODEL)), LoraConfig(r=4, lora_alpha=8))
+    gpt_loss(model, *random_batch(0)).backward()
+    finalize_lora_grads(model)
+    with CollectiveCounter() as counter:
+        clip_grad_norm_(model, 1.0)
+    return dict(counter.counts)
+
+
+def test_gradient_norm_of_a_dense_model_is_one_tp_and_one_pp_all_reduce() -> None:
+    """clip_grad_norm_ sums the sharded factors' squares over TP and the total over PP; the
+    expert-parallel groups (MoE adapters) cost nothing on a model without experts."""
+    assert run_distributed(_clip_counts, 2, tp=2)[0] == {"all_reduce": 2}

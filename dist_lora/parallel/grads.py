@@ -174,8 +174,11 @@ def allreduce_data_parallel_grads(model: torch.nn.Module, group: Optional[dist.P
         _all_reduce_flat(dense, group, divide=size)
     if expert:
         expert_group = parallel_state.get_expert_data_parallel_group()
-        if dist.get_world_size(expert_group) > 1 or size > 1:
+        if dist.get_world_size(expert_group) > 1:
             _all_reduce_flat(expert, expert_group, divide=size)
+        elif size > 1:  # one expert-DP rank: its gradient is the whole sum, still divided by DP
+            for grad in expert:
+                grad /= size
 
 
 def _norm_group(param: torch.nn.Parameter):
@@ -208,22 +211,15 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: Optional[float]) -> float:
     if not dist.is_initialized():
         total = sum((p.grad.float().norm() ** 2 for p in params), zero)
     else:
-        parts: dict[object, torch.Tensor] = {}  # group -> Σ ‖g‖² of its parameters
-        for name in ("dense", "tp", "expert_tp", "ep", "expert_tp_ep"):
-            parts[name] = zero.clone()
-        groups = {
-            "tp": parallel_state.get_tensor_model_parallel_group(),
-            "expert_tp": parallel_state.get_expert_tensor_parallel_group(),
-            "ep": parallel_state.get_expert_model_parallel_group(),
-            "expert_tp_ep": parallel_state.get_expert_tensor_and_model_parallel_group(),
-        }
-        names = {id(g): n for n, g in reversed(list(groups.items()))}
+        # group -> Σ ‖g‖² of its parameters; only the groups some parameter needs are reduced (a
+        # dense model: TP only), and every member of a group holds the same kinds of parameters
+        parts: dict[Optional[dist.ProcessGroup], torch.Tensor] = {}
         for p in params:
             group = _norm_group(p)
-            parts["dense" if group is None else names[id(group)]] += p.grad.float().norm() ** 2
-        for name, group in groups.items():
-            if dist.get_world_size(group) > 1:
-                dist.all_reduce(parts[name], group=group)
+            parts[group] = parts.get(group, zero) + p.grad.float().norm() ** 2
+        for group, part in parts.items():
+            if group is not None and dist.get_world_size(group) > 1:
+                dist.all_reduce(part, group=group)
         total = sum(parts.values(), zero)
         dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
     norm = total.sqrt().item()
